@@ -1,0 +1,223 @@
+//! `/metrics`: renders every shard's counters in the Prometheus text format through
+//! `prometheus-client`, reading the shards' atomics at scrape time (no locks, no copies
+//! kept between scrapes).
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `ringway_connections` | gauge | shard | open WebSocket connections |
+//! | `ringway_accepted_total` | counter | shard | TCP connections accepted |
+//! | `ringway_accept_errors_total` | counter | shard | failed accepts (usually the file limit) |
+//! | `ringway_handshake_failures_total` | counter | shard, reason | upgrades refused or timed out |
+//! | `ringway_closes_total` | counter | shard, reason | connections closed, by cause |
+//! | `ringway_frames_in_total` / `ringway_frames_out_total` | counter | shard | WebSocket frames |
+//! | `ringway_bytes_in_total` / `ringway_bytes_out_total` | counter | shard | socket bytes |
+//! | `ringway_deliveries_total` | counter | shard | topic messages queued to subscribers |
+//! | `ringway_dropped_total` | counter | shard | deliveries not queued (slow consumer) |
+//! | `ringway_inbox_full_total` | counter | shard | publishes a full shard inbox refused |
+//! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
+//! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
+//! | `ringway_published_total` | counter | — | messages accepted for publishing |
+//! | `ringway_ready` | gauge | — | 1 when every shard listens and the node is not draining |
+//! | `ringway_info` | gauge | node, driver, version | always 1 |
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{CloseReason, ShardMetrics};
+use crate::shard::Node;
+use crate::ws::handshake::Refusal;
+
+/// Reads the node's shards on every scrape.
+#[derive(Debug)]
+struct NodeCollector(Arc<Node>);
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    samples: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, m) in samples {
+        m.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let node = &self.0;
+        let shards: Vec<(String, &ShardMetrics)> = node
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), &*l.metrics))
+            .collect();
+        let per_shard = |f: fn(&ShardMetrics) -> u64| -> Vec<(Labels, u64)> {
+            shards
+                .iter()
+                .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
+                .collect()
+        };
+        let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 11] = [
+            ("ringway_accepted", "TCP connections accepted", |m| {
+                m.accepted.get()
+            }),
+            (
+                "ringway_accept_errors",
+                "Failed accepts (usually the file limit)",
+                |m| m.accept_errors.get(),
+            ),
+            ("ringway_frames_in", "WebSocket frames received", |m| {
+                m.frames_in.get()
+            }),
+            ("ringway_frames_out", "WebSocket frames sent", |m| {
+                m.frames_out.get()
+            }),
+            (
+                "ringway_bytes_in",
+                "Bytes received on client sockets",
+                |m| m.bytes_in.get(),
+            ),
+            (
+                "ringway_bytes_out",
+                "Bytes written to client sockets",
+                |m| m.bytes_out.get(),
+            ),
+            (
+                "ringway_deliveries",
+                "Topic messages queued to subscribers",
+                |m| m.deliveries.get(),
+            ),
+            (
+                "ringway_dropped",
+                "Deliveries not queued because the subscriber was too slow",
+                |m| m.dropped.get(),
+            ),
+            (
+                "ringway_inbox_full",
+                "Publishes refused by a full shard inbox",
+                |m| m.inbox_full.get(),
+            ),
+            (
+                "ringway_error_frames",
+                "Protocol error frames sent to clients",
+                |m| m.error_frames.get(),
+            ),
+            (
+                "ringway_handshake_timeouts",
+                "Sockets that did not finish the upgrade in time",
+                |m| m.handshake_timeouts.get(),
+            ),
+        ];
+        for (name, help, f) in counters {
+            let samples = per_shard(f)
+                .into_iter()
+                .map(|(l, v)| (l, ConstCounter::new(v)));
+            family(&mut enc, name, help, MetricType::Counter, samples)?;
+        }
+        let gauges: [(&str, &str, fn(&ShardMetrics) -> u64); 3] = [
+            ("ringway_connections", "Open WebSocket connections", |m| {
+                m.connections.get()
+            }),
+            (
+                "ringway_topics",
+                "Topics with at least one local subscriber",
+                |m| m.topics.get(),
+            ),
+            (
+                "ringway_subscriptions",
+                "Connection-topic subscriptions",
+                |m| m.subscriptions.get(),
+            ),
+        ];
+        for (name, help, f) in gauges {
+            let samples = per_shard(f)
+                .into_iter()
+                .map(|(l, v)| (l, ConstGauge::new(v as i64)));
+            family(&mut enc, name, help, MetricType::Gauge, samples)?;
+        }
+        let refusals = shards.iter().flat_map(|(i, m)| {
+            Refusal::ALL.iter().map(move |r| {
+                (
+                    vec![("shard", i.clone()), ("reason", r.label().to_string())],
+                    ConstCounter::new(m.refused(*r).get()),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "ringway_handshake_failures",
+            "Upgrade requests refused, by reason",
+            MetricType::Counter,
+            refusals,
+        )?;
+        let closes = shards.iter().flat_map(|(i, m)| {
+            CloseReason::ALL.iter().map(move |r| {
+                (
+                    vec![("shard", i.clone()), ("reason", r.label().to_string())],
+                    ConstCounter::new(m.closed(*r).get()),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "ringway_closes",
+            "Connections closed, by cause",
+            MetricType::Counter,
+            closes,
+        )?;
+        let none: Labels = Vec::new();
+        family(
+            &mut enc,
+            "ringway_published",
+            "Messages accepted for publishing",
+            MetricType::Counter,
+            [(none.clone(), ConstCounter::new(node.published.get()))],
+        )?;
+        family(
+            &mut enc,
+            "ringway_ready",
+            "1 when every shard listens and the node is not draining",
+            MetricType::Gauge,
+            [(none, ConstGauge::new(i64::from(node.is_ready())))],
+        )?;
+        let info = vec![
+            ("node", node.id.clone()),
+            ("driver", node.driver.to_string()),
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ];
+        family(
+            &mut enc,
+            "ringway_info",
+            "Build and runtime facts",
+            MetricType::Gauge,
+            [(info, ConstGauge::new(1))],
+        )?;
+        Ok(())
+    }
+}
+
+/// A registry that reads `node` at every scrape.
+pub fn registry(node: Arc<Node>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(NodeCollector(node)));
+    r
+}
+
+/// Renders the exposition text.
+pub fn render(registry: &Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    prometheus_client::encoding::text::encode(&mut out, registry).expect("encode into String");
+    out
+}

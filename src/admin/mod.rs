@@ -1,0 +1,272 @@
+//! The admin HTTP server (default 127.0.0.1:9090), on its own thread, apart from the
+//! shards so that scrapes and publishes never steal a client core's time slice.
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process runs |
+//! | `GET /readyz` | 200 when every shard listens; 503 while starting or draining |
+//! | `GET /metrics` | Prometheus text format (`admin::metrics`) |
+//! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded |
+//!
+//! HTTP/1.1 with keep-alive; request bodies up to [`MAX_BODY`].
+
+pub mod client;
+pub mod metrics;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::{TcpListener, TcpStream};
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::broker;
+use crate::config::Config;
+use crate::protocol;
+use crate::shard::Node;
+
+/// Largest request body accepted (413 beyond).
+pub const MAX_BODY: usize = 1024 * 1024;
+const MAX_HEAD: usize = 16 * 1024;
+
+struct Ctx {
+    node: Arc<Node>,
+    cfg: Arc<Config>,
+    registry: Registry,
+}
+
+/// Binds the admin address and serves it on a new thread.
+pub fn start(cfg: Arc<Config>, node: Arc<Node>) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let std_listener = std::net::TcpListener::bind(cfg.admin)?;
+    let addr = std_listener.local_addr()?;
+    // The admin runtime is epoll-based: its listener must not block.
+    std_listener.set_nonblocking(true)?;
+    let handle = std::thread::Builder::new()
+        .name("ringway-admin".into())
+        .spawn(move || {
+            let mut rt = match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "admin runtime failed to start"),
+            };
+            rt.block_on(async move {
+                let listener = match TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => return tracing::error!(error = %e, "admin listener failed"),
+                };
+                let registry = metrics::registry(node.clone());
+                let ctx = Rc::new(Ctx {
+                    node,
+                    cfg,
+                    registry,
+                });
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, _)) => {
+                            monoio::spawn(serve_conn(ctx.clone(), stream));
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "admin accept failed");
+                            monoio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        })?;
+    Ok((addr, handle))
+}
+
+/// An HTTP response.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+    fn json(status: u16, body: String) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+    fn error(status: u16, code: &str, message: &str) -> Self {
+        let body = serde_json::json!({"error": code, "message": message}).to_string();
+        Self::json(status, body)
+    }
+    fn encode(&self, keep_alive: bool) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            413 => "Payload Too Large",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            _ => "",
+        };
+        let conn = if keep_alive { "keep-alive" } else { "close" };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(self.body.as_bytes());
+        out
+    }
+}
+
+async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // Read until a complete head is there.
+        let (head_len, method, path, content_length, keep_alive) = loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let header = |name: &str| {
+                        req.headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case(name))
+                            .map(|h| h.value)
+                    };
+                    let len = header("content-length")
+                        .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
+                    let close = header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case(b"close"))
+                        || req.version == Some(0);
+                    break (
+                        n,
+                        req.method.unwrap_or("").to_string(),
+                        req.path.unwrap_or("").to_string(),
+                        len.unwrap_or(0),
+                        !close,
+                    );
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    let _ = stream
+                        .write_all(Response::text(431, "request head too large\n").encode(false))
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = stream
+                        .write_all(Response::text(400, "malformed HTTP request\n").encode(false))
+                        .await;
+                    return;
+                }
+            }
+            if !read_more(&mut stream, &mut buf).await {
+                return;
+            }
+        };
+        if content_length > MAX_BODY {
+            let _ = stream
+                .write_all(
+                    Response::error(413, "too_large", "request body over 1 MiB").encode(false),
+                )
+                .await;
+            return;
+        }
+        while buf.len() < head_len + content_length {
+            if !read_more(&mut stream, &mut buf).await {
+                return;
+            }
+        }
+        let body = &buf[head_len..head_len + content_length];
+        let response = route(&ctx, &method, &path, body);
+        buf.drain(..head_len + content_length);
+        let (res, _) = stream.write_all(response.encode(keep_alive)).await;
+        if res.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Appends what the socket has to `buf`; false on EOF or error.
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
+    let chunk = Vec::with_capacity(16 * 1024);
+    let (res, chunk) = stream.read(chunk).await;
+    match res {
+        Ok(0) | Err(_) => false,
+        Ok(_) => {
+            buf.extend_from_slice(&chunk);
+            true
+        }
+    }
+}
+
+fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    match (method, path) {
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/readyz") => {
+            if ctx.node.is_ready() {
+                Response::text(200, "ready\n")
+            } else if ctx.node.is_draining() {
+                Response::text(503, "draining\n")
+            } else {
+                Response::text(503, "starting\n")
+            }
+        }
+        ("GET", "/metrics") => {
+            let mut r = Response::text(200, metrics::render(&ctx.registry));
+            r.content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+            r
+        }
+        ("POST", "/v1/publish") => publish(ctx, body),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
+            Response::error(405, "method_not_allowed", "wrong method for this endpoint")
+        }
+        _ => Response::error(404, "not_found", "no such endpoint"),
+    }
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+fn publish(ctx: &Ctx, body: &[u8]) -> Response {
+    let req: PublishBody<'_> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => {
+            return Response::error(
+                400,
+                "bad_json",
+                &format!("expected {{\"topic\":\"T\",\"data\":<JSON>}}: {e}"),
+            )
+        }
+    };
+    if let Err(m) = protocol::validate_topic(&req.topic, ctx.cfg.max_topic_bytes) {
+        return Response::error(400, "bad_topic", &m);
+    }
+    let null = RawValue::from_string("null".into()).expect("valid JSON");
+    let data = req.data.unwrap_or(&null);
+    match broker::publish(&ctx.node, None, &req.topic, data) {
+        Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
+        Err(e) => Response::error(503, "overloaded", &e.to_string()),
+    }
+}

@@ -1,0 +1,284 @@
+//! The command line: `serve`, `publish`. Flags override `RINGWAY_*` environment
+//! variables, which override the config file. Exit codes: 0 success, 1 runtime failure,
+//! 64 bad usage or configuration, 65 bad data, 69 admin API unreachable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, Driver, LogFormat, SlowConsumer};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ringway",
+    version,
+    about = "Edge WebSocket gateway: io_uring, thread-per-core"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the gateway.
+    Serve(ServeArgs),
+    /// Publish a JSON message to a topic through a running gateway's admin API.
+    Publish(PublishArgs),
+}
+
+/// Every option of `serve`; each also reads `RINGWAY_<NAME>` and the config file.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "RINGWAY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Client WebSocket listener [default: 0.0.0.0:8080].
+    #[arg(long, env = "RINGWAY_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP listener [default: 127.0.0.1:9090].
+    #[arg(long, env = "RINGWAY_ADMIN")]
+    pub admin: Option<SocketAddr>,
+    /// Shards; 0 = one per CPU [default: 0].
+    #[arg(long, env = "RINGWAY_SHARDS")]
+    pub shards: Option<usize>,
+    /// I/O driver [default: auto].
+    #[arg(long, env = "RINGWAY_DRIVER", value_enum)]
+    pub driver: Option<Driver>,
+    /// Node id in `welcome` [default: <hostname>-<pid>].
+    #[arg(long, env = "RINGWAY_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Enable the /echo endpoint (conformance testing).
+    #[arg(long, env = "RINGWAY_ECHO")]
+    pub echo: Option<bool>,
+    /// Allow clients to publish [default: false].
+    #[arg(long, env = "RINGWAY_CLIENT_PUBLISH")]
+    pub client_publish: Option<bool>,
+    #[arg(long, env = "RINGWAY_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, env = "RINGWAY_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
+    #[arg(long, env = "RINGWAY_MAX_TOPIC_BYTES")]
+    pub max_topic_bytes: Option<usize>,
+    #[arg(long, env = "RINGWAY_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    #[arg(long, env = "RINGWAY_OUTBOUND_QUEUE_BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+    #[arg(long, env = "RINGWAY_SLOW_CONSUMER", value_enum)]
+    pub slow_consumer: Option<SlowConsumer>,
+    #[arg(long, env = "RINGWAY_HANDSHAKE_TIMEOUT_MS")]
+    pub handshake_timeout_ms: Option<u64>,
+    #[arg(long, env = "RINGWAY_PING_INTERVAL_SECS")]
+    pub ping_interval_secs: Option<u64>,
+    #[arg(long, env = "RINGWAY_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    #[arg(long, env = "RINGWAY_WRITE_TIMEOUT_SECS")]
+    pub write_timeout_secs: Option<u64>,
+    #[arg(long, env = "RINGWAY_CLOSE_TIMEOUT_MS")]
+    pub close_timeout_ms: Option<u64>,
+    #[arg(long, env = "RINGWAY_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: Option<u64>,
+    #[arg(long, env = "RINGWAY_BACKLOG")]
+    pub backlog: Option<u32>,
+    #[arg(long, env = "RINGWAY_URING_ENTRIES")]
+    pub uring_entries: Option<u32>,
+    #[arg(long, env = "RINGWAY_INBOX_CAPACITY")]
+    pub inbox_capacity: Option<usize>,
+    /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
+    #[arg(long, env = "RINGWAY_LOG")]
+    pub log: Option<String>,
+    #[arg(long, env = "RINGWAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $args:ident, $($field:ident),* $(,)?) => {
+        $( if let Some(v) = $args.$field { $cfg.$field = v; } )*
+    };
+}
+
+impl ServeArgs {
+    /// Builds the effective configuration: defaults < file < env < flags.
+    pub fn config(self) -> Result<Config, crate::config::ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        let args = self;
+        if args.node_id.is_some() {
+            cfg.node_id = args.node_id;
+        }
+        overlay!(
+            cfg,
+            args,
+            listen,
+            admin,
+            shards,
+            driver,
+            echo,
+            client_publish,
+            max_message_bytes,
+            max_header_bytes,
+            max_topic_bytes,
+            max_subscriptions,
+            outbound_queue_bytes,
+            slow_consumer,
+            handshake_timeout_ms,
+            ping_interval_secs,
+            idle_timeout_secs,
+            write_timeout_secs,
+            close_timeout_ms,
+            drain_timeout_secs,
+            backlog,
+            uring_entries,
+            inbox_capacity,
+            log,
+            log_format,
+        );
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Admin API of the gateway.
+    #[arg(long, env = "RINGWAY_ADMIN", default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// Topic to publish to.
+    #[arg(long)]
+    pub topic: String,
+    /// The message: any JSON value.
+    pub data: String,
+}
+
+/// Runs the parsed command line.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Publish(args) => {
+            match crate::admin::client::publish(args.admin, &args.topic, &args.data) {
+                Ok(id) => {
+                    println!("{id}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringway publish: {e}");
+                    ExitCode::from(match e {
+                        crate::admin::client::ClientError::BadJson(_) => 65,
+                        crate::admin::client::ClientError::Connect { .. } => 69,
+                        _ => 1,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let cfg = match args.config() {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("ringway: invalid configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_logging(&cfg);
+    match crate::sys::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(nofile = n, "file limit raised to the hard limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the file limit"),
+    }
+    let running = match crate::shard::start(cfg.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ringway: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let node = running.node.clone();
+    let admin = match crate::admin::start(cfg.clone(), node.clone()) {
+        Ok((addr, _thread)) => addr,
+        Err(e) => {
+            eprintln!("ringway: cannot listen on admin address {}: {e}", cfg.admin);
+            running.shutdown();
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(
+        listen = %node.listen,
+        admin = %admin,
+        shards = node.shards.len(),
+        driver = node.driver,
+        node = %node.id,
+        "ringway ready"
+    );
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringway: cannot install signal handlers: {e}");
+            running.shutdown();
+            return ExitCode::from(1);
+        }
+    };
+    let signal = signals.forever().next();
+    tracing::info!(?signal, "shutting down: closing connections with 1001");
+    running.shutdown();
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("ringway-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "shards = 3\nmax_topic_bytes = 10\n").unwrap();
+        let args = ServeArgs {
+            config: Some(file),
+            shards: Some(1),
+            ..ServeArgs::default()
+        };
+        let cfg = args.config().unwrap();
+        assert_eq!(cfg.shards, 1);
+        assert_eq!(cfg.max_topic_bytes, 10);
+    }
+
+    #[test]
+    fn invalid_combination_is_refused() {
+        let args = ServeArgs {
+            ping_interval_secs: Some(30),
+            idle_timeout_secs: Some(10),
+            ..ServeArgs::default()
+        };
+        assert!(args
+            .config()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout_secs"));
+    }
+}

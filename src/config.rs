@@ -1,0 +1,284 @@
+//! Configuration: defaults < TOML file < `RINGWAY_*` environment < command-line flags.
+//! Every option is a field of [`Config`]; its doc comment is the reference (the README's
+//! table mirrors it). Invalid values fail at start with the option's name.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Which I/O driver the shards use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Driver {
+    /// io_uring when the kernel allows it, else epoll (logged).
+    Auto,
+    /// io_uring or fail at start.
+    IoUring,
+    /// epoll always (containers whose seccomp profile blocks io_uring).
+    Epoll,
+}
+
+/// What happens when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumer {
+    /// Close the connection with 1008 "slow consumer" (the client reconnects and resumes).
+    Close,
+    /// Keep the connection and drop the message for it (counted in metrics).
+    Drop,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every option, with its default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Client WebSocket listener (one SO_REUSEPORT socket per shard).
+    pub listen: SocketAddr,
+    /// Admin HTTP listener: health, metrics, publish API. Keep it private.
+    pub admin: SocketAddr,
+    /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
+    pub shards: usize,
+    /// I/O driver: auto, io_uring or epoll.
+    pub driver: Driver,
+    /// Node id sent in `welcome`; default `<hostname>-<pid>`.
+    pub node_id: Option<String>,
+    /// Enable the `/echo` endpoint (conformance testing only).
+    pub echo: bool,
+    /// Allow clients to publish with `{"op":"publish"}`.
+    pub client_publish: bool,
+    /// Largest message a client may send, in bytes (close 1009 beyond it).
+    pub max_message_bytes: usize,
+    /// Largest upgrade request (request line and headers), in bytes (HTTP 431 beyond).
+    pub max_header_bytes: usize,
+    /// Longest topic name, in bytes.
+    pub max_topic_bytes: usize,
+    /// Topics one connection may hold at once.
+    pub max_subscriptions: usize,
+    /// Bytes queued for one connection before the slow-consumer policy applies.
+    pub outbound_queue_bytes: usize,
+    /// Slow-consumer policy: close or drop.
+    pub slow_consumer: SlowConsumer,
+    /// Time a new socket has to complete the upgrade, in milliseconds.
+    pub handshake_timeout_ms: u64,
+    /// A connection silent this long gets a ping, in seconds.
+    pub ping_interval_secs: u64,
+    /// A connection silent this long (no frame, no pong) is closed, in seconds.
+    pub idle_timeout_secs: u64,
+    /// A write that makes no progress this long closes the connection, in seconds.
+    pub write_timeout_secs: u64,
+    /// After sending a close frame, how long to wait for the peer's, in milliseconds.
+    pub close_timeout_ms: u64,
+    /// On SIGTERM, how long connections get to close before the process exits, in seconds.
+    pub drain_timeout_secs: u64,
+    /// Listen backlog per shard.
+    pub backlog: u32,
+    /// io_uring submission queue entries per shard.
+    pub uring_entries: u32,
+    /// Messages one shard's inbox holds before publishers get `overloaded`.
+    pub inbox_capacity: usize,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
+    pub log: String,
+    /// Log format: text or json.
+    pub log_format: LogFormat,
+}
+
+/// Defaults, each with its reason.
+pub mod defaults {
+    /// 64 KiB: protocol v1 messages are small JSON; large payloads belong elsewhere.
+    pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    /// 8 KiB: enough for cookies and a token; bounds what a half-open client can cost.
+    pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+    /// 256 KiB: a few seconds of a busy topic for a client on a slow link.
+    pub const OUTBOUND_QUEUE_BYTES: usize = 256 * 1024;
+    /// 25 s ping, 60 s idle: below common 60 s L4 load-balancer idle timeouts.
+    pub const PING_INTERVAL_SECS: u64 = 25;
+    pub const IDLE_TIMEOUT_SECS: u64 = 60;
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".parse().expect("valid address"),
+            admin: "127.0.0.1:9090".parse().expect("valid address"),
+            shards: 0,
+            driver: Driver::Auto,
+            node_id: None,
+            echo: false,
+            client_publish: false,
+            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_topic_bytes: 256,
+            max_subscriptions: 256,
+            outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
+            slow_consumer: SlowConsumer::Close,
+            handshake_timeout_ms: 5_000,
+            ping_interval_secs: defaults::PING_INTERVAL_SECS,
+            idle_timeout_secs: defaults::IDLE_TIMEOUT_SECS,
+            write_timeout_secs: 10,
+            close_timeout_ms: 2_000,
+            drain_timeout_secs: 10,
+            backlog: 4096,
+            uring_entries: 4096,
+            inbox_capacity: 65_536,
+            log: "info".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// A configuration problem, naming the option.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("option `{option}`: {message}")]
+    Invalid {
+        option: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: shown,
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks relations between options; returns the first problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |option, message: &str| {
+            Err(ConfigError::Invalid {
+                option,
+                message: message.into(),
+            })
+        };
+        if self.max_message_bytes < 128 {
+            return bad("max_message_bytes", "must be at least 128");
+        }
+        if self.max_header_bytes < 256 {
+            return bad("max_header_bytes", "must be at least 256");
+        }
+        if self.max_topic_bytes == 0 {
+            return bad("max_topic_bytes", "must be at least 1");
+        }
+        if self.outbound_queue_bytes < 1024 {
+            return bad("outbound_queue_bytes", "must be at least 1024");
+        }
+        if self.ping_interval_secs == 0 {
+            return bad("ping_interval_secs", "must be at least 1");
+        }
+        if self.idle_timeout_secs <= self.ping_interval_secs {
+            return bad(
+                "idle_timeout_secs",
+                "must be greater than ping_interval_secs",
+            );
+        }
+        if self.handshake_timeout_ms == 0
+            || self.write_timeout_secs == 0
+            || self.close_timeout_ms == 0
+        {
+            return bad(
+                "handshake_timeout_ms/write_timeout_secs/close_timeout_ms",
+                "must be greater than 0",
+            );
+        }
+        if self.inbox_capacity == 0 {
+            return bad("inbox_capacity", "must be at least 1");
+        }
+        if !(2..=32768).contains(&self.uring_entries) || !self.uring_entries.is_power_of_two() {
+            return bad("uring_entries", "must be a power of two from 2 to 32768");
+        }
+        if self.listen == self.admin {
+            return bad("admin", "must differ from listen");
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+            {
+                return bad("node_id", "1–64 characters of [A-Za-z0-9-_.:]");
+            }
+        }
+        Ok(())
+    }
+
+    /// The node id to announce.
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_else(|_| "ringway".into());
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_values_and_unknown_keys() {
+        let c: Config =
+            toml::from_str("listen = \"127.0.0.1:1\"\nshards = 3\nslow_consumer = \"drop\"")
+                .unwrap();
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.slow_consumer, SlowConsumer::Drop);
+        assert_eq!(c.admin, Config::default().admin);
+        let e = toml::from_str::<Config>("listn = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listn"), "{e}");
+        let e = toml::from_str::<Config>("shards = \"two\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shards"), "{e}");
+    }
+
+    #[test]
+    fn validation_names_the_option() {
+        let c = Config {
+            idle_timeout_secs: 5,
+            ping_interval_secs: 10,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout_secs"));
+        let c = Config {
+            node_id: Some("a b".into()),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("node_id"));
+    }
+}

@@ -1,0 +1,119 @@
+//! Per-shard counters and gauges. Each shard is the only writer of its own
+//! `ShardMetrics` (relaxed atomics, no contention); the admin thread reads all of them
+//! when `/metrics` is scraped and renders the Prometheus text format (`admin::metrics`).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::ws::handshake::Refusal;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn inc(&self) {
+        self.add(1);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Close reasons counted by `ringway_closes_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client closed (close frame or EOF).
+    Client,
+    /// The client broke the protocol (1002, 1003, 1007, 1008, 1009).
+    ProtocolError,
+    /// Outbound queue full under the `close` policy.
+    SlowConsumer,
+    /// No frame within the idle timeout.
+    IdleTimeout,
+    /// A write made no progress within the write timeout.
+    WriteTimeout,
+    /// The server is shutting down.
+    Shutdown,
+    /// The socket failed (reset, broken pipe).
+    IoError,
+}
+
+impl CloseReason {
+    pub const ALL: [Self; 7] = [
+        Self::Client,
+        Self::ProtocolError,
+        Self::SlowConsumer,
+        Self::IdleTimeout,
+        Self::WriteTimeout,
+        Self::Shutdown,
+        Self::IoError,
+    ];
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::ProtocolError => "protocol_error",
+            Self::SlowConsumer => "slow_consumer",
+            Self::IdleTimeout => "idle_timeout",
+            Self::WriteTimeout => "write_timeout",
+            Self::Shutdown => "shutdown",
+            Self::IoError => "io_error",
+        }
+    }
+    fn index(self) -> usize {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .expect("listed in ALL")
+    }
+}
+
+/// Everything one shard counts.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    pub connections: Gauge,
+    pub accepted: Counter,
+    pub accept_errors: Counter,
+    pub handshake_timeouts: Counter,
+    handshake_refusals: [Counter; Refusal::ALL.len()],
+    closes: [Counter; CloseReason::ALL.len()],
+    pub frames_in: Counter,
+    pub bytes_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_out: Counter,
+    pub published: Counter,
+    pub deliveries: Counter,
+    pub dropped: Counter,
+    pub inbox_full: Counter,
+    pub topics: Gauge,
+    pub subscriptions: Gauge,
+    pub error_frames: Counter,
+}
+
+impl ShardMetrics {
+    pub fn refused(&self, r: Refusal) -> &Counter {
+        let i = Refusal::ALL
+            .iter()
+            .position(|x| *x == r)
+            .expect("listed in ALL");
+        &self.handshake_refusals[i]
+    }
+    pub fn closed(&self, r: CloseReason) -> &Counter {
+        &self.closes[r.index()]
+    }
+}

@@ -1,0 +1,317 @@
+//! Client wire protocol v1: parsing client ops and building server messages. Pure.
+//!
+//! Client → gateway (JSON text frames, unknown fields ignored; any op may carry `ref`):
+//! `subscribe {topic, since?}`, `unsubscribe {topic}`, `publish {topic, data}`.
+//! Gateway → client: `welcome`, `subscribed`, `unsubscribed`, `message`, `published`
+//! (only for a publish that carried a `ref`), `error {code, message}`.
+//!
+//! Error codes (the `code` field of an error frame):
+//! | code | meaning |
+//! |---|---|
+//! | `bad_json` | the frame is not a JSON object |
+//! | `unknown_op` | `op` missing or not one of the above |
+//! | `bad_request` | a required field is missing or has the wrong type |
+//! | `bad_topic` | topic empty, too long, or holding control characters |
+//! | `too_many_subscriptions` | the per-connection subscription limit is reached |
+//! | `publish_forbidden` | client publishing is disabled by configuration |
+//! | `overloaded` | the gateway could not accept the publish right now; retry |
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::ws::frame::{self, OpCode};
+
+/// A parsed client request.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub op: Op<'a>,
+    /// Echoed verbatim in the reply.
+    pub reference: Option<&'a RawValue>,
+}
+
+/// Client operations.
+#[derive(Debug)]
+pub enum Op<'a> {
+    Subscribe {
+        topic: Cow<'a, str>,
+        since: Option<Cow<'a, str>>,
+    },
+    Unsubscribe {
+        topic: Cow<'a, str>,
+    },
+    Publish {
+        topic: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+}
+
+/// A request the gateway refuses, with the `ref` to echo if one could be read.
+#[derive(Debug)]
+pub struct Rejection<'a> {
+    pub error: ErrorCode,
+    pub message: Cow<'static, str>,
+    pub reference: Option<&'a RawValue>,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadJson,
+    UnknownOp,
+    BadRequest,
+    BadTopic,
+    TooManySubscriptions,
+    PublishForbidden,
+    Overloaded,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::UnknownOp => "unknown_op",
+            Self::BadRequest => "bad_request",
+            Self::BadTopic => "bad_topic",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::PublishForbidden => "publish_forbidden",
+            Self::Overloaded => "overloaded",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+    #[serde(rename = "ref", borrow, default)]
+    reference: Option<&'a RawValue>,
+}
+
+/// Parses one client text frame. `max_topic` bounds topic names in bytes.
+pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejection<'a>> {
+    let wire: Wire<'_> = match serde_json::from_str(text) {
+        Ok(w) => w,
+        Err(e) => {
+            return Err(Rejection {
+                error: ErrorCode::BadJson,
+                message: format!("expected a JSON object: {e}").into(),
+                reference: None,
+            })
+        }
+    };
+    let reference = wire.reference;
+    let reject = |error, message: Cow<'static, str>| Rejection {
+        error,
+        message,
+        reference,
+    };
+    let topic = |t: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection<'a>> {
+        let t =
+            t.ok_or_else(|| reject(ErrorCode::BadRequest, "missing \"topic\" (a string)".into()))?;
+        validate_topic(&t, max_topic).map_err(|m| reject(ErrorCode::BadTopic, m.into()))?;
+        Ok(t)
+    };
+    let op = match wire.op.as_deref() {
+        Some("subscribe") => Op::Subscribe {
+            topic: topic(wire.topic)?,
+            since: wire.since,
+        },
+        Some("unsubscribe") => Op::Unsubscribe {
+            topic: topic(wire.topic)?,
+        },
+        Some("publish") => {
+            let topic = topic(wire.topic)?;
+            let data = wire.data.unwrap_or(NULL.with(|n| *n));
+            Op::Publish { topic, data }
+        }
+        Some(other) => {
+            let shown: String = other.chars().take(32).collect();
+            return Err(reject(
+                ErrorCode::UnknownOp,
+                format!("unknown op \"{shown}\"").into(),
+            ));
+        }
+        None => return Err(reject(ErrorCode::UnknownOp, "missing \"op\"".into())),
+    };
+    Ok(Request { op, reference })
+}
+
+thread_local! {
+    static NULL: &'static RawValue = Box::leak(RawValue::from_string("null".into()).expect("valid JSON"));
+}
+
+/// Checks a topic name: 1..=max bytes, no control characters.
+pub fn validate_topic(topic: &str, max: usize) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("topic must not be empty".into());
+    }
+    if topic.len() > max {
+        return Err(format!("topic longer than {max} bytes"));
+    }
+    if topic.chars().any(char::is_control) {
+        return Err("topic must not contain control characters".into());
+    }
+    Ok(())
+}
+
+// === Server messages ===
+
+fn push_json_str(out: &mut String, s: &str) {
+    // Serializing a &str to a String cannot fail.
+    out.push_str(&serde_json::to_string(s).expect("string serializes"));
+}
+
+fn push_ref(out: &mut String, reference: Option<&RawValue>) {
+    if let Some(r) = reference {
+        out.push_str(",\"ref\":");
+        out.push_str(r.get());
+    }
+}
+
+fn text(json: String) -> Bytes {
+    frame::server_frame(OpCode::Text, json.as_bytes())
+}
+
+/// `{"type":"welcome","conn":…,"node":…}` as a frame.
+pub fn welcome(conn: &str, node: &str) -> Bytes {
+    let mut s = String::from("{\"type\":\"welcome\",\"conn\":");
+    push_json_str(&mut s, conn);
+    s.push_str(",\"node\":");
+    push_json_str(&mut s, node);
+    s.push('}');
+    text(s)
+}
+
+/// `subscribed` / `unsubscribed` reply as a frame.
+pub fn ack(kind: &str, topic: &str, reference: Option<&RawValue>) -> Bytes {
+    let mut s = format!("{{\"type\":\"{kind}\",\"topic\":");
+    push_json_str(&mut s, topic);
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
+/// `published` reply (sent only when the publish carried a `ref`).
+pub fn published(topic: &str, id: &str, reference: Option<&RawValue>) -> Bytes {
+    let mut s = String::from("{\"type\":\"published\",\"topic\":");
+    push_json_str(&mut s, topic);
+    s.push_str(",\"id\":");
+    push_json_str(&mut s, id);
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
+/// `error` frame.
+pub fn error(code: ErrorCode, message: &str, reference: Option<&RawValue>) -> Bytes {
+    let mut s = String::from("{\"type\":\"error\",\"code\":\"");
+    s.push_str(code.as_str());
+    s.push_str("\",\"message\":");
+    push_json_str(&mut s, message);
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
+/// A topic `message` frame: built once, written to every subscriber.
+pub fn message(topic: &str, id: &str, data: &RawValue) -> Bytes {
+    let mut s = String::with_capacity(48 + topic.len() + id.len() + data.get().len());
+    s.push_str("{\"type\":\"message\",\"topic\":");
+    push_json_str(&mut s, topic);
+    s.push_str(",\"id\":");
+    push_json_str(&mut s, id);
+    s.push_str(",\"data\":");
+    s.push_str(data.get());
+    s.push('}');
+    text(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(f: &Bytes) -> serde_json::Value {
+        let h = frame::parse_header(f).unwrap();
+        serde_json::from_slice(&f[h.header_len..]).unwrap()
+    }
+
+    #[test]
+    fn parses_each_op_and_ignores_unknown_fields() {
+        let r = parse(
+            r#"{"op":"subscribe","topic":"a","since":"1-0","x":1,"ref":7}"#,
+            64,
+        )
+        .unwrap();
+        assert!(
+            matches!(r.op, Op::Subscribe { ref topic, since: Some(ref s) } if topic == "a" && s == "1-0")
+        );
+        assert_eq!(r.reference.unwrap().get(), "7");
+        let r = parse(r#"{"op":"unsubscribe","topic":"a"}"#, 64).unwrap();
+        assert!(matches!(r.op, Op::Unsubscribe { .. }));
+        let r = parse(r#"{"op":"publish","topic":"a","data":{"k":[1,2]}}"#, 64).unwrap();
+        assert!(matches!(r.op, Op::Publish { data, .. } if data.get() == r#"{"k":[1,2]}"#));
+        let r = parse(r#"{"op":"publish","topic":"a"}"#, 64).unwrap();
+        assert!(matches!(r.op, Op::Publish { data, .. } if data.get() == "null"));
+    }
+
+    #[test]
+    fn escaped_topic_is_decoded() {
+        let r = parse(r#"{"op":"subscribe","topic":"caf\u00e9"}"#, 64).unwrap();
+        assert!(matches!(r.op, Op::Subscribe { ref topic, .. } if topic == "café"));
+    }
+
+    #[test]
+    fn rejections_carry_code_and_ref() {
+        let e = parse("not json", 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadJson);
+        let e = parse("[1,2]", 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadJson);
+        let e = parse(r#"{"op":"dance","ref":"r1"}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::UnknownOp);
+        assert_eq!(e.reference.unwrap().get(), "\"r1\"");
+        let e = parse(r#"{"topic":"a"}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::UnknownOp);
+        let e = parse(r#"{"op":"subscribe"}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadRequest);
+        let e = parse(r#"{"op":"subscribe","topic":5}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadJson);
+        let e = parse(r#"{"op":"subscribe","topic":""}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadTopic);
+        let long = format!(r#"{{"op":"subscribe","topic":"{}"}}"#, "x".repeat(65));
+        assert_eq!(parse(&long, 64).unwrap_err().error, ErrorCode::BadTopic);
+        let e = parse(r#"{"op":"subscribe","topic":"a\nb"}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadTopic);
+    }
+
+    #[test]
+    fn server_messages_are_valid_json() {
+        let r = RawValue::from_string("{\"n\":1}".into()).unwrap();
+        let m = payload(&message("t\"q", "5-1", &r));
+        assert_eq!(
+            m,
+            serde_json::json!({"type":"message","topic":"t\"q","id":"5-1","data":{"n":1}})
+        );
+        let reference = RawValue::from_string("[1]".into()).unwrap();
+        let e = payload(&error(ErrorCode::BadTopic, "no \"way\"", Some(&reference)));
+        assert_eq!(
+            e,
+            serde_json::json!({"type":"error","code":"bad_topic","message":"no \"way\"","ref":[1]})
+        );
+        let w = payload(&welcome("0.1", "node-a"));
+        assert_eq!(
+            w,
+            serde_json::json!({"type":"welcome","conn":"0.1","node":"node-a"})
+        );
+        let a = payload(&ack("subscribed", "t", None));
+        assert_eq!(a, serde_json::json!({"type":"subscribed","topic":"t"}));
+    }
+}

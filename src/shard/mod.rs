@@ -1,0 +1,292 @@
+//! Shards: one thread per CPU, pinned, each running its own monoio runtime with its own
+//! SO_REUSEPORT listener, connections, topic table and counters. Nothing on the hot path
+//! is shared; another shard is reached only through its inbox (`Inbox`).
+//!
+//! A shard runs four kinds of task: the accept loop, one task per connection
+//! (`ws::conn`), the inbox loop (cross-shard fan-out, drain) and the sweeper (pings,
+//! idle and stalled-write timeouts, close deadlines), which walks every connection once a
+//! second instead of giving each one a timer.
+
+mod node;
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use monoio::net::TcpListener;
+use slab::Slab;
+
+pub use node::{start, Inbox, Node, RunningNode, ShardLink, StartError};
+
+use crate::config::{Config, SlowConsumer};
+use crate::metrics::{CloseReason, ShardMetrics};
+use crate::registry::{ConnKey, Registry};
+use crate::ws::frame::{self, OpCode};
+use crate::ws::outbound::{CloseRequest, ConnHandle, Push};
+
+/// Size of the per-shard read buffer every connection reads into.
+pub const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// One shard's state. Lives in an `Rc` on its own thread.
+pub struct Shard {
+    pub index: usize,
+    pub cfg: Arc<Config>,
+    pub node: Arc<Node>,
+    pub metrics: Arc<ShardMetrics>,
+    pub conns: RefCell<Slab<Rc<ConnHandle>>>,
+    pub registry: RefCell<Registry>,
+    /// Shared read buffer; borrowed only between two awaits.
+    pub scratch: RefCell<Box<[u8]>>,
+    started: Instant,
+    clock: Cell<u32>,
+    next_conn: Cell<u64>,
+    draining: Cell<bool>,
+    stop_accepting: StopSignal,
+    ping: Bytes,
+}
+
+impl Shard {
+    fn new(index: usize, cfg: Arc<Config>, node: Arc<Node>) -> Self {
+        let metrics = node.shards[index].metrics.clone();
+        Self {
+            index,
+            cfg,
+            node,
+            metrics,
+            conns: RefCell::new(Slab::new()),
+            registry: RefCell::new(Registry::default()),
+            scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            started: Instant::now(),
+            // Starts at 1 so 0 can mean "never" in connection timestamps.
+            clock: Cell::new(1),
+            next_conn: Cell::new(0),
+            draining: Cell::new(false),
+            stop_accepting: StopSignal::default(),
+            ping: frame::server_frame(OpCode::Ping, b""),
+        }
+    }
+
+    /// Seconds since the shard started, plus one; advanced by the sweeper.
+    pub fn now(&self) -> u32 {
+        self.clock.get()
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Adds a connection; returns its slab key and shared handle.
+    pub fn register(&self) -> (ConnKey, Rc<ConnHandle>) {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        let handle = Rc::new(ConnHandle::new(id, self.now()));
+        let key = self.conns.borrow_mut().insert(handle.clone());
+        self.metrics
+            .connections
+            .set(self.conns.borrow().len() as u64);
+        (key, handle)
+    }
+
+    /// Removes a connection and its subscriptions. Called exactly once per `register`.
+    pub fn unregister(&self, key: ConnKey, why: CloseReason) {
+        self.registry.borrow_mut().remove_conn(key);
+        self.conns.borrow_mut().try_remove(key);
+        self.metrics
+            .connections
+            .set(self.conns.borrow().len() as u64);
+        self.metrics.closed(why).inc();
+        self.update_registry_gauges();
+    }
+
+    pub fn update_registry_gauges(&self) {
+        let r = self.registry.borrow();
+        self.metrics.topics.set(r.topics() as u64);
+        self.metrics.subscriptions.set(r.subscriptions() as u64);
+    }
+
+    /// Queues `frame` for every local subscriber of `topic`; returns deliveries queued.
+    pub fn deliver(&self, topic: &str, frame: &Bytes) -> u64 {
+        let registry = self.registry.borrow();
+        let Some(subs) = registry.subscribers(topic) else {
+            return 0;
+        };
+        let conns = self.conns.borrow();
+        let limit = self.cfg.outbound_queue_bytes;
+        let drop_when_full = self.cfg.slow_consumer == SlowConsumer::Drop;
+        let (mut queued, mut dropped) = (0, 0);
+        for key in subs {
+            let Some(conn) = conns.get(*key) else {
+                continue;
+            };
+            match conn.push(frame.clone(), limit, drop_when_full) {
+                Push::Queued => queued += 1,
+                Push::Dropped | Push::Closing => dropped += 1,
+            }
+        }
+        self.metrics.deliveries.add(queued);
+        self.metrics.dropped.add(dropped);
+        queued
+    }
+
+    /// One sweep over all connections: pings, idle closes, stalled writes, close deadlines.
+    fn sweep(&self) {
+        let now = (self.started.elapsed().as_secs() as u32).saturating_add(1);
+        self.clock.set(now);
+        let cfg = &self.cfg;
+        let ping_after = cfg.ping_interval_secs as u32;
+        let idle_after = cfg.idle_timeout_secs as u32;
+        let write_after = cfg.write_timeout_secs as u32;
+        let close_after = cfg.close_timeout_ms.div_ceil(1000) as u32;
+        for (_, conn) in self.conns.borrow().iter() {
+            let writing = conn.writing_since.get();
+            if writing != 0 && now - writing >= write_after {
+                conn.abort(CloseReason::WriteTimeout);
+                continue;
+            }
+            let closing = conn.closing_since.get();
+            if closing != 0 {
+                if now - closing >= close_after {
+                    conn.abort(CloseReason::Client);
+                }
+                continue;
+            }
+            let idle = now.saturating_sub(conn.last_rx.get());
+            if idle >= idle_after {
+                conn.request_close(CloseRequest {
+                    code: 1001,
+                    reason: "idle timeout",
+                    why: CloseReason::IdleTimeout,
+                });
+            } else if idle >= ping_after && !conn.ping_sent.get() {
+                conn.ping_sent.set(true);
+                conn.push_unbounded(self.ping.clone());
+            }
+        }
+    }
+
+    /// Starts the drain: no new connections, every connection asked to close with 1001.
+    fn begin_drain(&self) {
+        self.draining.set(true);
+        self.stop_accepting.fire();
+        for (_, conn) in self.conns.borrow().iter() {
+            conn.request_close(CloseRequest {
+                code: 1001,
+                reason: "server shutting down",
+                why: CloseReason::Shutdown,
+            });
+        }
+    }
+}
+
+/// The whole life of one shard, run inside its runtime: accept, serve, drain, return.
+/// `nonblocking`: the runtime is epoll-based, whose accepts need a non-blocking listener.
+async fn run(
+    shard: Rc<Shard>,
+    listener: std::net::TcpListener,
+    nonblocking: bool,
+    inbox: flume::Receiver<Inbox>,
+    ready: std::sync::mpsc::Sender<Result<(), String>>,
+) {
+    let listener = match listener
+        .set_nonblocking(nonblocking)
+        .and_then(|()| TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {}: listener: {e}", shard.index)));
+            return;
+        }
+    };
+    monoio::spawn(accept_loop(shard.clone(), listener));
+    monoio::spawn(sweeper(shard.clone()));
+    let _ = ready.send(Ok(()));
+    while let Ok(msg) = inbox.recv_async().await {
+        match msg {
+            Inbox::Publish { topic, frame } => {
+                shard.deliver(&topic, &frame);
+            }
+            Inbox::Drain => break,
+        }
+    }
+    shard.begin_drain();
+    let deadline = Instant::now() + Duration::from_secs(shard.cfg.drain_timeout_secs);
+    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+        // Publishes that arrive during the drain still reach connections not yet closed.
+        while let Ok(Inbox::Publish { topic, frame }) = inbox.try_recv() {
+            shard.deliver(&topic, &frame);
+        }
+        monoio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = shard.conns.borrow().len();
+    if left > 0 {
+        tracing::warn!(
+            shard = shard.index,
+            connections = left,
+            "drain timeout: dropping remaining connections"
+        );
+    }
+}
+
+async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = shard.stop_accepting.wait() => None,
+        };
+        match accepted {
+            None => break,
+            Some(Ok((stream, _peer))) => {
+                shard.metrics.accepted.inc();
+                monoio::spawn(crate::ws::conn::serve(shard.clone(), stream));
+            }
+            Some(Err(e)) => {
+                shard.metrics.accept_errors.inc();
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
+                    tracing::warn!(shard = shard.index, error = %e, "accept failed (file limit?)");
+                    last_warn = Some(Instant::now());
+                }
+                // Out of descriptors or memory: back off instead of spinning.
+                monoio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    tracing::debug!(shard = shard.index, "listener closed");
+}
+
+async fn sweeper(shard: Rc<Shard>) {
+    while !shard.draining() || !shard.conns.borrow().is_empty() {
+        monoio::time::sleep(Duration::from_secs(1)).await;
+        shard.sweep();
+    }
+}
+
+/// A one-shot, single-waiter local signal.
+#[derive(Default)]
+struct StopSignal {
+    fired: Cell<bool>,
+    waker: Cell<Option<std::task::Waker>>,
+}
+
+impl StopSignal {
+    fn fire(&self) {
+        self.fired.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.fired.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+    }
+}

@@ -1,0 +1,105 @@
+//! The only module allowed `unsafe`: thin wrappers over system calls that neither std,
+//! socket2 nor monoio expose in the form the memory budget needs.
+//!
+//! Why: an idle connection must not pin a read buffer. Connections wait for readiness
+//! (io_uring PollAdd or epoll) and then read with `recv(MSG_DONTWAIT)` into the shard's
+//! scratch buffer; monoio's owned-buffer reads would pin one buffer per idle socket.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Reads what is available on `fd` into `buf` without blocking. `Ok(0)` is EOF;
+/// `WouldBlock` means nothing is there.
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid, exclusively borrowed slice of `buf.len()` writable bytes
+    // for the duration of the call; recv writes at most that many. A stale or closed `fd`
+    // yields EBADF, not undefined behaviour; callers pass the fd of a socket they own.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// CPUs in this process's affinity mask (what `taskset`/systemd `CPUAffinity` allow).
+pub fn allowed_cpus() -> Vec<usize> {
+    let mut cpus = Vec::new();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+                let (a, b) = part.split_once('-').unwrap_or((part, part));
+                if let (Ok(a), Ok(b)) = (a.parse::<usize>(), b.parse::<usize>()) {
+                    cpus.extend(a..=b);
+                }
+            }
+        }
+    }
+    if cpus.is_empty() {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cpus.extend(0..n);
+    }
+    cpus
+}
+
+/// Soft and hard `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit struct that outlives the call.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (_, hard) = nofile_limit()?;
+    let lim = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: `lim` is a valid rlimit struct; setrlimit only reads it.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(hard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn recv_reports_would_block_data_and_eof() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 16];
+        let e = recv_nonblocking(server.as_raw_fd(), &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        client.write_all(b"abc").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(recv_nonblocking(server.as_raw_fd(), &mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        drop(client);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(recv_nonblocking(server.as_raw_fd(), &mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn allowed_cpus_is_not_empty() {
+        assert!(!allowed_cpus().is_empty());
+    }
+}

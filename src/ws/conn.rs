@@ -1,0 +1,428 @@
+//! The connection task: the I/O shell around the handshake parser, the frame reader
+//! and protocol v1. One task per connection; it alone reads and writes the socket.
+//!
+//! Memory: an idle connection owns no read buffer. The task waits for readiness
+//! (io_uring PollAdd or epoll), then reads with `recv(MSG_DONTWAIT)` into the shard's
+//! scratch buffer. Only a frame cut by the end of a read is copied into a
+//! per-connection buffer, which is freed as soon as the frame is complete.
+//!
+//! Lifecycle: handshake (own timeout) → open → closing (our close frame sent, write
+//! side shut, waiting for the peer's close or EOF, bounded by the sweeper) → done. Every
+//! registered connection is unregistered exactly once, with its close reason.
+
+use std::io::ErrorKind;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
+
+use monoio::io::AsyncWriteRentExt;
+use monoio::net::TcpStream;
+
+use super::frame::{self, OpCode};
+use super::handshake::{self, Endpoint, Parsed};
+use super::outbound::{CloseRequest, ConnHandle};
+use super::reader::{Event, Flow, ReadError, Reader};
+use crate::broker;
+use crate::metrics::CloseReason;
+use crate::protocol::{self, ErrorCode, Op};
+use crate::registry::{ConnKey, SubscribeError};
+use crate::shard::{Shard, SCRATCH_BYTES};
+use crate::sys;
+
+/// Serves one accepted socket until it closes.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let limit = Duration::from_millis(shard.cfg.handshake_timeout_ms);
+    // Boxed so the handshake's state does not enlarge every idle connection's task.
+    let upgraded = Box::pin(monoio::time::timeout(limit, handshake(&shard, &mut stream))).await;
+    let (endpoint, leftover) = match upgraded {
+        Ok(Some(u)) => u,
+        Ok(None) => return,
+        Err(_) => {
+            shard.metrics.handshake_timeouts.inc();
+            return;
+        }
+    };
+    let (key, handle) = shard.register();
+    if endpoint == Endpoint::Gateway {
+        let conn_id = format!("{}-{}", shard.index, handle.id);
+        handle.push_unbounded(protocol::welcome(&conn_id, &shard.node.id));
+    }
+    let fd = stream.as_raw_fd();
+    let mut conn = Conn {
+        stream,
+        fd,
+        reader: Reader::default(),
+        pending: leftover,
+        write_shut: false,
+        s: Session {
+            shard,
+            handle,
+            key,
+            endpoint,
+            state: State::Open,
+            why: None,
+        },
+    };
+    let why = conn.run().await;
+    conn.s.shard.unregister(key, why);
+}
+
+/// Reads and answers the upgrade request. `None` when refused or abandoned.
+async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, Vec<u8>)> {
+    let cfg = &shard.cfg;
+    let fd = stream.as_raw_fd();
+    let mut buf = Vec::new();
+    loop {
+        stream.readable(false).await.ok()?;
+        {
+            let mut scratch = shard.scratch.borrow_mut();
+            let room = (cfg.max_header_bytes + 1)
+                .saturating_sub(buf.len())
+                .clamp(1, scratch.len());
+            match sys::recv_nonblocking(fd, &mut scratch[..room]) {
+                Ok(0) => return None,
+                Ok(n) => buf.extend_from_slice(&scratch[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    continue
+                }
+                Err(_) => return None,
+            }
+        }
+        let refusal = match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo) {
+            Ok(Parsed::Partial) => continue,
+            Ok(Parsed::Upgrade(_)) if shard.draining() => None,
+            Ok(Parsed::Upgrade(u)) => {
+                let (res, _) = stream
+                    .write_all(handshake::switching_protocols(&u.accept))
+                    .await;
+                res.ok()?;
+                buf.drain(..u.request_len);
+                return Some((u.endpoint, buf));
+            }
+            Err(r) => Some(r),
+        };
+        let response = match refusal {
+            Some(r) => {
+                shard.metrics.refused(r).inc();
+                r.response()
+            }
+            None => b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 14\r\nConnection: close\r\n\r\nshutting down\n".to_vec(),
+        };
+        let _ = stream.write_all(response).await;
+        return None;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// Our close frame is queued or sent. `discard`: input after a protocol error is
+    /// not parsed any more.
+    Closing {
+        discard: bool,
+    },
+    /// Nothing more to read: flush and drop the socket.
+    Done,
+}
+
+struct Conn {
+    stream: TcpStream,
+    fd: RawFd,
+    reader: Reader,
+    /// Bytes of a frame cut by the end of a read; empty (no allocation) otherwise.
+    pending: Vec<u8>,
+    write_shut: bool,
+    s: Session,
+}
+
+/// Everything the frame handler touches (split from `Conn` so the reader can borrow
+/// the pending buffer while the handler runs).
+struct Session {
+    shard: Rc<Shard>,
+    handle: Rc<ConnHandle>,
+    key: ConnKey,
+    endpoint: Endpoint,
+    state: State,
+    why: Option<CloseReason>,
+}
+
+// === impl Conn ===
+
+impl Conn {
+    async fn run(&mut self) -> CloseReason {
+        if !self.pending.is_empty() {
+            let mut first = std::mem::take(&mut self.pending);
+            self.on_data(&mut first);
+        }
+        loop {
+            if let Some(why) = self.s.handle.aborted() {
+                return self.s.why.unwrap_or(why);
+            }
+            if let Err(why) = self.flush().await {
+                return why;
+            }
+            if self.s.state == State::Done {
+                return self.s.why.unwrap_or(CloseReason::Client);
+            }
+            if let Some(req) = self.s.handle.take_close_request() {
+                self.s.send_close(req, false);
+                continue;
+            }
+            let readable = monoio::select! {
+                r = self.stream.readable(false) => Some(r.is_ok()),
+                _ = self.s.handle.work() => None,
+            };
+            match readable {
+                Some(false) => return CloseReason::IoError,
+                Some(true) => {
+                    if let Err(why) = self.read_ready() {
+                        return why;
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Reads what the socket has (bounded per wake-up for fairness) and handles it.
+    fn read_ready(&mut self) -> Result<(), CloseReason> {
+        let shard = self.s.shard.clone();
+        let mut scratch = shard.scratch.borrow_mut();
+        let mut total = 0;
+        loop {
+            match sys::recv_nonblocking(self.fd, &mut scratch) {
+                Ok(0) => return Err(self.s.why.unwrap_or(CloseReason::Client)),
+                Ok(n) => {
+                    total += n;
+                    shard.metrics.bytes_in.add(n as u64);
+                    self.s.handle.last_rx.set(shard.now());
+                    self.s.handle.ping_sent.set(false);
+                    self.on_data(&mut scratch[..n]);
+                    if self.s.state == State::Done
+                        || n < scratch.len()
+                        || total >= 4 * SCRATCH_BYTES
+                    {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return Err(self.s.why.unwrap_or(CloseReason::IoError)),
+            }
+        }
+    }
+
+    /// Feeds received bytes to the frame reader, keeping a cut frame for later.
+    fn on_data(&mut self, data: &mut [u8]) {
+        if matches!(self.s.state, State::Closing { discard: true } | State::Done) {
+            return;
+        }
+        let max = self.s.shard.cfg.max_message_bytes;
+        let session = &mut self.s;
+        let mut handler = |ev: Event<'_>| session.on_event(ev);
+        let result = if self.pending.is_empty() {
+            let r = self.reader.feed(data, max, &mut handler);
+            if let Ok(fed) = &r {
+                if fed.flow == Flow::Continue && fed.consumed < data.len() {
+                    let need = fed.pending_frame.unwrap_or(0).min(max + 14);
+                    self.pending.reserve(need);
+                    self.pending.extend_from_slice(&data[fed.consumed..]);
+                }
+            }
+            r.map(|_| ())
+        } else {
+            self.pending.extend_from_slice(data);
+            let r = self.reader.feed(&mut self.pending, max, &mut handler);
+            match &r {
+                Ok(fed) if fed.flow == Flow::Continue => {
+                    self.pending.drain(..fed.consumed);
+                }
+                _ => self.pending.clear(),
+            }
+            if self.pending.is_empty() {
+                self.pending = Vec::new();
+            }
+            r.map(|_| ())
+        };
+        if let Err(e) = result {
+            self.s.protocol_error(e);
+        }
+    }
+
+    /// Writes everything queued. After our close frame is out, shuts the write side.
+    async fn flush(&mut self) -> Result<(), CloseReason> {
+        let handle = self.s.handle.clone();
+        let metrics = &self.s.shard.metrics;
+        while let Some((buf, frames)) = handle.take_batch() {
+            let len = buf.len();
+            handle.writing_since.set(self.s.shard.now());
+            let written = monoio::select! {
+                r = self.stream.write_all(buf) => Some(r.0),
+                _ = handle.aborted_signal() => None,
+            };
+            handle.writing_since.set(0);
+            match written {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return Err(self.s.why.unwrap_or(CloseReason::IoError)),
+                None => {
+                    return Err(self
+                        .s
+                        .why
+                        .or(handle.aborted())
+                        .unwrap_or(CloseReason::IoError))
+                }
+            }
+            handle.written(len);
+            metrics.frames_out.add(frames);
+            metrics.bytes_out.add(len as u64);
+        }
+        if matches!(self.s.state, State::Closing { .. }) && !self.write_shut {
+            self.write_shut = true;
+            let _ = monoio::io::AsyncWriteRent::shutdown(&mut self.stream).await;
+        }
+        Ok(())
+    }
+}
+
+// === impl Session ===
+
+impl Session {
+    fn on_event(&mut self, ev: Event<'_>) -> Flow {
+        self.shard.metrics.frames_in.inc();
+        match self.state {
+            State::Open => {}
+            State::Closing { .. } => {
+                if let Event::Close(..) = ev {
+                    self.state = State::Done;
+                    return Flow::Stop;
+                }
+                return Flow::Continue;
+            }
+            State::Done => return Flow::Stop,
+        }
+        match ev {
+            Event::Ping(payload) => self
+                .handle
+                .push_unbounded(frame::server_frame(OpCode::Pong, payload)),
+            Event::Pong(_) => {}
+            Event::Close(code, _) => {
+                let reply = match code {
+                    Some(c) => frame::close_frame(c, ""),
+                    None => frame::server_frame(OpCode::Close, b""),
+                };
+                self.handle.push_unbounded(reply);
+                self.handle.closing_since.set(self.shard.now());
+                self.why = Some(CloseReason::Client);
+                self.state = State::Done;
+                return Flow::Stop;
+            }
+            Event::Text(text) => match self.endpoint {
+                Endpoint::Echo => self.reply(frame::server_frame(OpCode::Text, text.as_bytes())),
+                Endpoint::Gateway => self.on_request(text),
+            },
+            Event::Binary(data) => match self.endpoint {
+                Endpoint::Echo => self.reply(frame::server_frame(OpCode::Binary, data)),
+                Endpoint::Gateway => {
+                    let req = CloseRequest {
+                        code: 1003,
+                        reason: "binary frames are not supported",
+                        why: CloseReason::ProtocolError,
+                    };
+                    self.send_close(req, true);
+                    return Flow::Stop;
+                }
+            },
+        }
+        Flow::Continue
+    }
+
+    /// Handles one protocol v1 request.
+    fn on_request(&mut self, text: &str) {
+        let shard = self.shard.clone();
+        let cfg = &shard.cfg;
+        let req = match protocol::parse(text, cfg.max_topic_bytes) {
+            Ok(r) => r,
+            Err(rej) => return self.error(rej.error, &rej.message, rej.reference),
+        };
+        let reference = req.reference;
+        match req.op {
+            Op::Subscribe { topic, since: _ } => {
+                let added =
+                    shard
+                        .registry
+                        .borrow_mut()
+                        .subscribe(self.key, &topic, cfg.max_subscriptions);
+                shard.update_registry_gauges();
+                match added {
+                    Ok(_) => self.reply(protocol::ack("subscribed", &topic, reference)),
+                    Err(SubscribeError::TooMany) => {
+                        let msg = format!(
+                            "at most {} subscriptions per connection",
+                            cfg.max_subscriptions
+                        );
+                        self.error(ErrorCode::TooManySubscriptions, &msg, reference);
+                    }
+                }
+            }
+            Op::Unsubscribe { topic } => {
+                shard.registry.borrow_mut().unsubscribe(self.key, &topic);
+                shard.update_registry_gauges();
+                self.reply(protocol::ack("unsubscribed", &topic, reference));
+            }
+            Op::Publish { topic, data } => {
+                if !cfg.client_publish {
+                    return self.error(
+                        ErrorCode::PublishForbidden,
+                        "client publishing is disabled on this gateway",
+                        reference,
+                    );
+                }
+                match broker::publish(&shard.node, Some(&shard), &topic, data) {
+                    Ok(id) => {
+                        if reference.is_some() {
+                            self.reply(protocol::published(&topic, &id, reference));
+                        }
+                    }
+                    Err(e) => self.error(ErrorCode::Overloaded, &e.to_string(), reference),
+                }
+            }
+        }
+    }
+
+    fn reply(&self, frame: bytes::Bytes) {
+        self.handle
+            .push(frame, self.shard.cfg.outbound_queue_bytes, false);
+    }
+
+    fn error(
+        &self,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&serde_json::value::RawValue>,
+    ) {
+        self.shard.metrics.error_frames.inc();
+        self.reply(protocol::error(code, message, reference));
+    }
+
+    fn protocol_error(&mut self, e: ReadError) {
+        let req = CloseRequest {
+            code: e.close_code(),
+            reason: e.reason(),
+            why: CloseReason::ProtocolError,
+        };
+        self.send_close(req, true);
+    }
+
+    /// Queues our close frame (once) and enters the closing state.
+    fn send_close(&mut self, req: CloseRequest, discard: bool) {
+        if self.state != State::Open {
+            return;
+        }
+        self.handle
+            .push_unbounded(frame::close_frame(req.code, req.reason));
+        self.handle.closing_since.set(self.shard.now());
+        self.why = Some(req.why);
+        self.state = State::Closing { discard };
+    }
+}

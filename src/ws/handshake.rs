@@ -1,0 +1,295 @@
+//! The HTTP/1.1 upgrade (RFC 6455 §4.2): parses a request, checks every header the
+//! RFC requires and produces either the 101 response or an HTTP error with a reason.
+//! Pure: the connection loop (`ws::conn`) owns the socket and the handshake timeout.
+//!
+//! | status | when |
+//! |---|---|
+//! | 400 | malformed request, HTTP/1.0, missing Host, `Connection` without `upgrade`, bad key |
+//! | 404 | a path other than `/ws` (or `/echo` when enabled) |
+//! | 405 | a method other than GET |
+//! | 426 | no `Upgrade: websocket`, or `Sec-WebSocket-Version` other than 13 |
+//! | 431 | headers larger than the limit, or too many of them |
+
+use base64::Engine as _;
+
+/// Which endpoint the client asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// Protocol v1 (`/ws`).
+    Gateway,
+    /// Conformance echo (`/echo`), only when enabled.
+    Echo,
+}
+
+/// A valid upgrade request.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    pub endpoint: Endpoint,
+    /// The `Sec-WebSocket-Accept` value to send back.
+    pub accept: String,
+    /// Bytes of the request (headers included); anything after them is frame data.
+    pub request_len: usize,
+}
+
+/// Why an upgrade was refused; each has an HTTP status and a metrics label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    #[error("malformed HTTP request")]
+    Malformed,
+    #[error("only GET can upgrade")]
+    BadMethod,
+    #[error("HTTP/1.1 required")]
+    HttpVersion,
+    #[error("Host header required")]
+    MissingHost,
+    #[error("Upgrade: websocket required")]
+    NotUpgrade,
+    #[error("Connection: Upgrade required")]
+    ConnectionHeader,
+    #[error("Sec-WebSocket-Version: 13 required")]
+    WsVersion,
+    #[error("Sec-WebSocket-Key missing or invalid")]
+    BadKey,
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("request headers too large")]
+    HeadersTooLarge,
+}
+
+impl Refusal {
+    /// All variants, for metric label pre-registration.
+    pub const ALL: [Self; 10] = [
+        Self::Malformed,
+        Self::BadMethod,
+        Self::HttpVersion,
+        Self::MissingHost,
+        Self::NotUpgrade,
+        Self::ConnectionHeader,
+        Self::WsVersion,
+        Self::BadKey,
+        Self::NotFound,
+        Self::HeadersTooLarge,
+    ];
+
+    pub fn status(self) -> (u16, &'static str) {
+        match self {
+            Self::BadMethod => (405, "Method Not Allowed"),
+            Self::NotFound => (404, "Not Found"),
+            Self::NotUpgrade | Self::WsVersion => (426, "Upgrade Required"),
+            Self::HeadersTooLarge => (431, "Request Header Fields Too Large"),
+            _ => (400, "Bad Request"),
+        }
+    }
+
+    /// Metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadMethod => "bad_method",
+            Self::HttpVersion => "http_version",
+            Self::MissingHost => "missing_host",
+            Self::NotUpgrade => "not_upgrade",
+            Self::ConnectionHeader => "connection_header",
+            Self::WsVersion => "ws_version",
+            Self::BadKey => "bad_key",
+            Self::NotFound => "not_found",
+            Self::HeadersTooLarge => "headers_too_large",
+        }
+    }
+
+    /// The full HTTP response, reason in the body.
+    pub fn response(self) -> Vec<u8> {
+        let (code, text) = self.status();
+        let body = format!("{self}\n");
+        let extra = match self {
+            Self::BadMethod => "Allow: GET\r\n",
+            Self::NotUpgrade => "Upgrade: websocket\r\nConnection: Upgrade\r\n",
+            Self::WsVersion => "Sec-WebSocket-Version: 13\r\n",
+            _ => "",
+        };
+        format!(
+            "HTTP/1.1 {code} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// Outcome of parsing what has arrived so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Need more bytes.
+    Partial,
+    Upgrade(Upgrade),
+}
+
+const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+const MAX_HEADERS: usize = 32;
+
+/// Parses the request in `buf`. `max_bytes` bounds the request; `echo` enables `/echo`.
+pub fn parse(buf: &[u8], max_bytes: usize, echo: bool) -> Result<Parsed, Refusal> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_bytes {
+                Err(Refusal::HeadersTooLarge)
+            } else {
+                Ok(Parsed::Partial)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadersTooLarge),
+        Err(_) => return Err(Refusal::Malformed),
+    };
+    if len > max_bytes {
+        return Err(Refusal::HeadersTooLarge);
+    }
+    if req.method != Some("GET") {
+        return Err(Refusal::BadMethod);
+    }
+    if req.version != Some(1) {
+        return Err(Refusal::HttpVersion);
+    }
+    let path = req.path.unwrap_or("");
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let endpoint = match path {
+        "/ws" => Endpoint::Gateway,
+        "/echo" if echo => Endpoint::Echo,
+        _ => return Err(Refusal::NotFound),
+    };
+    let header = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    if header("host").is_none() {
+        return Err(Refusal::MissingHost);
+    }
+    if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
+        return Err(Refusal::NotUpgrade);
+    }
+    if !header("connection").is_some_and(|v| has_token(v, "upgrade")) {
+        return Err(Refusal::ConnectionHeader);
+    }
+    if header("sec-websocket-version").map(<[u8]>::trim_ascii) != Some(b"13") {
+        return Err(Refusal::WsVersion);
+    }
+    let key = header("sec-websocket-key")
+        .map(<[u8]>::trim_ascii)
+        .ok_or(Refusal::BadKey)?;
+    match base64::engine::general_purpose::STANDARD.decode(key) {
+        Ok(raw) if raw.len() == 16 => {}
+        _ => return Err(Refusal::BadKey),
+    }
+    Ok(Parsed::Upgrade(Upgrade {
+        endpoint,
+        accept: accept_key(key),
+        request_len: len,
+    }))
+}
+
+/// `Sec-WebSocket-Accept` for a client key.
+pub fn accept_key(key: &[u8]) -> String {
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key);
+    sha.update(GUID.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
+}
+
+/// The 101 response.
+pub fn switching_protocols(accept: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// Whether a comma-separated header value contains `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+    #[test]
+    fn rfc_example_accept() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn good_request_upgrades() {
+        let Ok(Parsed::Upgrade(u)) = parse(GOOD.as_bytes(), 8192, false) else {
+            panic!()
+        };
+        assert_eq!(u.endpoint, Endpoint::Gateway);
+        assert_eq!(u.request_len, GOOD.len());
+        assert_eq!(u.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn partial_then_too_large() {
+        assert_eq!(
+            parse(&GOOD.as_bytes()[..40], 8192, false),
+            Ok(Parsed::Partial)
+        );
+        assert_eq!(
+            parse(&GOOD.as_bytes()[..40], 40, false),
+            Err(Refusal::HeadersTooLarge)
+        );
+    }
+
+    fn with(from: &str, to: &str) -> Result<Parsed, Refusal> {
+        parse(GOOD.replace(from, to).as_bytes(), 8192, false)
+    }
+
+    #[test]
+    fn each_missing_piece_is_named() {
+        assert_eq!(with("GET", "POST"), Err(Refusal::BadMethod));
+        assert_eq!(with("HTTP/1.1", "HTTP/1.0"), Err(Refusal::HttpVersion));
+        assert_eq!(with("Host: x\r\n", ""), Err(Refusal::MissingHost));
+        assert_eq!(with("Upgrade: websocket\r\n", ""), Err(Refusal::NotUpgrade));
+        assert_eq!(
+            with("keep-alive, Upgrade", "keep-alive"),
+            Err(Refusal::ConnectionHeader)
+        );
+        assert_eq!(with("Version: 13", "Version: 8"), Err(Refusal::WsVersion));
+        assert_eq!(
+            with("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+            Err(Refusal::BadKey)
+        );
+        assert_eq!(with("/ws", "/other"), Err(Refusal::NotFound));
+        assert_eq!(with("/ws", "/echo"), Err(Refusal::NotFound));
+        assert!(matches!(
+            parse(GOOD.replace("/ws", "/echo").as_bytes(), 8192, true),
+            Ok(Parsed::Upgrade(_))
+        ));
+        assert!(matches!(
+            with("/ws", "/ws?token=abc"),
+            Ok(Parsed::Upgrade(_))
+        ));
+        assert_eq!(
+            parse(b"\x00\x01garbage\r\n\r\n", 8192, false),
+            Err(Refusal::Malformed)
+        );
+    }
+
+    #[test]
+    fn refusal_responses_carry_status_and_reason() {
+        let r = String::from_utf8(Refusal::WsVersion.response()).unwrap();
+        assert!(r.starts_with("HTTP/1.1 426 "));
+        assert!(r.contains("Sec-WebSocket-Version: 13\r\n"));
+        assert!(r.ends_with("Sec-WebSocket-Version: 13 required\n"));
+    }
+}

@@ -1,0 +1,253 @@
+//! A connection's shared half: its bounded send queue, its wake-up signal and the
+//! timestamps the shard's sweeper reads. The fan-out path, the sweeper and the
+//! connection's own task all hold an `Rc<ConnHandle>`; only the task writes to the
+//! socket.
+//!
+//! The queue holds `Bytes` handles: a fan-out frame is built once per node and every
+//! subscriber's queue points at the same allocation.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+
+use crate::metrics::CloseReason;
+
+/// A close the connection's task should perform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: &'static str,
+    pub why: CloseReason,
+}
+
+/// Result of queueing a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full and the policy dropped this frame.
+    Dropped,
+    /// The queue was full and the connection is now closing (or already was).
+    Closing,
+}
+
+/// Writes smaller than this are coalesced into one buffer before the write.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+pub struct ConnHandle {
+    /// Node-unique connection number (shown as `<shard>-<id>` to clients).
+    pub id: u64,
+    queue: RefCell<VecDeque<Bytes>>,
+    queued: Cell<usize>,
+    waker: Cell<Option<Waker>>,
+    /// Shard clock (seconds) of the last byte received.
+    pub last_rx: Cell<u32>,
+    /// Shard clock when the current write started; 0 when not writing.
+    pub writing_since: Cell<u32>,
+    /// Shard clock when our close frame was queued; 0 while open.
+    pub closing_since: Cell<u32>,
+    pub ping_sent: Cell<bool>,
+    close: Cell<Option<CloseRequest>>,
+    abort: Cell<Option<CloseReason>>,
+}
+
+impl ConnHandle {
+    pub fn new(id: u64, now: u32) -> Self {
+        Self {
+            id,
+            queue: RefCell::new(VecDeque::new()),
+            queued: Cell::new(0),
+            waker: Cell::new(None),
+            last_rx: Cell::new(now),
+            writing_since: Cell::new(0),
+            closing_since: Cell::new(0),
+            ping_sent: Cell::new(false),
+            close: Cell::new(None),
+            abort: Cell::new(None),
+        }
+    }
+
+    /// Queues a frame if the queue stays within `limit` bytes; otherwise applies the
+    /// policy: `drop_when_full` drops this frame, else the connection is asked to close
+    /// as a slow consumer (its queue is discarded).
+    pub fn push(&self, frame: Bytes, limit: usize, drop_when_full: bool) -> Push {
+        if self.closing_since.get() != 0 || self.close_pending() {
+            return Push::Closing;
+        }
+        if self.queued.get() + frame.len() > limit {
+            if drop_when_full {
+                return Push::Dropped;
+            }
+            self.queue.borrow_mut().clear();
+            self.request_close(CloseRequest {
+                code: 1008,
+                reason: "slow consumer",
+                why: CloseReason::SlowConsumer,
+            });
+            return Push::Closing;
+        }
+        self.push_unbounded(frame);
+        Push::Queued
+    }
+
+    /// Queues a control frame or a close frame regardless of the limit (they are small
+    /// and bounded in number: one pong per ping received, one close).
+    pub fn push_unbounded(&self, frame: Bytes) {
+        self.queued.set(self.queued.get() + frame.len());
+        self.queue.borrow_mut().push_back(frame);
+        self.wake();
+    }
+
+    /// Takes the next write: one frame, or several small ones coalesced. Returns the
+    /// buffer and how many frames it holds.
+    pub fn take_batch(&self) -> Option<(Bytes, u64)> {
+        let mut q = self.queue.borrow_mut();
+        let first = q.pop_front()?;
+        if first.len() >= COALESCE_BYTES
+            || q.front()
+                .is_none_or(|n| first.len() + n.len() > COALESCE_BYTES)
+        {
+            return Some((first, 1));
+        }
+        let mut buf = BytesMut::with_capacity(COALESCE_BYTES);
+        buf.extend_from_slice(&first);
+        let mut frames = 1;
+        while let Some(next) = q.front() {
+            if buf.len() + next.len() > COALESCE_BYTES {
+                break;
+            }
+            buf.extend_from_slice(next);
+            q.pop_front();
+            frames += 1;
+        }
+        Some((buf.freeze(), frames))
+    }
+
+    /// Accounts for `n` bytes written to the socket.
+    pub fn written(&self, n: usize) {
+        self.queued.set(self.queued.get().saturating_sub(n));
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.queued.get()
+    }
+
+    /// Asks the task to send a close frame (first request wins).
+    pub fn request_close(&self, req: CloseRequest) {
+        if self.closing_since.get() == 0 && !self.close_pending() {
+            self.close.set(Some(req));
+            self.wake();
+        }
+    }
+
+    fn close_pending(&self) -> bool {
+        let c = self.close.get();
+        c.is_some()
+    }
+
+    pub fn take_close_request(&self) -> Option<CloseRequest> {
+        self.close.take()
+    }
+
+    /// Tells the task to drop the socket now (write stalled, close timed out).
+    pub fn abort(&self, why: CloseReason) {
+        if self.abort.get().is_none() {
+            self.abort.set(Some(why));
+        }
+        self.wake();
+    }
+
+    pub fn aborted(&self) -> Option<CloseReason> {
+        self.abort.get()
+    }
+
+    fn wake(&self) {
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves when there is something to write, a close to start, or an abort.
+    pub fn work(&self) -> Signal<'_> {
+        Signal {
+            handle: self,
+            abort_only: false,
+        }
+    }
+
+    /// Resolves only on abort (raced against a write in progress).
+    pub fn aborted_signal(&self) -> Signal<'_> {
+        Signal {
+            handle: self,
+            abort_only: true,
+        }
+    }
+}
+
+/// Future returned by [`ConnHandle::work`] and [`ConnHandle::aborted_signal`].
+pub struct Signal<'a> {
+    handle: &'a ConnHandle,
+    abort_only: bool,
+}
+
+impl Future for Signal<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let h = self.handle;
+        let ready = h.abort.get().is_some()
+            || (!self.abort_only && (h.close_pending() || !h.queue.borrow().is_empty()));
+        if ready {
+            Poll::Ready(())
+        } else {
+            h.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_closes_slow_consumer_and_discards_queue() {
+        let h = ConnHandle::new(1, 0);
+        assert_eq!(h.push(Bytes::from(vec![0; 600]), 1000, false), Push::Queued);
+        assert_eq!(
+            h.push(Bytes::from(vec![0; 600]), 1000, false),
+            Push::Closing
+        );
+        assert!(h.take_batch().is_none());
+        let req = h.take_close_request().unwrap();
+        assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn drop_policy_keeps_the_connection() {
+        let h = ConnHandle::new(1, 0);
+        assert_eq!(h.push(Bytes::from(vec![0; 600]), 1000, true), Push::Queued);
+        assert_eq!(h.push(Bytes::from(vec![0; 600]), 1000, true), Push::Dropped);
+        assert!(h.take_close_request().is_none());
+        assert_eq!(h.take_batch().unwrap().1, 1);
+    }
+
+    #[test]
+    fn small_frames_coalesce_and_accounting_balances() {
+        let h = ConnHandle::new(1, 0);
+        for _ in 0..10 {
+            h.push(Bytes::from_static(b"0123456789"), 1 << 20, false);
+        }
+        h.push(Bytes::from(vec![1; COALESCE_BYTES]), 1 << 20, false);
+        let (b, n) = h.take_batch().unwrap();
+        assert_eq!((b.len(), n), (100, 10));
+        h.written(b.len());
+        let (b, n) = h.take_batch().unwrap();
+        assert_eq!((b.len(), n), (COALESCE_BYTES, 1));
+        h.written(b.len());
+        assert_eq!(h.queued(), 0);
+    }
+}
