@@ -97,8 +97,13 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, V
                     .write_all(handshake::switching_protocols(&u.accept))
                     .await;
                 res.ok()?;
-                buf.drain(..u.request_len);
-                return Some((u.endpoint, buf));
+                // Frames pipelined behind the request, if any; no allocation otherwise.
+                let leftover = if buf.len() > u.request_len {
+                    buf[u.request_len..].to_vec()
+                } else {
+                    Vec::new()
+                };
+                return Some((u.endpoint, leftover));
             }
             Err(r) => Some(r),
         };
@@ -159,8 +164,12 @@ impl Conn {
             if let Some(why) = self.s.handle.aborted() {
                 return self.s.why.unwrap_or(why);
             }
-            if let Err(why) = self.flush().await {
-                return why;
+            if self.s.handle.has_queued() || self.needs_shutdown() {
+                // Boxed: the write path's state exists only while writing, not in every
+                // idle connection's task.
+                if let Err(why) = Box::pin(self.flush()).await {
+                    return why;
+                }
             }
             if self.s.state == State::Done {
                 return self.s.why.unwrap_or(CloseReason::Client);
@@ -250,6 +259,11 @@ impl Conn {
         }
     }
 
+    /// Our close frame is queued or out and the write side is still open.
+    fn needs_shutdown(&self) -> bool {
+        matches!(self.s.state, State::Closing { .. }) && !self.write_shut
+    }
+
     /// Writes everything queued. After our close frame is out, shuts the write side.
     async fn flush(&mut self) -> Result<(), CloseReason> {
         let handle = self.s.handle.clone();
@@ -277,7 +291,7 @@ impl Conn {
             metrics.frames_out.add(frames);
             metrics.bytes_out.add(len as u64);
         }
-        if matches!(self.s.state, State::Closing { .. }) && !self.write_shut {
+        if self.needs_shutdown() {
             self.write_shut = true;
             let _ = monoio::io::AsyncWriteRent::shutdown(&mut self.stream).await;
         }

@@ -105,7 +105,13 @@ impl ConnHandle {
     /// buffer and how many frames it holds.
     pub fn take_batch(&self) -> Option<(Bytes, u64)> {
         let mut q = self.queue.borrow_mut();
-        let first = q.pop_front()?;
+        let Some(first) = q.pop_front() else {
+            // Idle connections keep no queue storage.
+            if q.capacity() > 0 {
+                *q = VecDeque::new();
+            }
+            return None;
+        };
         if first.len() >= COALESCE_BYTES
             || q.front()
                 .is_none_or(|n| first.len() + n.len() > COALESCE_BYTES)
@@ -129,6 +135,11 @@ impl ConnHandle {
     /// Accounts for `n` bytes written to the socket.
     pub fn written(&self, n: usize) {
         self.queued.set(self.queued.get().saturating_sub(n));
+    }
+
+    /// Whether any frame waits to be written.
+    pub fn has_queued(&self) -> bool {
+        !self.queue.borrow().is_empty()
     }
 
     /// Bytes queued and not yet written.
