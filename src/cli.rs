@@ -1,6 +1,7 @@
 //! The command line: `serve`, `publish`. Flags override `RINGWAY_*` environment
 //! variables, which override the config file. Exit codes: 0 success, 1 runtime failure,
-//! 64 bad usage or configuration, 65 bad data, 69 admin API unreachable.
+//! 64 bad usage or configuration, 65 bad data (not JSON, or refused by the API with 400),
+//! 69 admin API unreachable.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,7 +26,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish a JSON message to a topic through a running gateway's admin API.
     Publish(PublishArgs),
 }
@@ -57,39 +58,55 @@ pub struct ServeArgs {
     /// Allow clients to publish [default: false].
     #[arg(long, env = "RINGWAY_CLIENT_PUBLISH")]
     pub client_publish: Option<bool>,
+    /// Largest client message in bytes; close 1009 beyond [default: 65536].
     #[arg(long, env = "RINGWAY_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
+    /// Largest upgrade request in bytes; HTTP 431 beyond [default: 8192].
     #[arg(long, env = "RINGWAY_MAX_HEADER_BYTES")]
     pub max_header_bytes: Option<usize>,
+    /// Longest topic name in bytes [default: 256].
     #[arg(long, env = "RINGWAY_MAX_TOPIC_BYTES")]
     pub max_topic_bytes: Option<usize>,
+    /// Topics one connection may hold [default: 256].
     #[arg(long, env = "RINGWAY_MAX_SUBSCRIPTIONS")]
     pub max_subscriptions: Option<usize>,
+    /// Bytes queued for one connection before the slow-consumer policy applies [default: 262144].
     #[arg(long, env = "RINGWAY_OUTBOUND_QUEUE_BYTES")]
     pub outbound_queue_bytes: Option<usize>,
+    /// What to do with a client whose queue is full [default: close].
     #[arg(long, env = "RINGWAY_SLOW_CONSUMER", value_enum)]
     pub slow_consumer: Option<SlowConsumer>,
+    /// Time a new socket has to finish the upgrade [default: 5000].
     #[arg(long, env = "RINGWAY_HANDSHAKE_TIMEOUT_MS")]
     pub handshake_timeout_ms: Option<u64>,
+    /// Ping a connection silent this long [default: 25].
     #[arg(long, env = "RINGWAY_PING_INTERVAL_SECS")]
     pub ping_interval_secs: Option<u64>,
+    /// Close (1001) a connection silent this long [default: 60].
     #[arg(long, env = "RINGWAY_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: Option<u64>,
+    /// Close a connection whose write makes no progress this long [default: 10].
     #[arg(long, env = "RINGWAY_WRITE_TIMEOUT_SECS")]
     pub write_timeout_secs: Option<u64>,
+    /// After our close frame, wait this long for the peer's [default: 2000].
     #[arg(long, env = "RINGWAY_CLOSE_TIMEOUT_MS")]
     pub close_timeout_ms: Option<u64>,
+    /// On SIGTERM, time connections get to close [default: 10].
     #[arg(long, env = "RINGWAY_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// Listen backlog per shard [default: 4096].
     #[arg(long, env = "RINGWAY_BACKLOG")]
     pub backlog: Option<u32>,
+    /// io_uring submission queue entries per shard [default: 4096].
     #[arg(long, env = "RINGWAY_URING_ENTRIES")]
     pub uring_entries: Option<u32>,
+    /// Messages a shard's inbox holds before publishers get `overloaded` [default: 65536].
     #[arg(long, env = "RINGWAY_INBOX_CAPACITY")]
     pub inbox_capacity: Option<usize>,
     /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
     #[arg(long, env = "RINGWAY_LOG")]
     pub log: Option<String>,
+    /// Log format: text or json [default: text].
     #[arg(long, env = "RINGWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 }
@@ -157,9 +174,20 @@ pub struct PublishArgs {
 
 /// Runs the parsed command line.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    ExitCode::SUCCESS
+                }
+                _ => ExitCode::from(64),
+            };
+        }
+    };
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Publish(args) => {
             match crate::admin::client::publish(args.admin, &args.topic, &args.data) {
                 Ok(id) => {
@@ -170,6 +198,7 @@ pub fn main() -> ExitCode {
                     eprintln!("ringway publish: {e}");
                     ExitCode::from(match e {
                         crate::admin::client::ClientError::BadJson(_) => 65,
+                        crate::admin::client::ClientError::Status { status: 400, .. } => 65,
                         crate::admin::client::ClientError::Connect { .. } => 69,
                         _ => 1,
                     })
@@ -183,9 +212,12 @@ fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -205,6 +237,17 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised to the hard limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file limit"),
     }
+    // Installed before anything listens, so a SIGTERM right after start still drains.
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringway: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let running = match crate::shard::start(cfg.clone()) {
         Ok(r) => r,
         Err(e) => {
@@ -230,17 +273,6 @@ fn serve(args: ServeArgs) -> ExitCode {
         node = %node.id,
         "ringway ready"
     );
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ringway: cannot install signal handlers: {e}");
-            running.shutdown();
-            return ExitCode::from(1);
-        }
-    };
     let signal = signals.forever().next();
     tracing::info!(?signal, "shutting down: closing connections with 1001");
     running.shutdown();

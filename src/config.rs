@@ -14,6 +14,7 @@ pub enum Driver {
     /// io_uring when the kernel allows it, else epoll (logged).
     Auto,
     /// io_uring or fail at start.
+    #[value(name = "io_uring")]
     IoUring,
     /// epoll always (containers whose seccomp profile blocks io_uring).
     Epoll,
@@ -210,7 +211,7 @@ impl Config {
         if !(2..=32768).contains(&self.uring_entries) || !self.uring_entries.is_power_of_two() {
             return bad("uring_entries", "must be a power of two from 2 to 32768");
         }
-        if self.listen == self.admin {
+        if self.listen == self.admin && self.listen.port() != 0 {
             return bad("admin", "must differ from listen");
         }
         if let Some(id) = &self.node_id {

@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `bad_json` | the frame is not a JSON object |
 //! | `unknown_op` | `op` missing or not one of the above |
-//! | `bad_request` | a required field is missing or has the wrong type |
+//! | `bad_request` | a required field is missing, or a field has the wrong type |
 //! | `bad_topic` | topic empty, too long, or holding control characters |
 //! | `too_many_subscriptions` | the per-connection subscription limit is reached |
 //! | `publish_forbidden` | client publishing is disabled by configuration |
@@ -82,24 +82,51 @@ impl ErrorCode {
     }
 }
 
+/// Every field as raw JSON, so a wrongly typed field is reported with the request's
+/// `ref` instead of failing the whole object.
 #[derive(Deserialize)]
 struct Wire<'a> {
-    #[serde(borrow, default)]
-    op: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    topic: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    since: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
-    #[serde(rename = "ref", borrow, default)]
+    #[serde(rename = "ref", borrow, default, deserialize_with = "present")]
     reference: Option<&'a RawValue>,
+}
+
+/// A field that is present is `Some`, even when its value is `null`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
+}
+
+/// A present field as a string (borrowed unless it holds escapes).
+fn string_field<'a>(raw: Option<&'a RawValue>, name: &str) -> Result<Option<Cow<'a, str>>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    if let Ok(s) = serde_json::from_str::<&'a str>(raw.get()) {
+        return Ok(Some(Cow::Borrowed(s)));
+    }
+    serde_json::from_str::<String>(raw.get())
+        .map(|s| Some(Cow::Owned(s)))
+        .map_err(|_| format!("\"{name}\" must be a string"))
 }
 
 /// Parses one client text frame. `max_topic` bounds topic names in bytes.
 pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejection<'a>> {
-    let wire: Wire<'_> = match serde_json::from_str(text) {
-        Ok(w) => w,
+    // serde would also accept a JSON array as a struct (fields by position).
+    let is_object = text.trim_start().starts_with('{');
+    let wire: Wire<'a> = match serde_json::from_str(text) {
+        Ok(w) if is_object => w,
+        Ok(_) => {
+            return Err(Rejection {
+                error: ErrorCode::BadJson,
+                message: "expected a JSON object".into(),
+                reference: None,
+            })
+        }
         Err(e) => {
             return Err(Rejection {
                 error: ErrorCode::BadJson,
@@ -114,25 +141,26 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
         message,
         reference,
     };
-    let topic = |t: Option<Cow<'a, str>>| -> Result<Cow<'a, str>, Rejection<'a>> {
-        let t =
-            t.ok_or_else(|| reject(ErrorCode::BadRequest, "missing \"topic\" (a string)".into()))?;
+    let string =
+        |raw, name| string_field(raw, name).map_err(|m| reject(ErrorCode::BadRequest, m.into()));
+    let topic = |raw| -> Result<Cow<'a, str>, Rejection<'a>> {
+        let t = string(raw, "topic")?
+            .ok_or_else(|| reject(ErrorCode::BadRequest, "missing \"topic\" (a string)".into()))?;
         validate_topic(&t, max_topic).map_err(|m| reject(ErrorCode::BadTopic, m.into()))?;
         Ok(t)
     };
-    let op = match wire.op.as_deref() {
+    let op = match string(wire.op, "op")?.as_deref() {
         Some("subscribe") => Op::Subscribe {
             topic: topic(wire.topic)?,
-            since: wire.since,
+            since: string(wire.since, "since")?,
         },
         Some("unsubscribe") => Op::Unsubscribe {
             topic: topic(wire.topic)?,
         },
-        Some("publish") => {
-            let topic = topic(wire.topic)?;
-            let data = wire.data.unwrap_or(NULL.with(|n| *n));
-            Op::Publish { topic, data }
-        }
+        Some("publish") => Op::Publish {
+            topic: topic(wire.topic)?,
+            data: wire.data.unwrap_or(RawValue::NULL),
+        },
         Some(other) => {
             let shown: String = other.chars().take(32).collect();
             return Err(reject(
@@ -143,10 +171,6 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
         None => return Err(reject(ErrorCode::UnknownOp, "missing \"op\"".into())),
     };
     Ok(Request { op, reference })
-}
-
-thread_local! {
-    static NULL: &'static RawValue = Box::leak(RawValue::from_string("null".into()).expect("valid JSON"));
 }
 
 /// Checks a topic name: 1..=max bytes, no control characters.
@@ -282,8 +306,13 @@ mod tests {
         assert_eq!(e.error, ErrorCode::UnknownOp);
         let e = parse(r#"{"op":"subscribe"}"#, 64).unwrap_err();
         assert_eq!(e.error, ErrorCode::BadRequest);
-        let e = parse(r#"{"op":"subscribe","topic":5}"#, 64).unwrap_err();
-        assert_eq!(e.error, ErrorCode::BadJson);
+        let e = parse(r#"{"op":"subscribe","topic":5,"ref":"r2"}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadRequest);
+        assert_eq!(e.reference.unwrap().get(), "\"r2\"");
+        let e = parse(r#"{"op":7}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadRequest);
+        let r = parse(r#"{"op":"subscribe","topic":"t","ref":null}"#, 64).unwrap();
+        assert_eq!(r.reference.unwrap().get(), "null");
         let e = parse(r#"{"op":"subscribe","topic":""}"#, 64).unwrap_err();
         assert_eq!(e.error, ErrorCode::BadTopic);
         let long = format!(r#"{{"op":"subscribe","topic":"{}"}}"#, "x".repeat(65));

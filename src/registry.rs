@@ -158,7 +158,7 @@ mod tests {
         assert_eq!(r.subscribe(1, "c", 2), Err(SubscribeError::TooMany));
         assert_eq!(r.subscribe(1, "a", 2), Ok(Change::None));
         assert_eq!(r.subscribe(9, "x", 0), Err(SubscribeError::TooMany));
-        assert!(r.by_conn.get(&9).is_none());
+        assert!(!r.by_conn.contains_key(&9));
     }
 
     #[test]

@@ -39,6 +39,9 @@ struct NodeCollector(Arc<Node>);
 
 type Labels = Vec<(&'static str, String)>;
 
+/// A per-shard family: name, help, and how to read it from a shard's metrics.
+type ShardFamily = (&'static str, &'static str, fn(&ShardMetrics) -> u64);
+
 fn family<M: EncodeMetric>(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
@@ -68,7 +71,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [(&str, &str, fn(&ShardMetrics) -> u64); 11] = [
+        let counters: [ShardFamily; 11] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -125,7 +128,7 @@ impl Collector for NodeCollector {
                 .map(|(l, v)| (l, ConstCounter::new(v)));
             family(&mut enc, name, help, MetricType::Counter, samples)?;
         }
-        let gauges: [(&str, &str, fn(&ShardMetrics) -> u64); 3] = [
+        let gauges: [ShardFamily; 3] = [
             ("ringway_connections", "Open WebSocket connections", |m| {
                 m.connections.get()
             }),

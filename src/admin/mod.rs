@@ -8,7 +8,8 @@
 //! | `GET /metrics` | Prometheus text format (`admin::metrics`) |
 //! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded |
 //!
-//! HTTP/1.1 with keep-alive; request bodies up to [`MAX_BODY`].
+//! HTTP/1.1 with keep-alive; request bodies up to [`MAX_BODY`], with `Content-Length`
+//! (411 without it on POST, 501 for `Transfer-Encoding`).
 
 pub mod client;
 pub mod metrics;
@@ -115,8 +116,10 @@ impl Response {
             400 => "Bad Request",
             404 => "Not Found",
             405 => "Method Not Allowed",
+            411 => "Length Required",
             413 => "Payload Too Large",
             431 => "Request Header Fields Too Large",
+            501 => "Not Implemented",
             503 => "Service Unavailable",
             _ => "",
         };
@@ -153,6 +156,23 @@ async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
                     let close = header("connection")
                         .is_some_and(|v| v.eq_ignore_ascii_case(b"close"))
                         || req.version == Some(0);
+                    // Bodies must come with Content-Length; a chunked body read as empty
+                    // would leave its bytes to be parsed as the next request.
+                    if header("transfer-encoding").is_some() {
+                        let refusal = Response::error(
+                            501,
+                            "not_implemented",
+                            "Transfer-Encoding is not supported: send Content-Length",
+                        );
+                        let _ = stream.write_all(refusal.encode(false)).await;
+                        return;
+                    }
+                    if req.method == Some("POST") && len.is_none() {
+                        let refusal =
+                            Response::error(411, "length_required", "send Content-Length");
+                        let _ = stream.write_all(refusal.encode(false)).await;
+                        return;
+                    }
                     break (
                         n,
                         req.method.unwrap_or("").to_string(),
@@ -263,8 +283,7 @@ fn publish(ctx: &Ctx, body: &[u8]) -> Response {
     if let Err(m) = protocol::validate_topic(&req.topic, ctx.cfg.max_topic_bytes) {
         return Response::error(400, "bad_topic", &m);
     }
-    let null = RawValue::from_string("null".into()).expect("valid JSON");
-    let data = req.data.unwrap_or(&null);
+    let data = req.data.unwrap_or(RawValue::NULL);
     match broker::publish(&ctx.node, None, &req.topic, data) {
         Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
         Err(e) => Response::error(503, "overloaded", &e.to_string()),

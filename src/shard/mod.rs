@@ -131,7 +131,9 @@ impl Shard {
         queued
     }
 
-    /// One sweep over all connections: pings, idle closes, stalled writes, close deadlines.
+    /// One sweep over all connections: pings, idle closes, stalled writes, close
+    /// deadlines. Timestamps have one-second resolution, so each limit fires between its
+    /// value and one second after it, never early.
     fn sweep(&self) {
         let now = (self.started.elapsed().as_secs() as u32).saturating_add(1);
         self.clock.set(now);
@@ -142,25 +144,25 @@ impl Shard {
         let close_after = cfg.close_timeout_ms.div_ceil(1000) as u32;
         for (_, conn) in self.conns.borrow().iter() {
             let writing = conn.writing_since.get();
-            if writing != 0 && now - writing >= write_after {
+            if writing != 0 && now - writing > write_after {
                 conn.abort(CloseReason::WriteTimeout);
                 continue;
             }
             let closing = conn.closing_since.get();
             if closing != 0 {
-                if now - closing >= close_after {
+                if now - closing > close_after {
                     conn.abort(CloseReason::Client);
                 }
                 continue;
             }
             let idle = now.saturating_sub(conn.last_rx.get());
-            if idle >= idle_after {
+            if idle > idle_after {
                 conn.request_close(CloseRequest {
                     code: 1001,
                     reason: "idle timeout",
                     why: CloseReason::IdleTimeout,
                 });
-            } else if idle >= ping_after && !conn.ping_sent.get() {
+            } else if idle > ping_after && !conn.ping_sent.get() {
                 conn.ping_sent.set(true);
                 conn.push_unbounded(self.ping.clone());
             }
@@ -203,12 +205,20 @@ async fn run(
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweeper(shard.clone()));
     let _ = ready.send(Ok(()));
+    let mut handled: usize = 0;
     while let Ok(msg) = inbox.recv_async().await {
         match msg {
             Inbox::Publish { topic, frame } => {
                 shard.deliver(&topic, &frame);
             }
             Inbox::Drain => break,
+        }
+        // Every batch, let connection tasks write (and the runtime reap their
+        // completions), so a burst of publishes does not pile up in subscribers' queues
+        // while the inbox is emptied.
+        handled = handled.wrapping_add(1);
+        if handled % INBOX_BATCH == 0 {
+            yield_now().await;
         }
     }
     shard.begin_drain();
@@ -262,6 +272,24 @@ async fn sweeper(shard: Rc<Shard>) {
         monoio::time::sleep(Duration::from_secs(1)).await;
         shard.sweep();
     }
+}
+
+/// Inbox messages handled before the inbox task lets connection tasks run.
+const INBOX_BATCH: usize = 32;
+
+/// Lets every other ready task run, and the runtime submit and reap I/O, once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// A one-shot, single-waiter local signal.

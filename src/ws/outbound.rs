@@ -34,8 +34,10 @@ pub enum Push {
     Closing,
 }
 
-/// Writes smaller than this are coalesced into one buffer before the write.
-const COALESCE_BYTES: usize = 16 * 1024;
+/// Queued frames are coalesced into one write of up to this many bytes: one io_uring
+/// round trip per write, so a write must carry at least what one inbox batch
+/// (`shard::INBOX_BATCH` messages) can queue, or a burst outruns a reading client.
+const COALESCE_BYTES: usize = 64 * 1024;
 
 pub struct ConnHandle {
     /// Node-unique connection number (shown as `<shard>-<id>` to clients).
@@ -70,14 +72,17 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame if the queue stays within `limit` bytes; otherwise applies the
-    /// policy: `drop_when_full` drops this frame, else the connection is asked to close
-    /// as a slow consumer (its queue is discarded).
+    /// Queues a frame if the queue stays within `limit` bytes (an empty queue takes one
+    /// frame of any size); otherwise applies the policy: `drop_when_full` drops this
+    /// frame, else the connection is closed as a slow consumer: its queue is discarded,
+    /// and if a write is stuck on a full socket the connection is aborted at once, since
+    /// no close frame could get through.
     pub fn push(&self, frame: Bytes, limit: usize, drop_when_full: bool) -> Push {
         if self.closing_since.get() != 0 || self.close_pending() {
             return Push::Closing;
         }
-        if self.queued.get() + frame.len() > limit {
+        let queued = self.queued.get();
+        if queued > 0 && queued + frame.len() > limit {
             if drop_when_full {
                 return Push::Dropped;
             }
@@ -87,6 +92,9 @@ impl ConnHandle {
                 reason: "slow consumer",
                 why: CloseReason::SlowConsumer,
             });
+            if self.writing_since.get() != 0 {
+                self.abort(CloseReason::SlowConsumer);
+            }
             return Push::Closing;
         }
         self.push_unbounded(frame);
@@ -235,6 +243,28 @@ mod tests {
         assert!(h.take_batch().is_none());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_frame_of_any_size() {
+        let h = ConnHandle::new(1, 0);
+        assert_eq!(
+            h.push(Bytes::from(vec![0; 5000]), 1000, false),
+            Push::Queued
+        );
+        assert_eq!(h.push(Bytes::from(vec![0; 10]), 1000, false), Push::Closing);
+    }
+
+    #[test]
+    fn overflow_during_a_stuck_write_aborts() {
+        let h = ConnHandle::new(1, 0);
+        h.push(Bytes::from(vec![0; 600]), 1000, false);
+        h.writing_since.set(5);
+        assert_eq!(
+            h.push(Bytes::from(vec![0; 600]), 1000, false),
+            Push::Closing
+        );
+        assert_eq!(h.aborted(), Some(CloseReason::SlowConsumer));
     }
 
     #[test]

@@ -175,7 +175,7 @@ impl Reader {
                 }
                 let text = op == OpCode::Text;
                 if fin {
-                    return Ok(emit(text, payload, on_event)?);
+                    return emit(text, payload, on_event);
                 }
                 let mut p = Box::new(Partial {
                     text,
