@@ -1,0 +1,221 @@
+"""Slow consumers: a subscriber that stops reading fills its bounded outbound queue.
+`--slow-consumer close` (default) closes it (counted as slow_consumer); `drop` keeps it
+and drops messages for it (counted in ringway_dropped_total). Either way a subscriber
+that reads gets every message."""
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+
+from harness import HOST, Client, Collector, arun
+
+QUEUE = 4096
+PAYLOAD = "x" * 1024
+# Messages published between two checks that the reading subscriber caught up: their
+# frames (~1.1 KiB each) fit in its 4 KiB queue, so only a subscriber that does not
+# read can overflow.
+BATCH = 3
+
+
+def stalled_subscriber(gw, topic):
+    """A raw client that subscribes and then never reads (tiny receive buffer)."""
+    r = gw.raw(rcvbuf=2048)
+    assert r.recv_json()["type"] == "welcome"
+    r.send_json({"op": "subscribe", "topic": topic})
+    assert r.recv_json() == {"type": "subscribed", "topic": topic}
+    return r
+
+
+async def publish_paced(gw, topic, reader: Collector, done, limit=8000, seconds=20.0):
+    """Publishes ~1 KiB messages in batches, letting `reader` catch up after each,
+    until `done()` or the limits; returns the ids."""
+    p = gw.publisher()
+    ids = []
+    deadline = time.monotonic() + seconds
+    try:
+        while len(ids) < limit and time.monotonic() < deadline:
+            for _ in range(BATCH):
+                ids.append(await asyncio.to_thread(p.publish, topic, {"i": len(ids), "pad": PAYLOAD}))
+            got = await reader.wait_for(len(ids), 5)
+            assert len(got) == len(ids), f"reading subscriber got {len(got)} of {len(ids)} messages"
+            if len(ids) % (BATCH * 10) == 0 and await asyncio.to_thread(done):
+                break
+    finally:
+        p.close()
+    return ids
+
+
+def test_stalled_subscriber_is_closed_as_slow_consumer(gateway):
+    gw = gateway(shards=1, outbound_queue_bytes=QUEUE)
+    t = "slow/close"
+
+    async def body():
+        async with Client(gw) as reader:
+            await reader.subscribe(t)
+            col = Collector(reader)
+            stalled = stalled_subscriber(gw, t)
+            p = gw.publisher()
+            ids: list[str] = []
+            try:
+                # 1. Fill the stalled client's socket buffers without overflowing its queue:
+                #    publish in small reader-paced batches until a write to it stops
+                #    completing (frames_out falls behind two frames per message for 0.1 s).
+                base = gw.metric("ringway_frames_out_total")
+                deadline = time.monotonic() + 20
+                while True:
+                    assert time.monotonic() < deadline and len(ids) < 8000, "socket never filled up"
+                    for _ in range(BATCH):
+                        ids.append(await asyncio.to_thread(p.publish, t, {"i": len(ids), "pad": PAYLOAD}))
+                    got = await col.wait_for(len(ids), 5)
+                    assert len(got) == len(ids), f"reading subscriber got {len(got)} of {len(ids)}"
+                    out = gw.metric("ringway_frames_out_total")
+                    if out - base < 2 * len(ids):
+                        await asyncio.sleep(0.1)
+                        if gw.metric("ringway_frames_out_total") == out:
+                            break  # its write is stalled
+                assert gw.metric("ringway_dropped_total") == 0, "queue overflowed before the socket was full"
+                # 2. Overflow its queue while its write is stalled (still paced by the reader).
+                for _ in range(4):
+                    ids.append(await asyncio.to_thread(p.publish, t, {"i": len(ids), "pad": PAYLOAD}))
+                    await col.wait_for(len(ids), 5)
+            finally:
+                p.close()
+            assert gw.metric("ringway_dropped_total") > 0, "queue did not overflow"
+            # 3. The policy applies now, not when the write timeout (10 s) fires.
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and gw.metric("ringway_connections") != 1:
+                await asyncio.sleep(0.05)
+            m = gw.metrics()
+            closes = {k: v for k, v in m.items() if k.startswith("ringway_closes_total") and v}
+            assert sum(v for k, v in m.items() if k.startswith("ringway_connections{")) == 1, \
+                f"stalled subscriber still connected 3 s after its queue overflowed; closes: {closes}"
+            assert sum(v for k, v in m.items() if 'reason="slow_consumer"' in k) == 1, closes
+            # The reader got every message, and keeps getting them.
+            ids.append(gw.publish(t, "after"))
+            got = await col.wait_for(len(ids), 5)
+            assert [g["id"] for g in got] == ids, "the reading subscriber missed messages"
+            col.stop()
+            stalled.close()
+
+    arun(body(), timeout=50)
+
+
+def test_drop_policy_keeps_stalled_subscriber(gateway):
+    gw = gateway(shards=2, outbound_queue_bytes=QUEUE, slow_consumer="drop")
+    t = "slow/drop"
+
+    async def body():
+        async with Client(gw) as reader:
+            await reader.subscribe(t)
+            col = Collector(reader)
+            stalled = stalled_subscriber(gw, t)
+            ids = await publish_paced(gw, t, col, lambda: gw.metric("ringway_dropped_total") > 10)
+            m = gw.metrics()
+            dropped = sum(v for k, v in m.items() if k.startswith("ringway_dropped_total"))
+            assert dropped > 10, f"only {dropped} dropped after {len(ids)} messages"
+            assert sum(v for k, v in m.items() if k.startswith("ringway_connections{")) == 2, \
+                "the stalled subscriber was disconnected"
+            assert sum(v for k, v in m.items() if k.startswith("ringway_closes_total")) == 0, m
+            got = await col.wait_for(len(ids), 5)
+            assert [g["id"] for g in got] == ids, "the reading subscriber missed messages"
+            col.stop()
+            stalled.close()
+
+    arun(body(), timeout=50)
+
+
+def pipelined_publish(port: int, topic: str, n: int) -> list[str]:
+    """`n` publishes written back to back on one keep-alive connection; returns the ids."""
+    body = json.dumps({"topic": topic, "data": {"pad": PAYLOAD}}).encode()
+    req = b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(req * n)
+        data = b""
+        deadline = time.monotonic() + 10
+        while data.count(b"HTTP/1.1 ") < n and time.monotonic() < deadline:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    bodies = [part.split(b"\r\n\r\n", 1)[1][:200] for part in data.split(b"HTTP/1.1 200 OK")[1:]]
+    ids = [json.loads(b[: b.index(b"}") + 1])["id"] for b in bodies]
+    assert len(ids) == n, f"{len(ids)} of {n} publishes answered 200"
+    return ids
+
+
+def sequential_publish(port: int, topic: str, n: int) -> list[str]:
+    """`n` publishes on one keep-alive connection, each waiting for its answer."""
+    body = json.dumps({"topic": topic, "data": {"pad": PAYLOAD}}).encode()
+    req = b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    ids = []
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        buf = b""
+        for _ in range(n):
+            s.sendall(req)
+            while True:
+                head, sep, rest = buf.partition(b"\r\n\r\n")
+                if sep:
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    if len(rest) >= length:
+                        assert head.startswith(b"HTTP/1.1 200"), head
+                        ids.append(json.loads(rest[:length])["id"])
+                        buf = rest[length:]
+                        break
+                chunk = s.recv(65536)
+                assert chunk, "admin API closed the connection"
+                buf += chunk
+    return ids
+
+
+@pytest.mark.parametrize("shape", ["burst_within_queue", "long_stream"])
+def test_reading_subscriber_is_not_a_slow_consumer(gateway, shape):
+    """A subscriber that keeps reading is never cut off: a pipelined burst that fits in
+    its queue (200 x ~1 KiB < 256 KiB) reaches it in full, and so does a long stream
+    (2000 x ~1 KiB, 8x the queue) published one request at a time. (A pipelined burst
+    far larger than the queue outruns any reader slower than the publisher: that reader
+    is, by definition, a slow consumer.)"""
+    gw = gateway(shards=2)
+    t = f"slow/{shape}"
+    publish = pipelined_publish if shape == "burst_within_queue" else sequential_publish
+    count = 200 if shape == "burst_within_queue" else 2000
+
+    async def body():
+        async with Client(gw) as a, Client(gw) as b:
+            await a.subscribe(t)
+            await b.subscribe(t)
+            cols = [Collector(a), Collector(b)]
+            ids = await asyncio.to_thread(publish, gw.admin_port, t, count)
+            for col in cols:
+                got = await col.wait_for(len(ids), 10)
+                closes = {k: v for k, v in gw.metrics().items() if k.startswith("ringway_closes_total") and v}
+                assert [g["id"] for g in got] == ids, \
+                    f"reading subscriber got {len(got)} of {len(ids)} messages; closes: {closes}"
+                col.stop()
+
+    arun(body(), timeout=45)
+
+
+def test_message_larger_than_the_queue_limit_does_not_disconnect_subscribers(gateway):
+    """The admin API accepts bodies up to 1 MiB, above the default 256 KiB outbound queue.
+    Such a message must either be refused up front or delivered; accepting it and then
+    closing every (idle, reading) subscriber as a "slow consumer" is neither."""
+    gw = gateway(shards=2)
+
+    async def body():
+        async with Client(gw, max_size=None) as sub:
+            await sub.subscribe("big")
+            data = "z" * 300_000
+            r = gw.http("POST", "/v1/publish", json.dumps({"topic": "big", "data": data}))
+            if r.status == 200:
+                got = await sub.recv(5)
+                assert got == {"type": "message", "topic": "big", "id": r.json()["id"], "data": data}
+            else:
+                assert r.status in (400, 413), r
+                marker = gw.publish("big", "small")
+                assert (await sub.recv())["id"] == marker
+        assert gw.metric("ringway_closes_total", reason="slow_consumer") == 0
+
+    arun(body())
