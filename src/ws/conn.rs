@@ -316,9 +316,9 @@ impl Session {
             State::Done => return Flow::Stop,
         }
         match ev {
-            Event::Ping(payload) => self
-                .handle
-                .push_unbounded(frame::server_frame(OpCode::Pong, payload)),
+            // Bounded like any reply: a client that floods pings and never reads is a
+            // slow consumer.
+            Event::Ping(payload) => self.reply(frame::server_frame(OpCode::Pong, payload)),
             Event::Pong(_) => {}
             Event::Close(code, _) => {
                 let reply = match code {

@@ -101,8 +101,8 @@ impl ConnHandle {
         Push::Queued
     }
 
-    /// Queues a control frame or a close frame regardless of the limit (they are small
-    /// and bounded in number: one pong per ping received, one close).
+    /// Queues a frame regardless of the limit: only for frames bounded in number by the
+    /// gateway itself (the welcome, one close, one ping per ping interval).
     pub fn push_unbounded(&self, frame: Bytes) {
         self.queued.set(self.queued.get() + frame.len());
         self.queue.borrow_mut().push_back(frame);
