@@ -4,6 +4,8 @@
 //! Why: an idle connection must not pin a read buffer. Connections wait for readiness
 //! (io_uring PollAdd or epoll) and then read with `recv(MSG_DONTWAIT)` into the shard's
 //! scratch buffer; monoio's owned-buffer reads would pin one buffer per idle socket.
+//! And a delivery to a client whose socket has room is one `send(MSG_DONTWAIT)`, with
+//! no task wake-up, allocation or ring round trip (BENCHMARKS.md measures both).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -16,6 +18,27 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // for the duration of the call; recv writes at most that many. A stale or closed `fd`
     // yields EBADF, not undefined behaviour; callers pass the fd of a socket they own.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Writes what `fd` takes of `buf` without blocking and without SIGPIPE; returns the
+/// bytes written. `WouldBlock` means the socket buffer is full.
+pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid slice of `buf.len()` readable bytes for the duration of
+    // the call; send only reads it. A stale fd yields EBADF, not undefined behaviour;
+    // callers pass the fd of a socket they hold open.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -78,11 +78,11 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Adds a connection; returns its slab key and shared handle.
-    pub fn register(&self) -> (ConnKey, Rc<ConnHandle>) {
+    /// Adds the connection on socket `fd`; returns its slab key and shared handle.
+    pub fn register(&self, fd: std::os::fd::RawFd) -> (ConnKey, Rc<ConnHandle>) {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        let handle = Rc::new(ConnHandle::new(id, self.now()));
+        let handle = Rc::new(ConnHandle::new(id, fd, self.now()));
         let key = self.conns.borrow_mut().insert(handle.clone());
         self.metrics
             .connections
@@ -121,8 +121,8 @@ impl Shard {
             let Some(conn) = conns.get(*key) else {
                 continue;
             };
-            match conn.push(frame.clone(), limit, drop_when_full) {
-                Push::Queued => queued += 1,
+            match conn.push(frame.clone(), limit, drop_when_full, &self.metrics) {
+                Push::Sent | Push::Queued => queued += 1,
                 Push::Dropped | Push::Closing => dropped += 1,
             }
         }
@@ -164,7 +164,7 @@ impl Shard {
                 });
             } else if idle > ping_after && !conn.ping_sent.get() {
                 conn.ping_sent.set(true);
-                conn.push_unbounded(self.ping.clone());
+                conn.push_unbounded(self.ping.clone(), &self.metrics);
             }
         }
     }

@@ -43,12 +43,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             return;
         }
     };
-    let (key, handle) = shard.register();
+    let fd = stream.as_raw_fd();
+    let (key, handle) = shard.register(fd);
     if endpoint == Endpoint::Gateway {
         let conn_id = format!("{}-{}", shard.index, handle.id);
-        handle.push_unbounded(protocol::welcome(&conn_id, &shard.node.id));
+        handle.push_unbounded(protocol::welcome(&conn_id, &shard.node.id), &shard.metrics);
     }
-    let fd = stream.as_raw_fd();
     let mut conn = Conn {
         stream,
         fd,
@@ -93,10 +93,9 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, V
             Ok(Parsed::Partial) => continue,
             Ok(Parsed::Upgrade(_)) if shard.draining() => None,
             Ok(Parsed::Upgrade(u)) => {
-                let (res, _) = stream
-                    .write_all(handshake::switching_protocols(&u.accept))
-                    .await;
-                res.ok()?;
+                send_all(stream, handshake::switching_protocols(&u.accept))
+                    .await
+                    .ok()?;
                 // Frames pipelined behind the request, if any; no allocation otherwise.
                 let leftover = if buf.len() > u.request_len {
                     buf[u.request_len..].to_vec()
@@ -117,6 +116,20 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, V
         let _ = stream.write_all(response).await;
         return None;
     }
+}
+
+/// Writes `data` with a direct non-blocking send, and through the runtime only what the
+/// socket did not take at once.
+async fn send_all(stream: &mut TcpStream, data: Vec<u8>) -> std::io::Result<()> {
+    let sent = match sys::send_nonblocking(stream.as_raw_fd(), &data) {
+        Ok(n) => n,
+        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < data.len() {
+        stream.write_all(data[sent..].to_vec()).await.0?;
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,7 +338,7 @@ impl Session {
                     Some(c) => frame::close_frame(c, ""),
                     None => frame::server_frame(OpCode::Close, b""),
                 };
-                self.handle.push_unbounded(reply);
+                self.handle.push_unbounded(reply, &self.shard.metrics);
                 self.handle.closing_since.set(self.shard.now());
                 self.why = Some(CloseReason::Client);
                 self.state = State::Done;
@@ -405,8 +418,8 @@ impl Session {
     }
 
     fn reply(&self, frame: bytes::Bytes) {
-        self.handle
-            .push(frame, self.shard.cfg.outbound_queue_bytes, false);
+        let limit = self.shard.cfg.outbound_queue_bytes;
+        self.handle.push(frame, limit, false, &self.shard.metrics);
     }
 
     fn error(
@@ -433,8 +446,10 @@ impl Session {
         if self.state != State::Open {
             return;
         }
-        self.handle
-            .push_unbounded(frame::close_frame(req.code, req.reason));
+        self.handle.push_unbounded(
+            frame::close_frame(req.code, req.reason),
+            &self.shard.metrics,
+        );
         self.handle.closing_since.set(self.shard.now());
         self.why = Some(req.why);
         self.state = State::Closing { discard };
