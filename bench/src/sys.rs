@@ -1,0 +1,73 @@
+//! The only `unsafe` in the load generator: the file limit, `sysconf`, and the one socket
+//! option socket2 does not wrap (`IP_BIND_ADDRESS_NO_PORT`). Everything else reads
+//! `/proc` through `procfs`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the new soft limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit; raising soft to hard needs no privilege.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Clock ticks per second for `/proc/PID/stat` times (100 if sysconf fails).
+pub fn clock_ticks() -> u64 {
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Page size in bytes (4096 if sysconf fails).
+pub fn page_size() -> u64 {
+    // SAFETY: sysconf reads a constant; no memory is passed.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT`, so that `bind(ip:0)` picks the source port at
+/// `connect()` time by the full 4-tuple instead of reserving a port for every
+/// destination (which would cap a source IP at the ephemeral range, ~28k, across all
+/// destinations).
+pub fn set_bind_address_no_port(sock: &impl AsRawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is open (borrowed from a live socket); `one` outlives the call and
+    // its size is passed exactly.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
