@@ -1,0 +1,52 @@
+"""The load generator's scenarios, small (about 1,000 connections), against a real
+gateway: they keep the tool working and assert correctness only (every connection
+opened, every message delivered once), never timings."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harness import REPO
+
+BENCH = Path(os.environ.get("RINGWAY_BENCH_BIN", REPO / "target" / "debug" / "ringway-bench"))
+
+
+def run_bench(gw, tmp_path, scenario: str, *args: str) -> dict:
+    assert BENCH.exists(), f"{BENCH} not built (cargo build --workspace)"
+    out = tmp_path / f"{scenario}.json"
+    cmd = [str(BENCH), scenario, "--url", gw.ws_url, "--admin", gw.admin_addr,
+           "--gateway-pid", str(gw.proc.pid), "--json", str(out), *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.fixture
+def gw(gateway):
+    return gateway(shards=2, client_publish=True)
+
+
+def test_idle_holds_every_connection(gw, tmp_path):
+    r = run_bench(gw, tmp_path, "idle", "--conns", "1000", "--hold-secs", "2")
+    assert r["open"]["opened"] == 1000 and r["open"]["failed"] == 0, r["open"]
+    assert r["hold"]["closed_by_peer"] == 0, r["hold"]
+    assert gw.metric("ringway_accepted_total") >= 1000
+
+
+@pytest.mark.parametrize("via", ["http", "ws"])
+def test_fanout_delivers_every_message_once(gw, tmp_path, via):
+    r = run_bench(gw, tmp_path, "fanout", "--subs", "1000", "--topics", "4", "--rate", "20",
+                  "--duration", "2", "--publish-via", via)
+    d = r["deliveries"]
+    assert d["expected"] > 0 and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
+    assert d["subscribers_closed_by_peer"] == 0 and d["error_frames"] == 0, d
+    assert r["open"]["opened"] == 1000, r["open"]
+
+
+def test_churn_upgrades_every_connection(gw, tmp_path):
+    r = run_bench(gw, tmp_path, "churn", "--conns", "1000", "--concurrency", "32")
+    assert r["upgraded"] == 1000 and r["failed"] == 0, r
