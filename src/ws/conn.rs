@@ -35,7 +35,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     let limit = Duration::from_millis(shard.cfg.handshake_timeout_ms);
     // Boxed so the handshake's state does not enlarge every idle connection's task.
     let upgraded = Box::pin(monoio::time::timeout(limit, handshake(&shard, &mut stream))).await;
-    let (endpoint, leftover) = match upgraded {
+    let (endpoint, accept, leftover) = match upgraded {
         Ok(Some(u)) => u,
         Ok(None) => return,
         Err(_) => {
@@ -45,9 +45,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     };
     let fd = stream.as_raw_fd();
     let (key, handle) = shard.register(fd);
+    // The 101 response and the welcome frame leave in one send.
+    let mut response = handshake::switching_protocols(&accept);
     if endpoint == Endpoint::Gateway {
         let conn_id = format!("{}-{}", shard.index, handle.id);
-        handle.push_unbounded(protocol::welcome(&conn_id, &shard.node.id), &shard.metrics);
+        response.extend_from_slice(&protocol::welcome(&conn_id, &shard.node.id));
+    }
+    if send_all(&mut stream, response).await.is_err() {
+        shard.unregister(key, CloseReason::IoError);
+        return;
     }
     let mut conn = Conn {
         stream,
@@ -68,13 +74,20 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
     conn.s.shard.unregister(key, why);
 }
 
-/// Reads and answers the upgrade request. `None` when refused or abandoned.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, Vec<u8>)> {
+/// Reads the upgrade request; answers a refusal itself. Returns the endpoint, the
+/// `Sec-WebSocket-Accept` value and any bytes pipelined behind the request; `None` when
+/// refused or abandoned.
+async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, String, Vec<u8>)> {
     let cfg = &shard.cfg;
     let fd = stream.as_raw_fd();
     let mut buf = Vec::new();
+    // The request usually arrives with the connection: read first, wait only if empty.
+    let mut wait = false;
     loop {
-        stream.readable(false).await.ok()?;
+        if wait {
+            stream.readable(false).await.ok()?;
+        }
+        wait = true;
         {
             let mut scratch = shard.scratch.borrow_mut();
             let room = (cfg.max_header_bytes + 1)
@@ -93,16 +106,13 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, V
             Ok(Parsed::Partial) => continue,
             Ok(Parsed::Upgrade(_)) if shard.draining() => None,
             Ok(Parsed::Upgrade(u)) => {
-                send_all(stream, handshake::switching_protocols(&u.accept))
-                    .await
-                    .ok()?;
                 // Frames pipelined behind the request, if any; no allocation otherwise.
                 let leftover = if buf.len() > u.request_len {
                     buf[u.request_len..].to_vec()
                 } else {
                     Vec::new()
                 };
-                return Some((u.endpoint, leftover));
+                return Some((u.endpoint, u.accept, leftover));
             }
             Err(r) => Some(r),
         };

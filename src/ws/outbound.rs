@@ -307,7 +307,10 @@ mod tests {
         let (server, _) = listener.accept().unwrap();
         let m = ShardMetrics::default();
         let h = ConnHandle::new(1, server.as_raw_fd(), 0);
-        assert_eq!(h.push(Bytes::from_static(b"first"), 1 << 30, false, &m), Push::Sent);
+        assert_eq!(
+            h.push(Bytes::from_static(b"first"), 1 << 30, false, &m),
+            Push::Sent
+        );
         assert_eq!((m.frames_out.get(), h.queued()), (1, 0));
         // Nobody reads: the socket fills, and the rest is queued, not lost.
         let chunk = Bytes::from(vec![7u8; 64 * 1024]);
@@ -319,7 +322,10 @@ mod tests {
         pushed += chunk.len();
         assert!(h.queued() > 0 && h.has_queued());
         // Later frames go behind the queue, never around it.
-        assert_eq!(h.push(Bytes::from_static(b"last"), 1 << 30, false, &m), Push::Queued);
+        assert_eq!(
+            h.push(Bytes::from_static(b"last"), 1 << 30, false, &m),
+            Push::Queued
+        );
         let sent_directly = m.bytes_out.get() as usize;
         let mut rest = Vec::new();
         while let Some((b, _)) = h.take_batch() {
