@@ -215,6 +215,54 @@ pub fn welcome(conn: &str, node: &str) -> Bytes {
     text(s)
 }
 
+/// The fixed parts of a node's welcome frame, built once per shard so that each
+/// connection's welcome is written without allocating.
+#[derive(Debug)]
+pub struct WelcomeTemplate {
+    prefix: &'static [u8],
+    /// `","node":<node id as JSON>}`
+    suffix: Box<[u8]>,
+}
+
+impl WelcomeTemplate {
+    pub fn new(node: &str) -> Self {
+        let mut suffix = String::from("\",\"node\":");
+        push_json_str(&mut suffix, node);
+        suffix.push('}');
+        Self {
+            prefix: b"{\"type\":\"welcome\",\"conn\":\"",
+            suffix: suffix.into_bytes().into(),
+        }
+    }
+
+    /// Appends the welcome frame for connection `<shard>-<id>` to `out`.
+    pub fn write(&self, out: &mut Vec<u8>, shard: usize, id: u64) {
+        let mut digits = [0u8; 48];
+        let conn = {
+            use std::io::Write as _;
+            let mut cur = std::io::Cursor::new(&mut digits[..]);
+            // Two integers and a dash always fit in 48 bytes.
+            write!(cur, "{shard}-{id}").expect("fits");
+            let n = cur.position() as usize;
+            &digits[..n]
+        };
+        let len = self.prefix.len() + conn.len() + self.suffix.len();
+        out.push(0x80 | OpCode::Text.bits());
+        // The node id is at most 64 bytes (config validation) or a hostname: the
+        // payload always fits a 16-bit length.
+        match len {
+            0..=125 => out.push(len as u8),
+            _ => {
+                out.push(126);
+                out.extend_from_slice(&(len.min(usize::from(u16::MAX)) as u16).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(self.prefix);
+        out.extend_from_slice(conn);
+        out.extend_from_slice(&self.suffix);
+    }
+}
+
 /// `subscribed` / `unsubscribed` reply as a frame.
 pub fn ack(kind: &str, topic: &str, reference: Option<&RawValue>) -> Bytes {
     let mut s = format!("{{\"type\":\"{kind}\",\"topic\":");
@@ -319,6 +367,15 @@ mod tests {
         assert_eq!(parse(&long, 64).unwrap_err().error, ErrorCode::BadTopic);
         let e = parse(r#"{"op":"subscribe","topic":"a\nb"}"#, 64).unwrap_err();
         assert_eq!(e.error, ErrorCode::BadTopic);
+    }
+
+    #[test]
+    fn welcome_template_matches_the_allocating_builder() {
+        for node in ["n1", "host-\"quoted\"", &"x".repeat(120)] {
+            let mut out = Vec::new();
+            WelcomeTemplate::new(node).write(&mut out, 1, 42);
+            assert_eq!(out, welcome("1-42", node).to_vec(), "{node}");
+        }
     }
 
     #[test]

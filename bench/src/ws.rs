@@ -261,7 +261,8 @@ mod tests {
         let ringway::ws::handshake::Parsed::Upgrade(up) = parsed else {
             panic!("incomplete")
         };
-        let resp = ringway::ws::handshake::switching_protocols(&up.accept);
+        let mut resp = Vec::new();
+        ringway::ws::handshake::write_switching_protocols(&mut resp, &up.accept);
         assert_eq!(check_upgrade(&resp, 42), Ok(Some(resp.len())));
         assert_eq!(check_upgrade(&resp, 43), Err(UpgradeError::BadAccept));
         assert_eq!(check_upgrade(&resp[..10], 42), Ok(None));

@@ -40,6 +40,10 @@ pub struct Shard {
     pub registry: RefCell<Registry>,
     /// Shared read buffer; borrowed only between two awaits.
     pub scratch: RefCell<Box<[u8]>>,
+    /// Shared buffer for building handshake responses; borrowed only between two awaits.
+    pub response: RefCell<Vec<u8>>,
+    /// This node's welcome frame, but for the connection id.
+    pub welcome: crate::protocol::WelcomeTemplate,
     started: Instant,
     clock: Cell<u32>,
     next_conn: Cell<u64>,
@@ -51,6 +55,7 @@ pub struct Shard {
 impl Shard {
     fn new(index: usize, cfg: Arc<Config>, node: Arc<Node>) -> Self {
         let metrics = node.shards[index].metrics.clone();
+        let welcome = crate::protocol::WelcomeTemplate::new(&node.id);
         Self {
             index,
             cfg,
@@ -59,6 +64,8 @@ impl Shard {
             conns: RefCell::new(Slab::new()),
             registry: RefCell::new(Registry::default()),
             scratch: RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice()),
+            response: RefCell::new(Vec::with_capacity(512)),
+            welcome,
             started: Instant::now(),
             // Starts at 1 so 0 can mean "never" in connection timestamps.
             clock: Cell::new(1),

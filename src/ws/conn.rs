@@ -30,32 +30,59 @@ use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
 /// Serves one accepted socket until it closes.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    // Everything the upgrade needs lives in this boxed future and is freed when it
+    // ends: an established connection's task holds only its `Conn` and the read loop.
+    let Some(mut conn) = Box::pin(upgrade(shard, stream)).await else {
+        return;
+    };
+    let why = conn.run().await;
+    conn.s.shard.unregister(conn.s.key, why);
+}
+
+/// Runs the handshake under its timeout, registers the connection and sends the 101
+/// response with the welcome frame. `None` when refused, abandoned or timed out.
+async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     let _ = stream.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg.handshake_timeout_ms);
-    // Boxed so the handshake's state does not enlarge every idle connection's task.
-    let upgraded = Box::pin(monoio::time::timeout(limit, handshake(&shard, &mut stream))).await;
-    let (endpoint, accept, leftover) = match upgraded {
-        Ok(Some(u)) => u,
-        Ok(None) => return,
-        Err(_) => {
-            shard.metrics.handshake_timeouts.inc();
-            return;
-        }
-    };
+    let (endpoint, accept, leftover) =
+        match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
+            Ok(u) => u?,
+            Err(_) => {
+                shard.metrics.handshake_timeouts.inc();
+                return None;
+            }
+        };
     let fd = stream.as_raw_fd();
     let (key, handle) = shard.register(fd);
-    // The 101 response and the welcome frame leave in one send.
-    let mut response = handshake::switching_protocols(&accept);
-    if endpoint == Endpoint::Gateway {
-        let conn_id = format!("{}-{}", shard.index, handle.id);
-        response.extend_from_slice(&protocol::welcome(&conn_id, &shard.node.id));
-    }
-    if send_all(&mut stream, response).await.is_err() {
+    // The 101 response and the welcome frame leave in one send, built in the shard's
+    // buffer.
+    let rest = {
+        let mut out = shard.response.borrow_mut();
+        out.clear();
+        handshake::write_switching_protocols(&mut out, &accept);
+        if endpoint == Endpoint::Gateway {
+            shard.welcome.write(&mut out, shard.index, handle.id);
+        }
+        match sys::send_nonblocking(fd, &out) {
+            Ok(n) if n == out.len() => Ok(None),
+            Ok(n) => Ok(Some(out[n..].to_vec())),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                Ok(Some(out.to_vec()))
+            }
+            Err(e) => Err(e),
+        }
+    };
+    let sent = match rest {
+        Ok(None) => true,
+        Ok(Some(rest)) => stream.write_all(rest).await.0.is_ok(),
+        Err(_) => false,
+    };
+    if !sent {
         shard.unregister(key, CloseReason::IoError);
-        return;
+        return None;
     }
-    let mut conn = Conn {
+    Some(Conn {
         stream,
         fd,
         reader: Reader::default(),
@@ -69,9 +96,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             state: State::Open,
             why: None,
         },
-    };
-    let why = conn.run().await;
-    conn.s.shard.unregister(key, why);
+    })
 }
 
 /// Reads the upgrade request; answers a refusal itself. Returns the endpoint, the
@@ -126,20 +151,6 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, S
         let _ = stream.write_all(response).await;
         return None;
     }
-}
-
-/// Writes `data` with a direct non-blocking send, and through the runtime only what the
-/// socket did not take at once.
-async fn send_all(stream: &mut TcpStream, data: Vec<u8>) -> std::io::Result<()> {
-    let sent = match sys::send_nonblocking(stream.as_raw_fd(), &data) {
-        Ok(n) => n,
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
-        Err(e) => return Err(e),
-    };
-    if sent < data.len() {
-        stream.write_all(data[sent..].to_vec()).await.0?;
-    }
-    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -199,12 +199,11 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
-/// The 101 response.
-pub fn switching_protocols(accept: &str) -> Vec<u8> {
-    format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    )
-    .into_bytes()
+/// Appends the 101 response to `out` (no allocation when `out` has room).
+pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str) {
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
+    out.extend_from_slice(accept.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
 }
 
 /// Whether a comma-separated header value contains `token` (case-insensitive).
