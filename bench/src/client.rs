@@ -945,8 +945,10 @@ mod tests {
 
     #[test]
     fn conn_slot_stays_small() {
+        // mio adds a selector id to every registered source under debug assertions.
+        let limit = if cfg!(debug_assertions) { 56 } else { 40 };
         assert!(
-            std::mem::size_of::<Conn>() <= 40,
+            std::mem::size_of::<Conn>() <= limit,
             "{}",
             std::mem::size_of::<Conn>()
         );
