@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-idle,fanout10k,fanout1k,churn}
+ONLY=${ONLY:-idle,fanout1k10,fanout10k,fanout1k,churn}
 OUT=${OUT:-bench/results/$(date -u +%Y%m%d-%H%M%S)}
 GW_BIN=${GW_BIN:-target/release/ringway}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -35,6 +35,9 @@ for i in $(seq "$RUNS"); do
   if want idle; then
     start_gw; "$B" idle $(C) --conns 19000 --hold-secs 30 --procs 2 --source-ips 4 --json "$OUT/idle-$i.json"; stop_gw
   fi
+  if want fanout1k10; then
+    start_gw; "$B" fanout $(C) --subs 1000 --topics 1 --rate 10 --duration 10 --json "$OUT/fanout1k10-$i.json"; stop_gw
+  fi
   if want fanout10k; then
     start_gw; "$B" fanout $(C) --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2 \
       --json "$OUT/fanout10k-$i.json" --svg "$OUT/fanout10k-$i.svg"; stop_gw
@@ -56,8 +59,6 @@ def row(label, vals, fmt="{:,.0f}"):
     vals = [v for v in vals if v is not None]
     if vals:
         print(f"{label:<58} {fmt.format(statistics.median(vals)):>12}   ({fmt.format(min(vals))} – {fmt.format(max(vals))}, n={len(vals)})")
-for r in [None]:
-    pass
 idle = load("idle")
 if idle:
     print("idle: 19,000 connections, 2 generator processes, held 30 s (one ping round)")
@@ -67,7 +68,8 @@ if idle:
     row("  generator RSS per connection (B)", [r["generator"]["rss_delta_bytes_per_conn"] for r in idle])
     row("  connects/s", [r["open"]["connects_per_sec"] for r in idle])
     row("  connections lost during the hold", [r["hold"]["closed_by_peer"] for r in idle])
-for name, label in (("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s"),
+for name, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s for 10 s"),
+                    ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s"),
                     ("fanout1k", "fanout: 1 topic, 1,000 subscribers, 100 msg/s for 10 s")):
     rs = load(name)
     if not rs:
