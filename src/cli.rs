@@ -1,4 +1,4 @@
-//! The command line: `serve`, `publish`. Flags override `RINGWAY_*` environment
+//! The command line: `serve`, `publish`, `doctor`. Flags override `RINGWAY_*` environment
 //! variables, which override the config file. Exit codes: 0 success, 1 runtime failure,
 //! 64 bad usage or configuration, 65 bad data (not JSON, or refused by the API with 400),
 //! 69 admin API unreachable.
@@ -29,6 +29,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Publish a JSON message to a topic through a running gateway's admin API.
     Publish(PublishArgs),
+    /// Check this host (io_uring, limits, sysctls, CPUs) against what ringway needs;
+    /// takes the same options as `serve`. Exit 0 all pass, 1 a warning, 2 a failure.
+    Doctor(Box<ServeArgs>),
 }
 
 /// Every option of `serve`; each also reads `RINGWAY_<NAME>` and the config file.
@@ -188,6 +191,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Doctor(args) => doctor(*args),
         Command::Publish(args) => {
             match crate::admin::client::publish(args.admin, &args.topic, &args.data) {
                 Ok(id) => {
@@ -205,6 +209,22 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn doctor(args: ServeArgs) -> ExitCode {
+    let cfg = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("FAIL  {:<30} {e}", "configuration");
+            return ExitCode::from(2);
+        }
+    };
+    println!("PASS  {:<30} valid", "configuration");
+    match crate::doctor::print(&crate::doctor::run(&cfg)) {
+        crate::doctor::Level::Pass => ExitCode::SUCCESS,
+        crate::doctor::Level::Warn => ExitCode::from(1),
+        crate::doctor::Level::Fail => ExitCode::from(2),
     }
 }
 
@@ -273,7 +293,25 @@ fn serve(args: ServeArgs) -> ExitCode {
         node = %node.id,
         "ringway ready"
     );
+    let status = format!(
+        "READY=1\nSTATUS=listening on {} with {} shard(s), driver {}",
+        node.listen,
+        node.shards.len(),
+        node.driver
+    );
+    if let Err(e) = crate::notify::notify(&status) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+    let stop_watchdog = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(interval) = crate::notify::watchdog_interval() {
+        if let Err(e) = crate::notify::spawn_watchdog(node.clone(), interval, stop_watchdog.clone())
+        {
+            tracing::warn!(error = %e, "could not start the watchdog thread");
+        }
+    }
     let signal = signals.forever().next();
+    stop_watchdog.store(true, std::sync::atomic::Ordering::Release);
+    let _ = crate::notify::notify("STOPPING=1\nSTATUS=draining");
     tracing::info!(?signal, "shutting down: closing connections with 1001");
     running.shutdown();
     tracing::info!("stopped");

@@ -5,13 +5,16 @@
 //! Rooms: `cli` (commands), `config`, `shard` (threads, runtime, node), `ws` (upgrade,
 //! frames, connection task), `protocol` (wire protocol v1), `registry` (topic table),
 //! `broker` (in-process fan-out across shards), `admin` (HTTP API, metrics), `metrics`
-//! (per-shard counters), `sys` (the only `unsafe`).
+//! (per-shard counters), `notify` (systemd), `doctor` (host checks), `sys` (the only
+//! `unsafe`).
 
 pub mod admin;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod metrics;
+pub mod notify;
 pub mod protocol;
 pub mod registry;
 pub mod shard;

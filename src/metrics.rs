@@ -103,6 +103,8 @@ pub struct ShardMetrics {
     pub topics: Gauge,
     pub subscriptions: Gauge,
     pub error_frames: Counter,
+    /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
+    pub sweeps: Counter,
 }
 
 impl ShardMetrics {

@@ -144,6 +144,7 @@ impl Shard {
     fn sweep(&self) {
         let now = (self.started.elapsed().as_secs() as u32).saturating_add(1);
         self.clock.set(now);
+        self.metrics.sweeps.inc();
         let cfg = &self.cfg;
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;

@@ -1,0 +1,97 @@
+"""systemd integration: the notify protocol over a real NOTIFY_SOCKET (READY=1 once
+every shard listens, STOPPING=1 on drain, WATCHDOG=1 pings), and `ringway doctor`."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from harness import run_cli
+
+
+def notify_socket(tmp_path, abstract: bool):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"ringway-test-{os.getpid()}-{time.monotonic_ns()}"
+        s.bind("\0" + name)
+        address = "@" + name
+    else:
+        path = str(tmp_path / "notify.sock")
+        s.bind(path)
+        address = path
+    s.settimeout(0.2)
+    return s, address
+
+
+def wait_for(sock, prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = sock.recv(4096).decode()
+        except socket.timeout:
+            continue
+        if msg.startswith(prefix):
+            return msg
+    raise AssertionError(f"no {prefix!r} notification within {timeout} s")
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_ready_then_stopping(gateway, tmp_path, abstract):
+    sock, address = notify_socket(tmp_path, abstract)
+    gw = gateway(shards=2, env={"NOTIFY_SOCKET": address})
+    ready = wait_for(sock, "READY=1", 10)
+    assert "2 shard(s)" in ready, ready
+    # READY came after the shards listen: the readiness endpoint agrees.
+    assert gw.http("GET", "/readyz").status == 200
+    gw.sigterm()
+    gw.stopped = True  # this test checks the exit itself
+    assert wait_for(sock, "STOPPING=1", 10)
+    assert gw.wait_exit(15) == 0
+    sock.close()
+
+
+def test_watchdog_pings_while_shards_tick(gateway, tmp_path):
+    sock, address = notify_socket(tmp_path, False)
+    gateway(shards=2, env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "3000000"})
+    wait_for(sock, "READY=1", 10)
+    # Period 1.5 s; the shards' sweepers tick every second, so pings keep coming.
+    for _ in range(2):
+        wait_for(sock, "WATCHDOG=1", 5)
+    sock.close()
+
+
+def test_no_notify_socket_is_fine(gateway):
+    gw = gateway(shards=1)
+    assert gw.http("GET", "/readyz").status == 200
+
+
+def levels(stdout: str) -> list[str]:
+    return [line.split()[0] for line in stdout.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")]
+
+
+def test_doctor_reports_every_check_and_exits_with_the_worst():
+    p = run_cli("doctor")
+    lv = levels(p.stdout)
+    for name in ("configuration", "io_uring", "file limit", "net.core.somaxconn", "shards"):
+        assert name in p.stdout, p.stdout
+    worst = 2 if "FAIL" in lv else 1 if "WARN" in lv else 0
+    assert p.returncode == worst, (p.returncode, p.stdout)
+    # Every WARN or FAIL line is followed by its fix.
+    lines = p.stdout.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(("WARN", "FAIL")):
+            assert i + 1 < len(lines) and "fix:" in lines[i + 1], p.stdout
+
+
+def test_doctor_warns_about_more_shards_than_cpus():
+    p = run_cli("doctor", "--shards", str(os.cpu_count() * 4))
+    line = next(l for l in p.stdout.splitlines() if l.split()[1:2] == ["shards"])
+    assert line.startswith("WARN"), p.stdout
+    assert p.returncode >= 1
+
+
+def test_doctor_fails_on_invalid_configuration():
+    p = run_cli("doctor", "--ping-interval-secs", "30", "--idle-timeout-secs", "10")
+    assert p.returncode == 2, p.stdout
+    assert p.stdout.startswith("FAIL") and "idle_timeout_secs" in p.stdout
