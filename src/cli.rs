@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// On SIGTERM, time connections get to close [default: 10].
     #[arg(long, env = "RINGWAY_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: Option<u64>,
+    /// On SIGTERM, spread the 1001 closes over this window (at least 500/s per shard) [default: 5].
+    #[arg(long, env = "RINGWAY_DRAIN_SPREAD_SECS")]
+    pub drain_spread_secs: Option<u64>,
     /// Listen backlog per shard [default: 4096].
     #[arg(long, env = "RINGWAY_BACKLOG")]
     pub backlog: Option<u32>,
@@ -152,6 +155,7 @@ impl ServeArgs {
             write_timeout_secs,
             close_timeout_ms,
             drain_timeout_secs,
+            drain_spread_secs,
             backlog,
             uring_entries,
             inbox_capacity,

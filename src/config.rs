@@ -80,6 +80,9 @@ pub struct Config {
     pub close_timeout_ms: u64,
     /// On SIGTERM, how long connections get to close before the process exits, in seconds.
     pub drain_timeout_secs: u64,
+    /// On SIGTERM, the window over which 1001 closes are spread (at least 500 a second
+    /// per shard), so other nodes take the reconnects gradually; in seconds.
+    pub drain_spread_secs: u64,
     /// Listen backlog per shard.
     pub backlog: u32,
     /// io_uring submission queue entries per shard.
@@ -127,6 +130,7 @@ impl Default for Config {
             write_timeout_secs: 10,
             close_timeout_ms: 2_000,
             drain_timeout_secs: 10,
+            drain_spread_secs: 5,
             backlog: 4096,
             uring_entries: 4096,
             inbox_capacity: 65_536,
@@ -204,6 +208,9 @@ impl Config {
                 "handshake_timeout_ms/write_timeout_secs/close_timeout_ms",
                 "must be greater than 0",
             );
+        }
+        if self.drain_spread_secs >= self.drain_timeout_secs {
+            return bad("drain_spread_secs", "must be less than drain_timeout_secs");
         }
         if self.inbox_capacity == 0 {
             return bad("inbox_capacity", "must be at least 1");

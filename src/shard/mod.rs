@@ -177,11 +177,16 @@ impl Shard {
         }
     }
 
-    /// Starts the drain: no new connections, every connection asked to close with 1001.
-    fn begin_drain(&self) {
+    /// Starts the drain: no new connections; returns the connections to close.
+    fn begin_drain(&self) -> Vec<ConnKey> {
         self.draining.set(true);
         self.stop_accepting.fire();
-        for (_, conn) in self.conns.borrow().iter() {
+        self.conns.borrow().iter().map(|(key, _)| key).collect()
+    }
+
+    /// Asks connection `key` (if still open) to close with 1001 so it reconnects elsewhere.
+    fn close_for_drain(&self, key: ConnKey) {
+        if let Some(conn) = self.conns.borrow().get(key) {
             conn.request_close(CloseRequest {
                 code: 1001,
                 reason: "server shutting down",
@@ -229,9 +234,34 @@ async fn run(
             yield_now().await;
         }
     }
-    shard.begin_drain();
-    let deadline = Instant::now() + Duration::from_secs(shard.cfg.drain_timeout_secs);
-    while !shard.conns.borrow().is_empty() && Instant::now() < deadline {
+    // Closes are spread over drain_spread_secs so the nodes that take the reconnects do
+    // not get them all at once; but never slower than MIN_DRAIN_CLOSES_PER_TICK, so a
+    // lightly loaded node stops at once.
+    let to_close = shard.begin_drain();
+    let started = Instant::now();
+    let spread = Duration::from_secs(shard.cfg.drain_spread_secs);
+    let deadline = started + Duration::from_secs(shard.cfg.drain_timeout_secs);
+    let mut closed = 0;
+    while closed < to_close.len() || (!shard.conns.borrow().is_empty() && Instant::now() < deadline)
+    {
+        if closed < to_close.len() {
+            let due = if spread.is_zero() {
+                to_close.len()
+            } else {
+                let share = started.elapsed().as_secs_f64() / spread.as_secs_f64();
+                ((to_close.len() as f64 * share).ceil() as usize).min(to_close.len())
+            };
+            let until = due
+                .max(closed + MIN_DRAIN_CLOSES_PER_TICK)
+                .min(to_close.len());
+            for key in &to_close[closed..until] {
+                shard.close_for_drain(*key);
+            }
+            closed = until;
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
         // Publishes that arrive during the drain still reach connections not yet closed.
         while let Ok(Inbox::Publish { topic, frame }) = inbox.try_recv() {
             shard.deliver(&topic, &frame);
@@ -281,6 +311,10 @@ async fn sweeper(shard: Rc<Shard>) {
         shard.sweep();
     }
 }
+
+/// Drain closes per 20 ms tick at the least (500 a second per shard): a few clients
+/// close at once, and beyond about 500 × drain_spread_secs per shard the window governs.
+const MIN_DRAIN_CLOSES_PER_TICK: usize = 10;
 
 /// Inbox messages handled before the inbox task lets connection tasks run.
 const INBOX_BATCH: usize = 32;

@@ -104,7 +104,7 @@ def test_dropped_tcp_connection_is_cleaned_up(gateway):
 
 
 def test_sigterm_closes_every_client_with_1001_and_exits_0(gateway):
-    gw = gateway(shards=2, drain_timeout_secs=5)
+    gw = gateway(shards=2, drain_timeout_secs=5, drain_spread_secs=1)
 
     async def body():
         async with contextlib.AsyncExitStack() as stack:
@@ -125,7 +125,7 @@ def test_sigterm_closes_every_client_with_1001_and_exits_0(gateway):
 
 
 def test_drain_waits_for_unresponsive_clients_at_most_the_drain_timeout(gateway):
-    gw = gateway(shards=2, drain_timeout_secs=2, close_timeout_ms=10_000)
+    gw = gateway(shards=2, drain_timeout_secs=2, drain_spread_secs=1, close_timeout_ms=10_000)
     r = gw.raw()  # never answers the close
     r.recv_json()
     t0 = time.monotonic()
@@ -157,7 +157,7 @@ def test_sigterm_with_idle_gateway_exits_0_quickly(gateway):
 
 
 def test_publish_during_drain_does_not_crash(gateway):
-    gw = gateway(shards=2, drain_timeout_secs=2, close_timeout_ms=10_000)
+    gw = gateway(shards=2, drain_timeout_secs=2, drain_spread_secs=1, close_timeout_ms=10_000)
     r = gw.raw()
     r.recv_json()
     r.send_json({"op": "subscribe", "topic": "late"})
@@ -172,3 +172,34 @@ def test_publish_during_drain_does_not_crash(gateway):
     assert gw.wait_exit(6) == 0
     gw.stopped = True
     assert "panicked" not in gw.stderr()
+
+
+def test_drain_spreads_closes_over_the_window(gateway):
+    """The 1001 closes are spread out instead of all arriving together (a shard closes at
+    least 10 per 20 ms tick, so 600 take at least 1.2 s), and every connection still gets
+    one before the process exits 0."""
+    gw = gateway(shards=1, drain_timeout_secs=8, drain_spread_secs=3)
+    raws = [gw.raw() for _ in range(600)]
+    for r in raws:
+        assert r.recv_json()["type"] == "welcome"
+    t0 = time.monotonic()
+    gw.sigterm()
+    gw.stopped = True
+
+    def close_time(r):
+        f = r.recv_close(10)
+        assert int.from_bytes(f.payload[:2], "big") == 1001
+        r.send_frame(0x8, f.payload[:2])  # complete the close handshake
+        return time.monotonic() - t0
+
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        times = sorted(pool.map(close_time, raws))
+    assert len(times) == 600
+    # All at once would put every close within the first ticks (as before spreading:
+    # 0.15 s for 600).
+    assert times[0] < 1.0, times[:5]
+    assert times[-1] > 0.8, f"closes not spread: last at {times[-1]:.2f} s"
+    assert gw.wait_exit(10) == 0
+    for r in raws:
+        r.close()
