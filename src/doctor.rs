@@ -72,6 +72,11 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         65_535,
         "half-open connections during reconnect storms",
     ));
+    out.extend(sysctl_min(
+        "net.ipv4.tcp_migrate_req",
+        1,
+        "a restart beside the old process resets no queued connection",
+    ));
     out.push(cpus(cfg));
     out
 }

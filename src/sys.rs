@@ -46,6 +46,19 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Shuts the read side of a listening socket: it stops listening (its queued
+/// connections go to another `SO_REUSEPORT` listener when `net.ipv4.tcp_migrate_req` is
+/// 1) and a pending accept returns an error.
+pub fn shutdown_read(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes no pointers; a stale fd yields EBADF. Callers pass the fd
+    // of a listener they own.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// CPUs in this process's affinity mask (what `taskset`/systemd `CPUAffinity` allow).
 pub fn allowed_cpus() -> Vec<usize> {
     let mut cpus = Vec::new();

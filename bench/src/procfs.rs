@@ -52,7 +52,11 @@ pub fn cpu_secs_precise(pid: u32) -> Option<f64> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
     let mut ns: u64 = 0;
     for e in dir.flatten() {
-        let s = std::fs::read_to_string(e.path().join("schedstat")).ok()?;
+        // A thread can exit between the listing and the read: skip it rather than lose
+        // the whole sample (its CPU time is then missing from the sum).
+        let Ok(s) = std::fs::read_to_string(e.path().join("schedstat")) else {
+            continue;
+        };
         ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
     }
     Some(ns as f64 / 1e9)

@@ -11,6 +11,7 @@ mod node;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,9 @@ pub struct Shard {
     pub welcome: crate::protocol::WelcomeTemplate,
     started: Instant,
     clock: Cell<u32>,
+    /// Accepted sockets still in their upgrade (not yet in `conns`); the drain waits
+    /// for them too, so none is cut off by the process exiting.
+    pub handshaking: Cell<usize>,
     next_conn: Cell<u64>,
     draining: Cell<bool>,
     stop_accepting: StopSignal,
@@ -69,6 +73,7 @@ impl Shard {
             started: Instant::now(),
             // Starts at 1 so 0 can mean "never" in connection timestamps.
             clock: Cell::new(1),
+            handshaking: Cell::new(0),
             next_conn: Cell::new(0),
             draining: Cell::new(false),
             stop_accepting: StopSignal::default(),
@@ -242,8 +247,8 @@ async fn run(
     let spread = Duration::from_secs(shard.cfg.drain_spread_secs);
     let deadline = started + Duration::from_secs(shard.cfg.drain_timeout_secs);
     let mut closed = 0;
-    while closed < to_close.len() || (!shard.conns.borrow().is_empty() && Instant::now() < deadline)
-    {
+    let busy = |s: &Shard| !s.conns.borrow().is_empty() || s.handshaking.get() > 0;
+    while closed < to_close.len() || (busy(&shard) && Instant::now() < deadline) {
         if closed < to_close.len() {
             let due = if spread.is_zero() {
                 to_close.len()
@@ -278,20 +283,50 @@ async fn run(
     }
 }
 
+/// Accepts until the drain. The accept in flight is never dropped (a cancelled accept
+/// can lose a connection the kernel completed at that instant): on drain the listener's
+/// read side is shut, which hands its queue to another `SO_REUSEPORT` listener (with
+/// `net.ipv4.tcp_migrate_req = 1`) and makes the pending accept finish, with a
+/// connection that is still served (and closed with 1001) or with an error.
 async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
     let mut last_warn: Option<Instant> = None;
+    let mut stopping = false;
     loop {
-        let accepted = monoio::select! {
-            r = listener.accept() => Some(r),
-            _ = shard.stop_accepting.wait() => None,
+        let mut accept = std::pin::pin!(listener.accept());
+        let accepted = loop {
+            let event = std::future::poll_fn(|cx| {
+                if let std::task::Poll::Ready(r) = accept.as_mut().poll(cx) {
+                    return std::task::Poll::Ready(Some(r));
+                }
+                if !stopping
+                    && std::pin::pin!(shard.stop_accepting.wait())
+                        .poll(cx)
+                        .is_ready()
+                {
+                    return std::task::Poll::Ready(None);
+                }
+                std::task::Poll::Pending
+            })
+            .await;
+            match event {
+                Some(r) => break r,
+                None => {
+                    stopping = true;
+                    if let Err(e) = crate::sys::shutdown_read(listener.as_raw_fd()) {
+                        tracing::warn!(shard = shard.index, error = %e, "could not shut the listener");
+                    }
+                }
+            }
         };
         match accepted {
-            None => break,
-            Some(Ok((stream, _peer))) => {
+            Ok((stream, _peer)) => {
                 shard.metrics.accepted.inc();
+                // Counted before the task first runs, so a drain starting now waits for it.
+                shard.handshaking.set(shard.handshaking.get() + 1);
                 monoio::spawn(crate::ws::conn::serve(shard.clone(), stream));
             }
-            Some(Err(e)) => {
+            Err(_) if stopping => break,
+            Err(e) => {
                 shard.metrics.accept_errors.inc();
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(5)) {
                     tracing::warn!(shard = shard.index, error = %e, "accept failed (file limit?)");

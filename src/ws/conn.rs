@@ -29,11 +29,16 @@ use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
-/// Serves one accepted socket until it closes.
+/// Serves one accepted socket until it closes. The caller has counted it in
+/// `shard.handshaking`; this lowers the count when the upgrade ends.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     // Everything the upgrade needs lives in this boxed future and is freed when it
     // ends: an established connection's task holds only its `Conn` and the read loop.
-    let Some(mut conn) = Box::pin(upgrade(shard, stream)).await else {
+    // `handshaking` was raised by the accept loop when it spawned this task.
+    let upgraded = Box::pin(upgrade(shard.clone(), stream)).await;
+    shard.handshaking.set(shard.handshaking.get() - 1);
+    drop(shard); // the connection holds its own reference from here on
+    let Some(mut conn) = upgraded else {
         return;
     };
     let why = conn.run().await;
@@ -82,6 +87,15 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         shard.unregister(key, CloseReason::IoError);
         return None;
     }
+    // Accepted just before the drain began: upgrade it and ask it, like every other
+    // client, to reconnect elsewhere, rather than refuse the handshake.
+    if shard.draining() {
+        handle.request_close(CloseRequest {
+            code: 1001,
+            reason: "server shutting down",
+            why: CloseReason::Shutdown,
+        });
+    }
     Some(Conn {
         stream,
         fd,
@@ -129,7 +143,6 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, S
         }
         let refusal = match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo) {
             Ok(Parsed::Partial) => continue,
-            Ok(Parsed::Upgrade(_)) if shard.draining() => None,
             Ok(Parsed::Upgrade(u)) => {
                 // Frames pipelined behind the request, if any; no allocation otherwise.
                 let leftover = if buf.len() > u.request_len {
@@ -139,16 +152,10 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, S
                 };
                 return Some((u.endpoint, u.accept, leftover));
             }
-            Err(r) => Some(r),
+            Err(r) => r,
         };
-        let response = match refusal {
-            Some(r) => {
-                shard.metrics.refused(r).inc();
-                r.response()
-            }
-            None => b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 14\r\nConnection: close\r\n\r\nshutting down\n".to_vec(),
-        };
-        let _ = stream.write_all(response).await;
+        shard.metrics.refused(refusal).inc();
+        let _ = stream.write_all(refusal.response()).await;
         return None;
     }
 }
