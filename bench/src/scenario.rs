@@ -326,19 +326,7 @@ fn open_rows(t: &mut Table, open: &OpenReport, secs: f64) {
     t.row("connections requested", thousands(open.requested));
     t.row("connections opened", thousands(open.opened));
     let f = &open.failures;
-    t.row(
-        "failed",
-        format!(
-            "{} (connect {}, refused {}, closed {}, protocol {}, write {}, timeout {})",
-            f.total(),
-            f.connect,
-            f.refused,
-            f.closed,
-            f.protocol,
-            f.write,
-            f.timeout
-        ),
-    );
+    t.row("failed", f.summary());
     t.row("open time", format!("{secs:.2} s"));
     t.row(
         "connects/s",
@@ -840,19 +828,7 @@ fn churn(cli: &Cli, a: &ChurnArgs) -> Result<(Value, Table), Error> {
     t.row("connections requested", thousands(rep.requested));
     t.row("concurrency", a.concurrency);
     t.row("upgraded (welcome received)", thousands(rep.upgraded));
-    t.row(
-        "failed",
-        format!(
-            "{} (connect {}, refused {}, closed {}, protocol {}, write {}, timeout {})",
-            f.total(),
-            f.connect,
-            f.refused,
-            f.closed,
-            f.protocol,
-            f.write,
-            f.timeout
-        ),
-    );
+    t.row("failed", f.summary());
     t.row("elapsed", format!("{secs:.2} s"));
     t.row("upgrades/s", format!("{per_sec:.0}"));
     t.row("gateway CPU", opt_num(cpu, |c| format!("{c:.2} s")));

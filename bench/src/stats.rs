@@ -68,6 +68,20 @@ pub struct Failures {
 }
 
 impl Failures {
+    /// The total and its breakdown, for the report table.
+    pub fn summary(&self) -> String {
+        format!(
+            "{} (connect {}, refused {}, closed {}, protocol {}, write {}, timeout {})",
+            self.total(),
+            self.connect,
+            self.refused,
+            self.closed,
+            self.protocol,
+            self.write,
+            self.timeout
+        )
+    }
+
     pub fn total(&self) -> u64 {
         self.connect + self.refused + self.closed + self.protocol + self.write + self.timeout
     }
