@@ -61,31 +61,33 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     let fd = stream.as_raw_fd();
     let (key, handle) = shard.register(fd);
     // The 101 response and the welcome frame leave in one send, built in the shard's
-    // buffer.
-    let rest = {
+    // buffer; what the socket does not take goes through the connection's queue like
+    // any other frame.
+    {
+        let m = &shard.metrics;
         let mut out = shard.response.borrow_mut();
         out.clear();
         handshake::write_switching_protocols(&mut out, &accept);
-        if endpoint == Endpoint::Gateway {
+        let welcome = endpoint == Endpoint::Gateway;
+        if welcome {
             shard.welcome.write(&mut out, shard.index, handle.id);
         }
-        match sys::send_nonblocking(fd, &out) {
-            Ok(n) if n == out.len() => Ok(None),
-            Ok(n) => Ok(Some(out[n..].to_vec())),
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                Ok(Some(out.to_vec()))
+        let sent = match sys::send_nonblocking(fd, &out) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
+            Err(_) => {
+                drop(out);
+                shard.unregister(key, CloseReason::IoError);
+                return None;
             }
-            Err(e) => Err(e),
+        };
+        m.bytes_out.add(sent as u64);
+        if sent < out.len() {
+            // Counted as a frame when the connection task writes it.
+            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]), m);
+        } else if welcome {
+            m.frames_out.inc();
         }
-    };
-    let sent = match rest {
-        Ok(None) => true,
-        Ok(Some(rest)) => stream.write_all(rest).await.0.is_ok(),
-        Err(_) => false,
-    };
-    if !sent {
-        shard.unregister(key, CloseReason::IoError);
-        return None;
     }
     // Accepted just before the drain began: upgrade it and ask it, like every other
     // client, to reconnect elsewhere, rather than refuse the handshake.

@@ -64,3 +64,17 @@ def test_welcome_node_matches_metrics_info(gateway, shards):
         assert len(info) == 1 and 'node="n.1:a_b-c"' in info[0], info
 
     arun(body())
+
+
+def test_welcome_is_counted_as_a_frame_out(gateway):
+    """The welcome leaves with the 101 response; it still counts in frames_out and
+    bytes_out (the 101 in bytes_out too)."""
+    gw = gateway(shards=1)
+
+    async def body():
+        async with Client(gw) as c:
+            assert c.welcome["type"] == "welcome"
+            assert gw.metric("ringway_frames_out_total") == 1
+            assert gw.metric("ringway_bytes_out_total") > 129  # "HTTP/1.1 101 …" alone is 129+
+
+    arun(body())
