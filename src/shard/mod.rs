@@ -298,11 +298,7 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
                 if let std::task::Poll::Ready(r) = accept.as_mut().poll(cx) {
                     return std::task::Poll::Ready(Some(r));
                 }
-                if !stopping
-                    && std::pin::pin!(shard.stop_accepting.wait())
-                        .poll(cx)
-                        .is_ready()
-                {
+                if !stopping && shard.stop_accepting.poll_fired(cx) {
                     return std::task::Poll::Ready(None);
                 }
                 std::task::Poll::Pending
@@ -384,14 +380,11 @@ impl StopSignal {
         }
     }
 
-    fn wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.fired.get() {
-                std::task::Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                std::task::Poll::Pending
-            }
-        })
+    /// Whether the signal fired; if not, `cx` is woken when it does.
+    fn poll_fired(&self, cx: &mut std::task::Context<'_>) -> bool {
+        if !self.fired.get() {
+            self.waker.set(Some(cx.waker().clone()));
+        }
+        self.fired.get()
     }
 }
