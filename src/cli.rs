@@ -1,4 +1,4 @@
-//! The command line: `serve`, `publish`, `doctor`. Flags override `RINGWAY_*` environment
+//! The command line: `serve`, `publish`, `send`, `doctor`. Flags override `RINGWAY_*` environment
 //! variables, which override the config file. Exit codes: 0 success, 1 runtime failure,
 //! 64 bad usage or configuration, 65 bad data (not JSON, or refused by the API with 400),
 //! 69 admin API unreachable.
@@ -29,6 +29,9 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Publish a JSON message to a topic through a running gateway's admin API.
     Publish(PublishArgs),
+    /// Send a JSON message to users (every connection of each, on any node) through a
+    /// running gateway's admin API.
+    Send(SendArgs),
     /// Check this host (io_uring, limits, sysctls, CPUs) against what ringway needs;
     /// takes the same options as `serve`. Exit 0 all pass, 1 a warning, 2 a failure.
     Doctor(Box<ServeArgs>),
@@ -115,6 +118,26 @@ pub struct ServeArgs {
     /// Log format: text or json [default: text].
     #[arg(long, env = "RINGWAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Redis backplane URL, redis://[user:password@]host:port[/db] [default: none, single node].
+    #[arg(long, env = "RINGWAY_REDIS")]
+    pub redis: Option<String>,
+    /// HS256 secret for client JWTs (prefer the environment variable).
+    #[arg(
+        long,
+        env = "RINGWAY_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_key"
+    )]
+    pub jwt_secret: Option<String>,
+    /// PEM public key for client JWTs (RS256, EdDSA or ES256).
+    #[arg(long, env = "RINGWAY_JWT_KEY")]
+    pub jwt_key: Option<PathBuf>,
+    /// With a JWT key, let clients without a token in as anonymous [default: false].
+    #[arg(long, env = "RINGWAY_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_anonymous: Option<bool>,
+    /// Presence entry lifetime in Redis, in seconds [default: 30].
+    #[arg(long, env = "RINGWAY_PRESENCE_TTL_SECS")]
+    pub presence_ttl_secs: Option<u64>,
 }
 
 macro_rules! overlay {
@@ -133,6 +156,17 @@ impl ServeArgs {
         let args = self;
         if args.node_id.is_some() {
             cfg.node_id = args.node_id;
+        }
+        if args.redis.is_some() {
+            cfg.redis = args.redis;
+        }
+        if args.jwt_secret.is_some() {
+            cfg.jwt_secret = args.jwt_secret;
+            cfg.jwt_key = None;
+        }
+        if args.jwt_key.is_some() {
+            cfg.jwt_key = args.jwt_key;
+            cfg.jwt_secret = None;
         }
         overlay!(
             cfg,
@@ -161,6 +195,8 @@ impl ServeArgs {
             inbox_capacity,
             log,
             log_format,
+            allow_anonymous,
+            presence_ttl_secs,
         );
         cfg.validate()?;
         Ok(cfg)
@@ -177,6 +213,30 @@ pub struct PublishArgs {
     pub topic: String,
     /// The message: any JSON value.
     pub data: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SendArgs {
+    /// Admin API of the gateway.
+    #[arg(long, env = "RINGWAY_ADMIN", default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// User id (the token's `sub`); repeat for several users.
+    #[arg(long = "user", required = true)]
+    pub users: Vec<String>,
+    /// The message: any JSON value.
+    pub data: String,
+}
+
+/// Exit code for a failed admin API call.
+fn client_exit(command: &str, e: &crate::admin::client::ClientError) -> ExitCode {
+    use crate::admin::client::ClientError;
+    eprintln!("ringway {command}: {e}");
+    ExitCode::from(match e {
+        ClientError::BadJson(_) => 65,
+        ClientError::Status { status: 400, .. } => 65,
+        ClientError::Connect { .. } => 69,
+        _ => 1,
+    })
 }
 
 /// Runs the parsed command line.
@@ -202,15 +262,16 @@ pub fn main() -> ExitCode {
                     println!("{id}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("ringway publish: {e}");
-                    ExitCode::from(match e {
-                        crate::admin::client::ClientError::BadJson(_) => 65,
-                        crate::admin::client::ClientError::Status { status: 400, .. } => 65,
-                        crate::admin::client::ClientError::Connect { .. } => 69,
-                        _ => 1,
-                    })
+                Err(e) => client_exit("publish", &e),
+            }
+        }
+        Command::Send(args) => {
+            match crate::admin::client::send(args.admin, &args.users, &args.data) {
+                Ok(sent) => {
+                    println!("{} online={} shards={}", sent.id, sent.online, sent.shards);
+                    ExitCode::SUCCESS
                 }
+                Err(e) => client_exit("send", &e),
             }
         }
     }

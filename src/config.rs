@@ -93,6 +93,20 @@ pub struct Config {
     pub log: String,
     /// Log format: text or json.
     pub log_format: LogFormat,
+    /// Redis backplane, `redis://[user:password@]host:port[/db]`. Unset: a single node
+    /// with the in-process broker.
+    pub redis: Option<String>,
+    /// HS256 secret for client JWTs. Prefer `RINGWAY_JWT_SECRET` to a flag (a flag shows
+    /// in `ps`).
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for client JWTs: RSA (RS256), Ed25519 (EdDSA) or P-256 (ES256).
+    pub jwt_key: Option<std::path::PathBuf>,
+    /// With a JWT key configured, let clients without a token connect as anonymous
+    /// (they can subscribe but receive no direct messages). A bad token is always refused.
+    pub allow_anonymous: bool,
+    /// Lifetime of a presence entry in Redis, in seconds; refreshed every third of it,
+    /// so a crashed node's users expire within this time.
+    pub presence_ttl_secs: u64,
 }
 
 /// Defaults, each with its reason.
@@ -136,6 +150,11 @@ impl Default for Config {
             inbox_capacity: 65_536,
             log: "info".into(),
             log_format: LogFormat::Text,
+            redis: None,
+            jwt_secret: None,
+            jwt_key: None,
+            allow_anonymous: false,
+            presence_ttl_secs: 30,
         }
     }
 }
@@ -220,6 +239,23 @@ impl Config {
         }
         if self.listen == self.admin && self.listen.port() != 0 {
             return bad("admin", "must differ from listen");
+        }
+        if let Some(url) = &self.redis {
+            if let Err(e) = crate::backplane::RedisUrl::parse(url) {
+                return bad("redis", &e.to_string());
+            }
+        }
+        if self.jwt_secret.is_some() && self.jwt_key.is_some() {
+            return bad(
+                "jwt_secret",
+                "set jwt_secret (HS256) or jwt_key (PEM), not both",
+            );
+        }
+        if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return bad("jwt_secret", "must be at least 16 bytes");
+        }
+        if self.presence_ttl_secs < 3 {
+            return bad("presence_ttl_secs", "must be at least 3");
         }
         if let Some(id) = &self.node_id {
             if id.is_empty()

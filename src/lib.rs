@@ -9,6 +9,8 @@
 //! `unsafe`).
 
 pub mod admin;
+pub mod auth;
+pub mod backplane;
 pub mod broker;
 pub mod cli;
 pub mod config;

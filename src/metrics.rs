@@ -105,13 +105,30 @@ pub struct ShardMetrics {
     pub error_frames: Counter,
     /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
     pub sweeps: Counter,
+    /// Direct messages that reached this shard (its Redis channel or its inbox).
+    pub direct_received: Counter,
+    /// Direct messages queued to this shard's connections.
+    pub direct_deliveries: Counter,
+    /// Topic messages received from Redis.
+    pub backplane_received: Counter,
+    /// Messages on ringway channels that did not follow the schema (dropped).
+    pub backplane_bad: Counter,
+    /// 1 while the shard's Redis subscriber / command connection is up.
+    pub redis_subscriber_up: Gauge,
+    pub redis_commands_up: Gauge,
+    /// Redis connections lost (either kind).
+    pub redis_reconnects: Counter,
+    /// Commands written to Redis.
+    pub redis_commands: Counter,
+    /// Presence entries (connections with a user id) at the last heartbeat.
+    pub presence_entries: Gauge,
 }
 
 impl ShardMetrics {
     pub fn refused(&self, r: Refusal) -> &Counter {
         let i = Refusal::ALL
             .iter()
-            .position(|x| *x == r)
+            .position(|x| x.label() == r.label())
             .expect("listed in ALL");
         &self.handshake_refusals[i]
     }

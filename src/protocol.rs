@@ -66,6 +66,8 @@ pub enum ErrorCode {
     TooManySubscriptions,
     PublishForbidden,
     Overloaded,
+    /// The backplane (Redis) cannot take the request now; retry later.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -78,6 +80,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::PublishForbidden => "publish_forbidden",
             Self::Overloaded => "overloaded",
+            Self::Unavailable => "unavailable",
         }
     }
 }
@@ -299,6 +302,19 @@ pub fn message(topic: &str, id: &str, data: &RawValue) -> Bytes {
     let mut s = String::with_capacity(48 + topic.len() + id.len() + data.get().len());
     s.push_str("{\"type\":\"message\",\"topic\":");
     push_json_str(&mut s, topic);
+    s.push_str(",\"id\":");
+    push_json_str(&mut s, id);
+    s.push_str(",\"data\":");
+    s.push_str(data.get());
+    s.push('}');
+    text(s)
+}
+
+/// A direct `message` frame for one user: built once per user per shard.
+pub fn direct(user: &str, id: &str, data: &RawValue) -> Bytes {
+    let mut s = String::with_capacity(48 + user.len() + id.len() + data.get().len());
+    s.push_str("{\"type\":\"message\",\"user\":");
+    push_json_str(&mut s, user);
     s.push_str(",\"id\":");
     push_json_str(&mut s, id);
     s.push_str(",\"data\":");

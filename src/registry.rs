@@ -116,6 +116,11 @@ impl Registry {
         }
     }
 
+    /// Every topic with a local subscriber.
+    pub fn topic_names(&self) -> impl Iterator<Item = &Rc<str>> {
+        self.by_topic.keys()
+    }
+
     /// Local subscribers of `topic`.
     pub fn subscribers(&self, topic: &str) -> Option<&HashSet<ConnKey>> {
         self.by_topic.get(topic)

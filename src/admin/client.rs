@@ -1,5 +1,5 @@
-//! A minimal blocking client for the admin API, used by `ringway publish` and by
-//! services embedding ringway as a library.
+//! A minimal blocking client for the admin API, used by `ringway publish` / `ringway
+//! send` and by Rust services: `publish` (a topic) and `send` (direct, to users).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -38,6 +38,32 @@ pub fn publish(admin: SocketAddr, topic: &str, data: &str) -> Result<String, Cli
         .and_then(|i| i.as_str())
         .map(str::to_owned)
         .ok_or(ClientError::BadResponse)
+}
+
+/// Sends `data` (JSON text) to every connection of `users`, on whichever nodes hold
+/// them (one batched lookup); returns the message id and what the lookup found.
+pub fn send(
+    admin: SocketAddr,
+    users: &[String],
+    data: &str,
+) -> Result<crate::broker::Sent, ClientError> {
+    let raw: &RawValue = serde_json::from_str(data).map_err(ClientError::BadJson)?;
+    let body = serde_json::json!({ "users": users, "data": raw }).to_string();
+    let (status, body) = post(admin, "/v1/send", &body)?;
+    if status != 200 {
+        return Err(ClientError::Status { status, body });
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|_| ClientError::BadResponse)?;
+    let count = |name: &str| v.get(name).and_then(|n| n.as_u64()).map(|n| n as usize);
+    Ok(crate::broker::Sent {
+        id: v
+            .get("id")
+            .and_then(|i| i.as_str())
+            .ok_or(ClientError::BadResponse)?
+            .to_owned(),
+        online: count("online").ok_or(ClientError::BadResponse)?,
+        shards: count("shards").ok_or(ClientError::BadResponse)?,
+    })
 }
 
 /// One POST with `Connection: close`; returns status and body.

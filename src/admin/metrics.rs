@@ -17,7 +17,15 @@
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
 //! | `ringway_published_total` | counter | — | messages accepted for publishing |
-//! | `ringway_ready` | gauge | — | 1 when every shard listens and the node is not draining |
+//! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
+//! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
+//! | `ringway_backplane_received_total` | counter | shard | topic messages received from Redis |
+//! | `ringway_backplane_malformed_total` | counter | shard | payloads on ringway channels not following the schema |
+//! | `ringway_redis_subscriber_up` / `ringway_redis_commands_up` | gauge | shard | 1 while that Redis connection is up |
+//! | `ringway_redis_reconnects_total` | counter | shard | Redis connections lost |
+//! | `ringway_redis_commands_total` | counter | shard | commands written to Redis |
+//! | `ringway_presence_entries` | gauge | shard | connections with a user id at the last heartbeat |
+//! | `ringway_ready` | gauge | — | 1 when every shard listens, not draining, Redis (if configured) reachable |
 //! | `ringway_info` | gauge | node, driver, version | always 1 |
 
 use std::sync::Arc;
@@ -71,7 +79,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 11] = [
+        let counters: [ShardFamily; 17] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -121,6 +129,34 @@ impl Collector for NodeCollector {
                 "Sockets that did not finish the upgrade in time",
                 |m| m.handshake_timeouts.get(),
             ),
+            (
+                "ringway_direct_received",
+                "Direct messages that reached this shard",
+                |m| m.direct_received.get(),
+            ),
+            (
+                "ringway_direct_deliveries",
+                "Direct messages queued to this shard's connections",
+                |m| m.direct_deliveries.get(),
+            ),
+            (
+                "ringway_backplane_received",
+                "Topic messages received from Redis",
+                |m| m.backplane_received.get(),
+            ),
+            (
+                "ringway_backplane_malformed",
+                "Messages on ringway channels that did not follow the schema (dropped)",
+                |m| m.backplane_bad.get(),
+            ),
+            (
+                "ringway_redis_reconnects",
+                "Redis connections lost (subscriber or commands)",
+                |m| m.redis_reconnects.get(),
+            ),
+            ("ringway_redis_commands", "Commands written to Redis", |m| {
+                m.redis_commands.get()
+            }),
         ];
         for (name, help, f) in counters {
             let samples = per_shard(f)
@@ -128,7 +164,7 @@ impl Collector for NodeCollector {
                 .map(|(l, v)| (l, ConstCounter::new(v)));
             family(&mut enc, name, help, MetricType::Counter, samples)?;
         }
-        let gauges: [ShardFamily; 3] = [
+        let gauges: [ShardFamily; 6] = [
             ("ringway_connections", "Open WebSocket connections", |m| {
                 m.connections.get()
             }),
@@ -141,6 +177,21 @@ impl Collector for NodeCollector {
                 "ringway_subscriptions",
                 "Connection-topic subscriptions",
                 |m| m.subscriptions.get(),
+            ),
+            (
+                "ringway_redis_subscriber_up",
+                "1 while the shard's Redis subscriber connection is up",
+                |m| m.redis_subscriber_up.get(),
+            ),
+            (
+                "ringway_redis_commands_up",
+                "1 while the shard's Redis command connection is up",
+                |m| m.redis_commands_up.get(),
+            ),
+            (
+                "ringway_presence_entries",
+                "Connections with a user id, as registered at the last heartbeat",
+                |m| m.presence_entries.get(),
             ),
         ];
         for (name, help, f) in gauges {
@@ -190,9 +241,14 @@ impl Collector for NodeCollector {
         family(
             &mut enc,
             "ringway_ready",
-            "1 when every shard listens and the node is not draining",
+            "1 when every shard listens, the node is not draining and Redis (if configured) is reachable",
             MetricType::Gauge,
-            [(none, ConstGauge::new(i64::from(node.is_ready())))],
+            [(
+                none,
+                ConstGauge::new(i64::from(
+                    node.is_ready() && node.backplane_problem().is_none(),
+                )),
+            )],
         )?;
         let info = vec![
             ("node", node.id.clone()),

@@ -6,7 +6,12 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when every shard listens; 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text format (`admin::metrics`) |
-//! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded |
+//! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded or Redis unavailable |
+//! | `POST /v1/send` | body `{"user":"U","data":…}` or `{"users":["U",…],"data":…}` → 200 `{"id":"…","online":N,"shards":K}` |
+//! | `GET /v1/nodes` | with Redis: the live nodes of the cluster, `{"nodes":[…]}` |
+//!
+//! With a backplane, publish and send go to Redis through a shard's command connection
+//! (one `PUBLISH`, or one `FCALL ringway_send` for any number of users).
 //!
 //! HTTP/1.1 with keep-alive; request bodies up to [`MAX_BODY`], with `Content-Length`
 //! (411 without it on POST, 501 for `Transfer-Encoding`).
@@ -26,6 +31,10 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+
+use crate::backplane::schema;
 use crate::broker;
 use crate::config::Config;
 use crate::protocol;
@@ -118,6 +127,7 @@ impl Response {
             405 => "Method Not Allowed",
             411 => "Length Required",
             413 => "Payload Too Large",
+            502 => "Bad Gateway",
             431 => "Request Header Fields Too Large",
             501 => "Not Implemented",
             503 => "Service Unavailable",
@@ -213,7 +223,7 @@ async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
             }
         }
         let body = &buf[head_len..head_len + content_length];
-        let response = route(&ctx, &method, &path, body);
+        let response = route(&ctx, &method, &path, body).await;
         buf.drain(..head_len + content_length);
         let (res, _) = stream.write_all(response.encode(keep_alive)).await;
         if res.is_err() || !keep_alive {
@@ -235,13 +245,16 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
     }
 }
 
-fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
+async fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     match (method, path) {
         ("GET", "/healthz") => Response::text(200, "ok\n"),
         ("GET", "/readyz") => {
             if ctx.node.is_ready() {
-                Response::text(200, "ready\n")
+                match ctx.node.backplane_problem() {
+                    None => Response::text(200, "ready\n"),
+                    Some(why) => Response::text(503, format!("{why}\n")),
+                }
             } else if ctx.node.is_draining() {
                 Response::text(503, "draining\n")
             } else {
@@ -253,8 +266,10 @@ fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
             r.content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
             r
         }
-        ("POST", "/v1/publish") => publish(ctx, body),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish") => {
+        ("POST", "/v1/publish") => publish(ctx, body).await,
+        ("POST", "/v1/send") => send(ctx, body).await,
+        ("GET", "/v1/nodes") => nodes(ctx).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish" | "/v1/send" | "/v1/nodes") => {
             Response::error(405, "method_not_allowed", "wrong method for this endpoint")
         }
         _ => Response::error(404, "not_found", "no such endpoint"),
@@ -269,7 +284,7 @@ struct PublishBody<'a> {
     data: Option<&'a RawValue>,
 }
 
-fn publish(ctx: &Ctx, body: &[u8]) -> Response {
+async fn publish(ctx: &Ctx, body: &[u8]) -> Response {
     let req: PublishBody<'_> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
@@ -284,8 +299,134 @@ fn publish(ctx: &Ctx, body: &[u8]) -> Response {
         return Response::error(400, "bad_topic", &m);
     }
     let data = req.data.unwrap_or(RawValue::NULL);
-    match broker::publish(&ctx.node, None, &req.topic, data) {
-        Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
-        Err(e) => Response::error(503, "overloaded", &e.to_string()),
+    if !ctx.node.backplane {
+        return match broker::publish(&ctx.node, None, &req.topic, data) {
+            Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
+            Err(e) => Response::error(503, "overloaded", &e.to_string()),
+        };
+    }
+    let id = ctx.node.next_message_id();
+    let args = vec![
+        Bytes::from_static(b"PUBLISH"),
+        Bytes::from(schema::topic_channel(&req.topic)),
+        Bytes::from(schema::topic_envelope(&id, data)),
+    ];
+    match ctx.node.redis(args, REDIS_TIMEOUT).await {
+        Ok(_) => {
+            ctx.node.published.inc();
+            Response::json(200, serde_json::json!({ "id": id }).to_string())
+        }
+        Err(e) => Response::error(503, "unavailable", &e),
+    }
+}
+
+/// Longest list of users one send may name.
+pub const MAX_SEND_USERS: usize = 1000;
+/// How long an API request waits for Redis.
+const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody<'a> {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    users: Option<Vec<String>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+async fn send(ctx: &Ctx, body: &[u8]) -> Response {
+    const FORM: &str =
+        "expected {\"user\":\"U\",\"data\":<JSON>} or {\"users\":[\"U\",…],\"data\":<JSON>}";
+    let req: SendBody<'_> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, "bad_json", &format!("{FORM}: {e}")),
+    };
+    let users = match (req.user, req.users) {
+        (Some(u), None) => vec![u],
+        (None, Some(us)) if !us.is_empty() => us,
+        _ => return Response::error(400, "bad_request", FORM),
+    };
+    if users.len() > MAX_SEND_USERS {
+        let m = format!("at most {MAX_SEND_USERS} users per request");
+        return Response::error(400, "bad_request", &m);
+    }
+    if let Some(bad) = users
+        .iter()
+        .find(|u| u.is_empty() || u.len() > crate::auth::MAX_USER_BYTES)
+    {
+        let m = format!(
+            "user ids are 1 to {} bytes: {bad:?}",
+            crate::auth::MAX_USER_BYTES
+        );
+        return Response::error(400, "bad_request", &m);
+    }
+    let data = req.data.unwrap_or(RawValue::NULL);
+    if !ctx.node.backplane {
+        return match broker::send(&ctx.node, &users, data) {
+            Ok(sent) => sent_response(&sent),
+            Err(e) => Response::error(503, "overloaded", &e.to_string()),
+        };
+    }
+    let id = ctx.node.next_message_id();
+    let mut args = Vec::with_capacity(users.len() + 5);
+    args.push(Bytes::from_static(b"FCALL"));
+    args.push(Bytes::from_static(b"ringway_send"));
+    args.push(Bytes::from(users.len().to_string()));
+    args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
+    args.push(Bytes::from(id.clone()));
+    args.push(Bytes::copy_from_slice(data.get().as_bytes()));
+    match ctx.node.redis(args, REDIS_TIMEOUT).await {
+        Ok(BytesFrame::Array(parts)) => match parts.as_slice() {
+            [BytesFrame::Integer(online), BytesFrame::Integer(shards), ..] => {
+                ctx.node.published.inc();
+                sent_response(&broker::Sent {
+                    id,
+                    online: *online as usize,
+                    shards: *shards as usize,
+                })
+            }
+            _ => Response::error(502, "bad_gateway", "unexpected reply from ringway_send"),
+        },
+        Ok(_) => Response::error(502, "bad_gateway", "unexpected reply from ringway_send"),
+        Err(e) => Response::error(503, "unavailable", &e),
+    }
+}
+
+fn sent_response(sent: &broker::Sent) -> Response {
+    let body = serde_json::json!({"id": sent.id, "online": sent.online, "shards": sent.shards});
+    Response::json(200, body.to_string())
+}
+
+/// The cluster's live nodes (by the registry in Redis, read with this host's clock).
+async fn nodes(ctx: &Ctx) -> Response {
+    if !ctx.node.backplane {
+        let body = serde_json::json!({ "nodes": [ctx.node.id] });
+        return Response::json(200, body.to_string());
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let args = vec![
+        Bytes::from_static(b"ZRANGE"),
+        Bytes::from_static(schema::NODES_KEY.as_bytes()),
+        Bytes::from(format!("({now_ms}")),
+        Bytes::from_static(b"+inf"),
+        Bytes::from_static(b"BYSCORE"),
+    ];
+    match ctx.node.redis(args, REDIS_TIMEOUT).await {
+        Ok(BytesFrame::Array(parts)) => {
+            let nodes: Vec<String> = parts
+                .iter()
+                .filter_map(|p| match p {
+                    BytesFrame::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                    _ => None,
+                })
+                .collect();
+            Response::json(200, serde_json::json!({ "nodes": nodes }).to_string())
+        }
+        Ok(_) => Response::error(502, "bad_gateway", "unexpected reply from ZRANGE"),
+        Err(e) => Response::error(503, "unavailable", &e),
     }
 }

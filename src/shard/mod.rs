@@ -10,6 +10,7 @@
 mod node;
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -22,6 +23,7 @@ use slab::Slab;
 
 pub use node::{start, Inbox, Node, RunningNode, ShardLink, StartError};
 
+use crate::backplane::{self, Backplane, RedisUrl};
 use crate::config::{Config, SlowConsumer};
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::registry::{ConnKey, Registry};
@@ -54,12 +56,22 @@ pub struct Shard {
     draining: Cell<bool>,
     stop_accepting: StopSignal,
     ping: Bytes,
+    /// Connections of each identified user on this shard.
+    pub users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
+    /// The Redis backplane, when configured.
+    pub backplane: Option<Backplane>,
 }
 
 impl Shard {
     fn new(index: usize, cfg: Arc<Config>, node: Arc<Node>) -> Self {
         let metrics = node.shards[index].metrics.clone();
         let welcome = crate::protocol::WelcomeTemplate::new(&node.id);
+        // The URL was checked by `Config::validate`.
+        let backplane = cfg
+            .redis
+            .as_deref()
+            .and_then(|u| RedisUrl::parse(u).ok())
+            .map(|url| Backplane::new(url, &node.id, index, &cfg, metrics.clone()));
         Self {
             index,
             cfg,
@@ -78,6 +90,8 @@ impl Shard {
             draining: Cell::new(false),
             stop_accepting: StopSignal::default(),
             ping: frame::server_frame(OpCode::Ping, b""),
+            users: RefCell::default(),
+            backplane,
         }
     }
 
@@ -90,8 +104,13 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Adds the connection on socket `fd`; returns its slab key and shared handle.
-    pub fn register(&self, fd: std::os::fd::RawFd) -> (ConnKey, Rc<ConnHandle>) {
+    /// Adds the connection on socket `fd` (of `user`, if identified); returns its slab
+    /// key and shared handle.
+    pub fn register(
+        &self,
+        fd: std::os::fd::RawFd,
+        user: Option<&Rc<str>>,
+    ) -> (ConnKey, Rc<ConnHandle>) {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
         let handle = Rc::new(ConnHandle::new(id, fd, self.now()));
@@ -99,12 +118,43 @@ impl Shard {
         self.metrics
             .connections
             .set(self.conns.borrow().len() as u64);
+        if let Some(user) = user {
+            self.users
+                .borrow_mut()
+                .entry(user.clone())
+                .or_default()
+                .push(key);
+            match &self.backplane {
+                Some(bp) => bp.user_online(user, id),
+                None => self.node.directory.add(user, self.index),
+            }
+        }
         (key, handle)
     }
 
-    /// Removes a connection and its subscriptions. Called exactly once per `register`.
-    pub fn unregister(&self, key: ConnKey, why: CloseReason) {
-        self.registry.borrow_mut().remove_conn(key);
+    /// Removes a connection, its subscriptions and its presence. Called exactly once
+    /// per `register`, with the same user.
+    pub fn unregister(&self, key: ConnKey, user: Option<&Rc<str>>, why: CloseReason) {
+        let emptied = self.registry.borrow_mut().remove_conn(key);
+        if let Some(bp) = &self.backplane {
+            for topic in emptied {
+                bp.topic_changed(topic);
+            }
+        }
+        if let Some(user) = user {
+            let mut users = self.users.borrow_mut();
+            if let Some(keys) = users.get_mut(user) {
+                keys.retain(|k| *k != key);
+                if keys.is_empty() {
+                    users.remove(user);
+                }
+            }
+            match (&self.backplane, self.conns.borrow().get(key)) {
+                (Some(bp), Some(conn)) => bp.user_offline(user, conn.id),
+                (Some(_), None) => {}
+                (None, _) => self.node.directory.remove(user, self.index),
+            }
+        }
         self.conns.borrow_mut().try_remove(key);
         self.metrics
             .connections
@@ -141,6 +191,57 @@ impl Shard {
         self.metrics.deliveries.add(queued);
         self.metrics.dropped.add(dropped);
         queued
+    }
+
+    /// Queues a direct message for every local connection of `user`; returns how many.
+    pub fn deliver_direct(&self, user: &str, id: &str, data: &serde_json::value::RawValue) -> u64 {
+        let users = self.users.borrow();
+        let Some(keys) = users.get(user) else {
+            return 0;
+        };
+        let frame = crate::protocol::direct(user, id, data);
+        let conns = self.conns.borrow();
+        let limit = self.cfg.outbound_queue_bytes;
+        let drop_when_full = self.cfg.slow_consumer == SlowConsumer::Drop;
+        let (mut queued, mut dropped) = (0, 0);
+        for key in keys {
+            let Some(conn) = conns.get(*key) else {
+                continue;
+            };
+            match conn.push(frame.clone(), limit, drop_when_full, &self.metrics) {
+                Push::Sent | Push::Queued => queued += 1,
+                Push::Dropped | Push::Closing => dropped += 1,
+            }
+        }
+        self.metrics.direct_deliveries.add(queued);
+        self.metrics.dropped.add(dropped);
+        queued
+    }
+
+    /// Handles one inbox message; false for `Drain`.
+    fn handle(&self, msg: Inbox) -> bool {
+        match msg {
+            Inbox::Publish { topic, frame } => {
+                self.deliver(&topic, &frame);
+            }
+            Inbox::Direct { users, id, data } => {
+                self.metrics.direct_received.inc();
+                for user in &users {
+                    self.deliver_direct(user, &id, &data);
+                }
+            }
+            Inbox::Redis { args, reply } => match &self.backplane {
+                Some(bp) => {
+                    let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+                    bp.command(&args, backplane::Reply::Remote(reply));
+                }
+                None => {
+                    let _ = reply.send(Err("no redis configured".into()));
+                }
+            },
+            Inbox::Drain => return false,
+        }
+        true
     }
 
     /// One sweep over all connections: pings, idle closes, stalled writes, close
@@ -222,20 +323,21 @@ async fn run(
     };
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(sweeper(shard.clone()));
+    if shard.backplane.is_some() {
+        monoio::spawn(backplane::run_subscriber(shard.clone()));
+        monoio::spawn(backplane::run_commands(shard.clone()));
+    }
     let _ = ready.send(Ok(()));
     let mut handled: usize = 0;
     while let Ok(msg) = inbox.recv_async().await {
-        match msg {
-            Inbox::Publish { topic, frame } => {
-                shard.deliver(&topic, &frame);
-            }
-            Inbox::Drain => break,
+        if !shard.handle(msg) {
+            break;
         }
         // Every batch, let connection tasks write (and the runtime reap their
         // completions), so a burst of publishes does not pile up in subscribers' queues
         // while the inbox is emptied.
         handled = handled.wrapping_add(1);
-        if handled % INBOX_BATCH == 0 {
+        if handled.is_multiple_of(INBOX_BATCH) {
             yield_now().await;
         }
     }
@@ -267,9 +369,9 @@ async fn run(
         if Instant::now() >= deadline {
             break;
         }
-        // Publishes that arrive during the drain still reach connections not yet closed.
-        while let Ok(Inbox::Publish { topic, frame }) = inbox.try_recv() {
-            shard.deliver(&topic, &frame);
+        // Messages that arrive during the drain still reach connections not yet closed.
+        while let Ok(msg) = inbox.try_recv() {
+            shard.handle(msg);
         }
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -280,6 +382,10 @@ async fn run(
             connections = left,
             "drain timeout: dropping remaining connections"
         );
+    }
+    if let Some(bp) = &shard.backplane {
+        // Presence removals of the closed connections, and the node's deregistration.
+        bp.finish(Duration::from_secs(2)).await;
     }
 }
 
@@ -351,7 +457,7 @@ const MIN_DRAIN_CLOSES_PER_TICK: usize = 10;
 const INBOX_BATCH: usize = 32;
 
 /// Lets every other ready task run, and the runtime submit and reap I/O, once.
-async fn yield_now() {
+pub(crate) async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {

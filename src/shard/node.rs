@@ -1,16 +1,22 @@
 //! The node: what all shards of one process share (its id, the shard inboxes, the
 //! message-id sequence) and the code that starts and stops the shard threads.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use bytes::Bytes as RawBytes;
+use serde_json::value::RawValue;
+
 use super::Shard;
+use crate::auth::Authenticator;
+use crate::backplane::RemoteReply;
 use crate::config::{Config, Driver};
 use crate::metrics::{Counter, ShardMetrics};
 
@@ -19,6 +25,18 @@ use crate::metrics::{Counter, ShardMetrics};
 pub enum Inbox {
     /// Deliver an already-framed topic message to local subscribers.
     Publish { topic: Arc<str>, frame: Bytes },
+    /// Deliver a direct message to these users' local connections (no backplane).
+    Direct {
+        users: Vec<Arc<str>>,
+        id: Arc<str>,
+        data: Arc<RawValue>,
+    },
+    /// Send a command on this shard's Redis command connection (the admin API's way
+    /// to Redis) and answer on `reply`.
+    Redis {
+        args: Vec<RawBytes>,
+        reply: RemoteReply,
+    },
     /// Stop accepting and close every connection with 1001.
     Drain,
 }
@@ -44,6 +62,65 @@ pub struct Node {
     draining: AtomicBool,
     /// Messages accepted for publishing (client or API).
     pub published: Counter,
+    /// Verifies client tokens.
+    pub auth: Authenticator,
+    /// Whether shards are joined to other nodes through Redis.
+    pub backplane: bool,
+    /// Which shards hold which users, for direct messages without a backplane.
+    pub directory: Directory,
+    /// Round robin over shards for admin requests to Redis.
+    next_shard: AtomicUsize,
+}
+
+/// Which shards of this node hold a connection of each user (single-node mode; with
+/// a backplane the presence directory in Redis does this).
+#[derive(Debug, Default)]
+pub struct Directory(Mutex<UserShards>);
+
+/// User → (shard, connections of the user on it).
+type UserShards = HashMap<Box<str>, Vec<(usize, u32)>>;
+
+impl Directory {
+    fn map(&self) -> std::sync::MutexGuard<'_, UserShards> {
+        // A panic elsewhere cannot leave this map half-updated: every update is one
+        // insert or remove.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn add(&self, user: &str, shard: usize) {
+        let mut map = self.map();
+        let shards = map.entry(user.into()).or_default();
+        match shards.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, n)) => *n += 1,
+            None => shards.push((shard, 1)),
+        }
+    }
+
+    pub fn remove(&self, user: &str, shard: usize) {
+        let mut map = self.map();
+        let Some(shards) = map.get_mut(user) else {
+            return;
+        };
+        if let Some(i) = shards.iter().position(|(s, _)| *s == shard) {
+            shards[i].1 -= 1;
+            if shards[i].1 == 0 {
+                shards.swap_remove(i);
+            }
+        }
+        if shards.is_empty() {
+            map.remove(user);
+        }
+    }
+
+    /// Shards holding `user`.
+    pub fn shards_of(&self, user: &str) -> Vec<usize> {
+        self.map()
+            .get(user)
+            .map(|s| s.iter().map(|(i, _)| *i).collect())
+            .unwrap_or_default()
+    }
 }
 
 impl Node {
@@ -64,6 +141,47 @@ impl Node {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
+
+    /// Why the backplane cannot serve, if it cannot: some shard has lost Redis.
+    pub fn backplane_problem(&self) -> Option<String> {
+        if !self.backplane {
+            return None;
+        }
+        let down: Vec<String> = self
+            .shards
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| {
+                l.metrics.redis_subscriber_up.get() == 0 || l.metrics.redis_commands_up.get() == 0
+            })
+            .map(|(i, _)| i.to_string())
+            .collect();
+        (!down.is_empty()).then(|| format!("redis unreachable from shard(s) {}", down.join(",")))
+    }
+
+    /// Sends a Redis command through a shard whose command connection is up and waits
+    /// for the reply (at most `limit`).
+    pub async fn redis(
+        &self,
+        args: Vec<RawBytes>,
+        limit: std::time::Duration,
+    ) -> Result<redis_protocol::resp2::types::BytesFrame, String> {
+        let n = self.shards.len();
+        let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
+        let link = (0..n)
+            .map(|i| &self.shards[(start + i) % n])
+            .find(|l| l.metrics.redis_commands_up.get() == 1)
+            .ok_or("redis unavailable")?;
+        let (tx, rx) = flume::bounded(1);
+        link.tx
+            .try_send(Inbox::Redis { args, reply: tx })
+            .map_err(|_| "gateway overloaded: shard inbox full")?;
+        match monoio::time::timeout(limit, rx.recv_async()).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(_)) => Err("shard stopped".into()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
+    }
 }
 
 /// Why the node could not start.
@@ -76,6 +194,8 @@ pub enum StartError {
     },
     #[error("driver io_uring requested but io_uring is not available (kernel, io_uring_disabled sysctl or seccomp); use --driver epoll")]
     NoUring,
+    #[error("{0}")]
+    Auth(#[from] crate::auth::KeyError),
     #[error("shard {shard} failed to start: {message}")]
     Shard { shard: usize, message: String },
 }
@@ -161,6 +281,10 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         published: Counter::default(),
+        auth: Authenticator::from_config(&cfg)?,
+        backplane: cfg.redis.is_some(),
+        directory: Directory::default(),
+        next_shard: AtomicUsize::new(0),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(count);

@@ -19,13 +19,15 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
 use super::frame::{self, OpCode};
-use super::handshake::{self, Endpoint, Parsed};
+use super::handshake::{self, Endpoint, Parsed, Refusal};
 use super::outbound::{CloseRequest, ConnHandle};
 use super::reader::{Event, Flow, ReadError, Reader};
+use crate::auth::Identity;
+use crate::backplane::Reply;
 use crate::broker;
 use crate::metrics::CloseReason;
 use crate::protocol::{self, ErrorCode, Op};
-use crate::registry::{ConnKey, SubscribeError};
+use crate::registry::{Change, ConnKey, SubscribeError};
 use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
@@ -42,7 +44,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         return;
     };
     let why = conn.run().await;
-    conn.s.shard.unregister(conn.s.key, why);
+    conn.s
+        .shard
+        .unregister(conn.s.key, conn.s.user.as_ref(), why);
 }
 
 /// Runs the handshake under its timeout, registers the connection and sends the 101
@@ -50,7 +54,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     let _ = stream.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg.handshake_timeout_ms);
-    let (endpoint, accept, leftover) =
+    let (upgrade, user, leftover) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
             Ok(u) => u?,
             Err(_) => {
@@ -58,8 +62,9 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
                 return None;
             }
         };
+    let endpoint = upgrade.endpoint;
     let fd = stream.as_raw_fd();
-    let (key, handle) = shard.register(fd);
+    let (key, handle) = shard.register(fd, user.as_ref());
     // The 101 response and the welcome frame leave in one send, built in the shard's
     // buffer; what the socket does not take goes through the connection's queue like
     // any other frame.
@@ -67,7 +72,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         let m = &shard.metrics;
         let mut out = shard.response.borrow_mut();
         out.clear();
-        handshake::write_switching_protocols(&mut out, &accept);
+        handshake::write_switching_protocols(&mut out, &upgrade.accept, upgrade.subprotocol);
         let welcome = endpoint == Endpoint::Gateway;
         if welcome {
             shard.welcome.write(&mut out, shard.index, handle.id);
@@ -77,7 +82,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
             Err(_) => {
                 drop(out);
-                shard.unregister(key, CloseReason::IoError);
+                shard.unregister(key, user.as_ref(), CloseReason::IoError);
                 return None;
             }
         };
@@ -111,14 +116,18 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
             endpoint,
             state: State::Open,
             why: None,
+            user,
         },
     })
 }
 
-/// Reads the upgrade request; answers a refusal itself. Returns the endpoint, the
-/// `Sec-WebSocket-Accept` value and any bytes pipelined behind the request; `None` when
-/// refused or abandoned.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, String, Vec<u8>)> {
+/// Reads the upgrade request and identifies the client; answers a refusal itself.
+/// Returns the upgrade, the user (if identified) and any bytes pipelined behind the
+/// request; `None` when refused or abandoned.
+async fn handshake(
+    shard: &Shard,
+    stream: &mut TcpStream,
+) -> Option<(handshake::Upgrade, Option<Rc<str>>, Vec<u8>)> {
     let cfg = &shard.cfg;
     let fd = stream.as_raw_fd();
     let mut buf = Vec::new();
@@ -145,15 +154,22 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<(Endpoint, S
         }
         let refusal = match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo) {
             Ok(Parsed::Partial) => continue,
-            Ok(Parsed::Upgrade(u)) => {
-                // Frames pipelined behind the request, if any; no allocation otherwise.
-                let leftover = if buf.len() > u.request_len {
-                    buf[u.request_len..].to_vec()
-                } else {
-                    Vec::new()
-                };
-                return Some((u.endpoint, u.accept, leftover));
-            }
+            Ok(Parsed::Upgrade(u)) => match shard.node.auth.identify(u.token.as_deref()) {
+                Ok(identity) => {
+                    // Frames pipelined behind the request, if any; no allocation otherwise.
+                    let leftover = if buf.len() > u.request_len {
+                        buf[u.request_len..].to_vec()
+                    } else {
+                        Vec::new()
+                    };
+                    let user = match identity {
+                        Identity::User(u) => Some(Rc::from(&*u)),
+                        Identity::Anonymous => None,
+                    };
+                    return Some((u, user, leftover));
+                }
+                Err(e) => Refusal::Unauthorized(e),
+            },
             Err(r) => r,
         };
         shard.metrics.refused(refusal).inc();
@@ -193,6 +209,8 @@ struct Session {
     endpoint: Endpoint,
     state: State,
     why: Option<CloseReason>,
+    /// The user id from the client's token; `None` for anonymous clients.
+    user: Option<Rc<str>>,
 }
 
 // === impl Conn ===
@@ -412,7 +430,18 @@ impl Session {
                         .subscribe(self.key, &topic, cfg.max_subscriptions);
                 shard.update_registry_gauges();
                 match added {
-                    Ok(_) => self.reply(protocol::ack("subscribed", &topic, reference)),
+                    Ok(_) => {
+                        let ack = protocol::ack("subscribed", &topic, reference);
+                        // With a backplane, the reply waits until Redis has the
+                        // subscription, so nothing published after it is missed.
+                        let ack = match &shard.backplane {
+                            Some(bp) => bp.subscribed(&topic, &self.handle, ack),
+                            None => Some(ack),
+                        };
+                        if let Some(ack) = ack {
+                            self.reply(ack);
+                        }
+                    }
                     Err(SubscribeError::TooMany) => {
                         let msg = format!(
                             "at most {} subscriptions per connection",
@@ -423,7 +452,10 @@ impl Session {
                 }
             }
             Op::Unsubscribe { topic } => {
-                shard.registry.borrow_mut().unsubscribe(self.key, &topic);
+                let change = shard.registry.borrow_mut().unsubscribe(self.key, &topic);
+                if let (Some(bp), Change::TopicEdge) = (&shard.backplane, change) {
+                    bp.topic_changed(Rc::from(&*topic));
+                }
                 shard.update_registry_gauges();
                 self.reply(protocol::ack("unsubscribed", &topic, reference));
             }
@@ -434,6 +466,18 @@ impl Session {
                         "client publishing is disabled on this gateway",
                         reference,
                     );
+                }
+                if let Some(bp) = &shard.backplane {
+                    let id = shard.node.next_message_id();
+                    shard.node.published.inc();
+                    let ok = reference.map(|r| protocol::published(&topic, &id, Some(r)));
+                    let reply = Reply::Publish {
+                        conn: Rc::downgrade(&self.handle),
+                        ok,
+                        reference: reference.map(|r| r.to_owned()),
+                    };
+                    bp.publish(&topic, &id, data, reply);
+                    return;
                 }
                 match broker::publish(&shard.node, Some(&shard), &topic, data) {
                     Ok(id) => {

@@ -9,8 +9,15 @@
 //! | 405 | a method other than GET |
 //! | 426 | no `Upgrade: websocket`, or `Sec-WebSocket-Version` other than 13 |
 //! | 431 | headers larger than the limit, or too many of them |
+//! | 401 | a missing, forged or expired token (decided by `auth`, answered here) |
+//!
+//! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
+//! `Sec-WebSocket-Protocol` entry `bearer.<token>`, or the query parameter `token`.
+//! When the client offers the subprotocol `ringway.v1`, the response selects it.
 
 use base64::Engine as _;
+
+use crate::auth::AuthError;
 
 /// Which endpoint the client asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +36,14 @@ pub struct Upgrade {
     pub accept: String,
     /// Bytes of the request (headers included); anything after them is frame data.
     pub request_len: usize,
+    /// The client's token, if it sent one.
+    pub token: Option<String>,
+    /// The client offered the `ringway.v1` subprotocol.
+    pub subprotocol: bool,
 }
+
+/// The subprotocol name clients may offer (and which is then selected).
+pub const SUBPROTOCOL: &str = "ringway.v1";
 
 /// Why an upgrade was refused; each has an HTTP status and a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -55,11 +69,13 @@ pub enum Refusal {
     NotFound,
     #[error("request headers too large")]
     HeadersTooLarge,
+    #[error("{0}")]
+    Unauthorized(AuthError),
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -70,6 +86,7 @@ impl Refusal {
         Self::BadKey,
         Self::NotFound,
         Self::HeadersTooLarge,
+        Self::Unauthorized(AuthError::Missing),
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -78,6 +95,7 @@ impl Refusal {
             Self::NotFound => (404, "Not Found"),
             Self::NotUpgrade | Self::WsVersion => (426, "Upgrade Required"),
             Self::HeadersTooLarge => (431, "Request Header Fields Too Large"),
+            Self::Unauthorized(_) => (401, "Unauthorized"),
             _ => (400, "Bad Request"),
         }
     }
@@ -95,6 +113,7 @@ impl Refusal {
             Self::BadKey => "bad_key",
             Self::NotFound => "not_found",
             Self::HeadersTooLarge => "headers_too_large",
+            Self::Unauthorized(_) => "unauthorized",
         }
     }
 
@@ -106,6 +125,7 @@ impl Refusal {
             Self::BadMethod => "Allow: GET\r\n",
             Self::NotUpgrade => "Upgrade: websocket\r\nConnection: Upgrade\r\n",
             Self::WsVersion => "Sec-WebSocket-Version: 13\r\n",
+            Self::Unauthorized(_) => "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
             _ => "",
         };
         format!(
@@ -184,10 +204,46 @@ pub fn parse(buf: &[u8], max_bytes: usize, echo: bool) -> Result<Parsed, Refusal
         Ok(raw) if raw.len() == 16 => {}
         _ => return Err(Refusal::BadKey),
     }
+    let mut token = header("authorization")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| rest.trim().to_owned())
+        });
+    let mut subprotocol = false;
+    for h in req.headers.iter() {
+        if !h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
+            continue;
+        }
+        for entry in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if entry == SUBPROTOCOL.as_bytes() {
+                subprotocol = true;
+            } else if let Some(t) = entry.strip_prefix(b"bearer.") {
+                if token.is_none() {
+                    token = std::str::from_utf8(t).ok().map(str::to_owned);
+                }
+            }
+        }
+    }
+    if token.is_none() {
+        token = req
+            .path
+            .and_then(|p| p.split_once('?'))
+            .and_then(|(_, query)| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("token="))
+                    .map(str::to_owned)
+            });
+    }
     Ok(Parsed::Upgrade(Upgrade {
         endpoint,
         accept: accept_key(key),
         request_len: len,
+        token: token.filter(|t| !t.is_empty()),
+        subprotocol,
     }))
 }
 
@@ -200,9 +256,13 @@ pub fn accept_key(key: &[u8]) -> String {
 }
 
 /// Appends the 101 response to `out` (no allocation when `out` has room).
-pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str) {
+pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str, subprotocol: bool) {
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
     out.extend_from_slice(accept.as_bytes());
+    if subprotocol {
+        out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
+        out.extend_from_slice(SUBPROTOCOL.as_bytes());
+    }
     out.extend_from_slice(b"\r\n\r\n");
 }
 
@@ -282,6 +342,33 @@ mod tests {
             parse(b"\x00\x01garbage\r\n\r\n", 8192, false),
             Err(Refusal::Malformed)
         );
+    }
+
+    fn token_of(from: &str, to: &str) -> (Option<String>, bool) {
+        match with(from, to) {
+            Ok(Parsed::Upgrade(u)) => (u.token, u.subprotocol),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn token_from_header_subprotocol_or_query() {
+        assert_eq!(token_of("", ""), (None, false));
+        let bearer = token_of("Host: x\r\n", "Host: x\r\nAuthorization: Bearer a.b.c\r\n");
+        assert_eq!(bearer, (Some("a.b.c".into()), false));
+        let proto = token_of(
+            "Host: x\r\n",
+            "Host: x\r\nSec-WebSocket-Protocol: ringway.v1, bearer.d.e.f\r\n",
+        );
+        assert_eq!(proto, (Some("d.e.f".into()), true));
+        let query = token_of("/ws", "/ws?x=1&token=g.h.i");
+        assert_eq!(query, (Some("g.h.i".into()), false));
+        // The header wins over the query.
+        let both = token_of(
+            "GET /ws HTTP/1.1\r\nHost: x\r\n",
+            "GET /ws?token=q HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer h\r\n",
+        );
+        assert_eq!(both.0.as_deref(), Some("h"));
     }
 
     #[test]

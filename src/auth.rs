@@ -1,0 +1,214 @@
+//! Client identity: verifies the JWT a client presents at the upgrade and yields its
+//! user id (`sub`). Keys come from `jwt_secret` (HS256) or `jwt_key` (a PEM public key:
+//! RSA for RS256, Ed25519 for EdDSA, P-256 for ES256). With neither configured every
+//! client is anonymous. `exp` and `nbf` are checked when present (60 s leeway); `sub` is
+//! required.
+
+use std::sync::Arc;
+
+use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::config::Config;
+
+/// Why a client was refused at the upgrade (HTTP 401, this text in the body).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required (Authorization: Bearer, Sec-WebSocket-Protocol bearer.<token>, or ?token=)")]
+    Missing,
+    #[error("token expired")]
+    Expired,
+    #[error("token not valid yet")]
+    NotYetValid,
+    #[error("token signature does not verify")]
+    BadSignature,
+    #[error("token algorithm not accepted")]
+    WrongAlgorithm,
+    #[error("token has no `sub` (user id)")]
+    NoSubject,
+    #[error("malformed token")]
+    Malformed,
+}
+
+/// Who a connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    User(Arc<str>),
+}
+
+/// Why the configured key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read jwt_key {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("jwt_key {path}: not an RSA, Ed25519 or P-256 public key in PEM form")]
+    Pem { path: String },
+}
+
+/// Verifies tokens; shared by every shard.
+pub struct Authenticator {
+    key: Option<(DecodingKey, Validation)>,
+    allow_anonymous: bool,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("enabled", &self.key.is_some())
+            .field("allow_anonymous", &self.allow_anonymous)
+            .finish()
+    }
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+}
+
+impl Authenticator {
+    /// Builds the verifier from the configuration (reads the PEM file).
+    pub fn from_config(cfg: &Config) -> Result<Self, KeyError> {
+        let key = if let Some(secret) = &cfg.jwt_secret {
+            Some((
+                DecodingKey::from_secret(secret.as_bytes()),
+                validation(&[Algorithm::HS256]),
+            ))
+        } else if let Some(path) = &cfg.jwt_key {
+            let shown = path.display().to_string();
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: shown.clone(),
+                source,
+            })?;
+            type Parse = fn(&[u8]) -> jsonwebtoken::errors::Result<DecodingKey>;
+            let attempts: [(Parse, &[Algorithm]); 3] = [
+                (DecodingKey::from_rsa_pem, &[Algorithm::RS256]),
+                (DecodingKey::from_ed_pem, &[Algorithm::EdDSA]),
+                (DecodingKey::from_ec_pem, &[Algorithm::ES256]),
+            ];
+            let found = attempts
+                .iter()
+                .find_map(|(parse, algs)| parse(&pem).ok().map(|k| (k, validation(algs))));
+            Some(found.ok_or(KeyError::Pem { path: shown })?)
+        } else {
+            None
+        };
+        Ok(Self {
+            key,
+            allow_anonymous: cfg.allow_anonymous,
+        })
+    }
+
+    /// Whether tokens are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.key.is_some()
+    }
+
+    /// Who presents `token` (`None`: no token was sent).
+    pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        let Some((key, validation)) = &self.key else {
+            return Ok(Identity::Anonymous);
+        };
+        let Some(token) = token else {
+            return if self.allow_anonymous {
+                Ok(Identity::Anonymous)
+            } else {
+                Err(AuthError::Missing)
+            };
+        };
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::WrongAlgorithm
+                }
+                ErrorKind::MissingRequiredClaim(_) => AuthError::NoSubject,
+                _ => AuthError::Malformed,
+            })?;
+        match data.claims.sub {
+            Some(sub) if !sub.is_empty() && sub.len() <= MAX_USER_BYTES => {
+                Ok(Identity::User(Arc::from(sub)))
+            }
+            _ => Err(AuthError::NoSubject),
+        }
+    }
+}
+
+/// Longest user id accepted (it becomes part of Redis keys and every direct frame).
+pub const MAX_USER_BYTES: usize = 256;
+
+fn validation(algs: &[Algorithm]) -> Validation {
+    let mut v = Validation::new(algs[0]);
+    v.algorithms = algs.to_vec();
+    v.set_required_spec_claims(&["sub"]);
+    v.validate_exp = true;
+    v.validate_nbf = true;
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{encode, EncodingKey, Header};
+
+    fn hs(secret: &str) -> Authenticator {
+        let cfg = Config {
+            jwt_secret: Some(secret.into()),
+            ..Config::default()
+        };
+        Authenticator::from_config(&cfg).unwrap()
+    }
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    #[test]
+    fn valid_expired_forged_missing() {
+        let a = hs("0123456789abcdef0123");
+        let ok = token(
+            "0123456789abcdef0123",
+            serde_json::json!({"sub": "u1", "exp": now() + 60}),
+        );
+        assert_eq!(a.identify(Some(&ok)), Ok(Identity::User("u1".into())));
+        let old = token(
+            "0123456789abcdef0123",
+            serde_json::json!({"sub": "u1", "exp": now() - 3600}),
+        );
+        assert_eq!(a.identify(Some(&old)), Err(AuthError::Expired));
+        let forged = token("another-secret-entirely", serde_json::json!({"sub": "u1"}));
+        assert_eq!(a.identify(Some(&forged)), Err(AuthError::BadSignature));
+        assert_eq!(a.identify(None), Err(AuthError::Missing));
+        assert_eq!(a.identify(Some("garbage")), Err(AuthError::Malformed));
+        let nosub = token(
+            "0123456789abcdef0123",
+            serde_json::json!({"exp": now() + 60}),
+        );
+        assert_eq!(a.identify(Some(&nosub)), Err(AuthError::NoSubject));
+    }
+
+    #[test]
+    fn without_a_key_everyone_is_anonymous() {
+        let a = Authenticator::from_config(&Config::default()).unwrap();
+        assert!(!a.enabled());
+        assert_eq!(a.identify(Some("anything")), Ok(Identity::Anonymous));
+    }
+}

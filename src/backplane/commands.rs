@@ -1,0 +1,249 @@
+//! The command connection of one shard: one pipelined Redis connection for publishes,
+//! presence and the node registry, and for requests forwarded by the admin API.
+//!
+//! Every write carries everything queued since the last one; replies come back in
+//! order and are matched to their handlers (`Reply`). Presence is never one command
+//! per connection: connects and disconnects since the last write go out as one
+//! `ringway_presence_set` / `ringway_presence_del` call each, and the heartbeat (every
+//! third of the TTL) refreshes all of the shard's users in calls of `BATCH` entries.
+//! Shard 0 also keeps the node's entry in the node registry alive.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+
+use super::link::{self, Link, LinkError};
+use super::schema;
+use super::{Backoff, Backplane, Command, Reply, BATCH, CONNECT_TIMEOUT};
+use crate::shard::Shard;
+
+/// Runs for the life of the shard, or until `Backplane::finish` has been served.
+pub async fn run(shard: Rc<Shard>) {
+    let Some(bp) = shard.backplane.as_ref() else {
+        return;
+    };
+    let m = &shard.metrics;
+    let mut backoff = Backoff::new(shard.index as u64 * 2 + 2);
+    let mut outage: Option<Instant> = None;
+    let mut in_flight: VecDeque<Reply> = VecDeque::new();
+    loop {
+        if bp.stopping.get() {
+            break;
+        }
+        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
+            Ok(link) => {
+                backoff.reset();
+                if let Some(since) = outage.take() {
+                    tracing::info!(
+                        shard = shard.index,
+                        down_ms = since.elapsed().as_millis() as u64,
+                        "redis command connection restored; re-registering presence"
+                    );
+                }
+                bp.cmd_up.set(true);
+                m.redis_commands_up.set(1);
+                let end = serve(&shard, bp, link, &mut in_flight).await;
+                bp.cmd_up.set(false);
+                m.redis_commands_up.set(0);
+                fail_all(bp, &mut in_flight);
+                match end {
+                    Ok(()) => break,
+                    Err(e) => {
+                        m.redis_reconnects.inc();
+                        tracing::warn!(shard = shard.index, error = %e, "redis command connection lost");
+                        outage = Some(Instant::now());
+                    }
+                }
+            }
+            Err(e) => {
+                if outage.is_none() {
+                    tracing::warn!(shard = shard.index, error = %e, "cannot reach redis (commands); retrying with backoff");
+                    outage = Some(Instant::now());
+                }
+            }
+        }
+        monoio::time::sleep(backoff.next_delay()).await;
+    }
+    bp.finished.set(true);
+}
+
+/// Fails every command written or queued: their callers learn now, not never.
+fn fail_all(bp: &Backplane, in_flight: &mut VecDeque<Reply>) {
+    let queued: Vec<Command> = bp.queue.borrow_mut().drain(..).collect();
+    for reply in in_flight
+        .drain(..)
+        .chain(queued.into_iter().map(|c| c.reply))
+    {
+        bp.complete(reply, Err("redis connection lost".into()));
+    }
+    bp.in_flight.set(0);
+}
+
+/// Serves one connection. `Ok` once the shard is stopping and everything is answered.
+async fn serve(
+    shard: &Shard,
+    bp: &Backplane,
+    mut link: Link,
+    in_flight: &mut VecDeque<Reply>,
+) -> Result<(), LinkError> {
+    let heartbeat_every = (bp.presence_ttl / 3).max(Duration::from_secs(1));
+    // On every (re)connect: load the functions first, then register everything anew.
+    bp.queue.borrow_mut().push_front(Command {
+        bytes: {
+            let mut b = BytesMut::new();
+            link::encode(
+                &mut b,
+                &[b"FUNCTION", b"LOAD", b"REPLACE", schema::LIBRARY.as_bytes()],
+            );
+            b.freeze()
+        },
+        reply: Reply::Ignore("FUNCTION LOAD (needs Redis >= 7.0)"),
+    });
+    // The full heartbeat below covers connections added while Redis was away;
+    // removals are kept so entries of connections that closed meanwhile are deleted.
+    bp.presence_added.borrow_mut().clear();
+    let mut next_heartbeat = Instant::now();
+    let mut deregistered = false;
+    loop {
+        let now = Instant::now();
+        if now >= next_heartbeat && !bp.stopping.get() {
+            queue_heartbeat(shard, bp);
+            next_heartbeat = now + heartbeat_every;
+        }
+        queue_presence_changes(shard, bp);
+        if bp.stopping.get() && !deregistered {
+            deregistered = true;
+            if shard.index == 0 {
+                let node = &shard.node.id;
+                let node_key = format!("{}{node}", schema::NODE_PREFIX);
+                let args: [&[u8]; 6] = [
+                    b"FCALL",
+                    b"ringway_node_gone",
+                    b"2",
+                    schema::NODES_KEY.as_bytes(),
+                    node_key.as_bytes(),
+                    node.as_bytes(),
+                ];
+                bp.command(&args, Reply::Ignore("ringway_node_gone"));
+            }
+        }
+        let batch: Vec<Command> = bp.queue.borrow_mut().drain(..).collect();
+        if !batch.is_empty() {
+            let mut out = BytesMut::with_capacity(batch.iter().map(|c| c.bytes.len()).sum());
+            for c in batch {
+                out.extend_from_slice(&c.bytes);
+                in_flight.push_back(c.reply);
+                shard.metrics.redis_commands.inc();
+            }
+            bp.in_flight.set(in_flight.len());
+            link.write(out.freeze()).await?;
+        }
+        while let Some(frame) = link.next_buffered()? {
+            let Some(reply) = in_flight.pop_front() else {
+                return Err(LinkError::Protocol("reply without a command".into()));
+            };
+            bp.complete(reply, Ok(frame));
+        }
+        bp.in_flight.set(in_flight.len());
+        if deregistered && in_flight.is_empty() && bp.queue.borrow().is_empty() {
+            return Ok(());
+        }
+        if !bp.queue.borrow().is_empty() {
+            continue;
+        }
+        let sleep = next_heartbeat.saturating_duration_since(Instant::now());
+        let readable = monoio::select! {
+            r = link.readable() => Some(r),
+            _ = bp.cmd_wake.woken() => None,
+            _ = monoio::time::sleep(sleep) => None,
+        };
+        if let Some(r) = readable {
+            r?;
+            link.fill()?;
+        }
+    }
+}
+
+/// Every user of this shard, refreshed in calls of `BATCH` entries; and, on shard 0,
+/// the node's registry entry.
+fn queue_heartbeat(shard: &Shard, bp: &Backplane) {
+    let ttl_ms = bp.presence_ttl.as_millis().to_string();
+    let entries: Vec<(Rc<str>, u64)> = {
+        let users = shard.users.borrow();
+        let conns = shard.conns.borrow();
+        users
+            .iter()
+            .flat_map(|(user, keys)| {
+                keys.iter()
+                    .filter_map(|k| conns.get(*k).map(|c| (user.clone(), c.id)))
+            })
+            .collect()
+    };
+    shard.metrics.presence_entries.set(entries.len() as u64);
+    for chunk in entries.chunks(BATCH) {
+        presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
+    }
+    if shard.index == 0 {
+        let node = &shard.node.id;
+        let node_key = format!("{}{node}", schema::NODE_PREFIX);
+        let info = serde_json::json!({
+            "node": node,
+            "shards": shard.node.shards.len(),
+            "listen": shard.node.listen.to_string(),
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+        .to_string();
+        let args: [&[u8]; 8] = [
+            b"FCALL",
+            b"ringway_node_alive",
+            b"2",
+            schema::NODES_KEY.as_bytes(),
+            node_key.as_bytes(),
+            ttl_ms.as_bytes(),
+            node.as_bytes(),
+            info.as_bytes(),
+        ];
+        bp.command(&args, Reply::Ignore("ringway_node_alive"));
+    }
+}
+
+/// Connects and disconnects since the last write, one call each per `BATCH`.
+fn queue_presence_changes(shard: &Shard, bp: &Backplane) {
+    let added = std::mem::take(&mut *bp.presence_added.borrow_mut());
+    let removed = std::mem::take(&mut *bp.presence_removed.borrow_mut());
+    if !added.is_empty() {
+        let ttl_ms = bp.presence_ttl.as_millis().to_string();
+        for chunk in added.chunks(BATCH) {
+            presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
+        }
+    }
+    for chunk in removed.chunks(BATCH) {
+        presence_call(shard, bp, "ringway_presence_del", None, chunk);
+    }
+}
+
+/// `FCALL <function> n user-keys… [ttl] members…`
+fn presence_call(
+    shard: &Shard,
+    bp: &Backplane,
+    function: &'static str,
+    ttl_ms: Option<&str>,
+    entries: &[(Rc<str>, u64)],
+) {
+    let keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
+    let members: Vec<String> = entries
+        .iter()
+        .map(|(_, conn)| schema::presence_member(&shard.node.id, shard.index, *conn))
+        .collect();
+    let count = entries.len().to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * entries.len());
+    args.extend([b"FCALL".as_slice(), function.as_bytes(), count.as_bytes()]);
+    args.extend(keys.iter().map(|k| k.as_bytes()));
+    if let Some(ttl) = ttl_ms {
+        args.push(ttl.as_bytes());
+    }
+    args.extend(members.iter().map(|m| m.as_bytes()));
+    bp.command(&args, Reply::Ignore(function));
+}

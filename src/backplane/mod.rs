@@ -1,0 +1,374 @@
+//! The Redis backplane of one shard: what joins nodes into a cluster.
+//!
+//! Every shard has two Redis connections of its own, each run by one task on the
+//! shard's runtime:
+//! - **subscriber** (`subscriber`): SUBSCRIBEs to a topic's channel when its first local
+//!   subscriber arrives and UNSUBSCRIBEs when its last leaves, batching every change made
+//!   since its last write into one command; also listens on the shard's direct channel.
+//!   A client's `subscribed` reply waits for Redis to confirm the subscription, so a
+//!   message published after it is never missed.
+//! - **commands** (`commands`): pipelines publishes, presence changes and heartbeats,
+//!   and requests from the admin API; replies are matched in order.
+//!
+//! Both reconnect with exponential backoff and jitter, then restore their state:
+//! every topic is resubscribed and every user's presence re-registered. Until then the
+//! shard keeps serving its own connections. The schema is in `schema`.
+
+mod commands;
+pub mod link;
+pub mod schema;
+mod subscriber;
+mod url;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+use serde_json::value::RawValue;
+
+pub use commands::run as run_commands;
+pub use subscriber::run as run_subscriber;
+pub use url::{RedisUrl, UrlError};
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::protocol::{self, ErrorCode};
+use crate::ws::outbound::ConnHandle;
+
+/// Time allowed for connecting to Redis (and AUTH/SELECT).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Channels or presence entries per command, so one command never blocks Redis long.
+const BATCH: usize = 512;
+
+/// The answer to a request forwarded from another thread.
+pub type RemoteReply = flume::Sender<Result<BytesFrame, String>>;
+
+/// What to do with a command's reply.
+pub enum Reply {
+    /// Nothing; an error is logged under this name.
+    Ignore(&'static str),
+    /// A client's publish: send `ok` (if any) on success, an error frame on failure.
+    Publish {
+        conn: Weak<ConnHandle>,
+        ok: Option<Bytes>,
+        reference: Option<Box<RawValue>>,
+    },
+    /// A request from another thread (the admin API).
+    Remote(RemoteReply),
+}
+
+struct Command {
+    bytes: Bytes,
+    reply: Reply,
+}
+
+/// Where a topic's Redis subscription stands on the current connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    Sent,
+    Confirmed,
+}
+
+/// A `subscribed` reply waiting for Redis to confirm the subscription.
+struct PendingAck {
+    conn: Weak<ConnHandle>,
+    frame: Bytes,
+}
+
+/// One shard's backplane state.
+pub struct Backplane {
+    pub url: RedisUrl,
+    /// This shard's direct-message channel.
+    pub direct_channel: String,
+    presence_ttl: Duration,
+    topics: RefCell<HashMap<Rc<str>, SubState>>,
+    dirty: RefCell<Vec<Rc<str>>>,
+    acks: RefCell<HashMap<Rc<str>, Vec<PendingAck>>>,
+    sub_wake: Wake,
+    queue: RefCell<VecDeque<Command>>,
+    /// Commands written and not yet answered.
+    in_flight: Cell<usize>,
+    cmd_wake: Wake,
+    /// Presence entries (user, connection id) to add or remove at the next write.
+    presence_added: RefCell<Vec<(Rc<str>, u64)>>,
+    presence_removed: RefCell<Vec<(Rc<str>, u64)>>,
+    cmd_up: Cell<bool>,
+    stopping: Cell<bool>,
+    finished: Cell<bool>,
+    last_warn: Cell<Option<std::time::Instant>>,
+    /// Outbound queue limit for replies, and the shard's counters.
+    reply_limit: usize,
+    metrics: Arc<ShardMetrics>,
+}
+
+impl Backplane {
+    pub fn new(
+        url: RedisUrl,
+        node: &str,
+        shard: usize,
+        cfg: &Config,
+        metrics: Arc<ShardMetrics>,
+    ) -> Self {
+        Self {
+            url,
+            reply_limit: cfg.outbound_queue_bytes,
+            metrics,
+            direct_channel: schema::shard_channel(node, shard),
+            presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
+            topics: RefCell::default(),
+            dirty: RefCell::default(),
+            acks: RefCell::default(),
+            sub_wake: Wake::default(),
+            queue: RefCell::default(),
+            in_flight: Cell::new(0),
+            cmd_wake: Wake::default(),
+            presence_added: RefCell::default(),
+            presence_removed: RefCell::default(),
+            cmd_up: Cell::new(false),
+            stopping: Cell::new(false),
+            finished: Cell::new(false),
+            last_warn: Cell::new(None),
+        }
+    }
+
+    /// A connection subscribed to `topic`: the reply `ack` goes out once Redis has the
+    /// subscription (at once if it already has).
+    pub fn subscribed(&self, topic: &str, conn: &Rc<ConnHandle>, ack: Bytes) -> Option<Bytes> {
+        if self.topics.borrow().get(topic) == Some(&SubState::Confirmed) {
+            return Some(ack);
+        }
+        let topic: Rc<str> = Rc::from(topic);
+        self.acks
+            .borrow_mut()
+            .entry(topic.clone())
+            .or_default()
+            .push(PendingAck {
+                conn: Rc::downgrade(conn),
+                frame: ack,
+            });
+        self.topic_changed(topic);
+        None
+    }
+
+    /// A topic gained its first or lost its last local subscriber.
+    pub fn topic_changed(&self, topic: Rc<str>) {
+        self.dirty.borrow_mut().push(topic);
+        self.sub_wake.wake();
+    }
+
+    /// Publishes a topic message through Redis.
+    pub fn publish(&self, topic: &str, id: &str, data: &RawValue, reply: Reply) {
+        let channel = schema::topic_channel(topic);
+        let envelope = schema::topic_envelope(id, data);
+        self.command(&[b"PUBLISH", channel.as_bytes(), &envelope], reply);
+    }
+
+    /// Queues one command; fails it at once while Redis is unreachable.
+    pub fn command(&self, args: &[&[u8]], reply: Reply) {
+        if !self.cmd_up.get() {
+            self.complete(reply, Err("redis unavailable".into()));
+            return;
+        }
+        let mut buf = BytesMut::new();
+        link::encode(&mut buf, args);
+        self.queue.borrow_mut().push_back(Command {
+            bytes: buf.freeze(),
+            reply,
+        });
+        self.cmd_wake.wake();
+    }
+
+    /// A connection of `user` opened on this shard.
+    pub fn user_online(&self, user: &Rc<str>, conn: u64) {
+        self.presence_added.borrow_mut().push((user.clone(), conn));
+        self.cmd_wake.wake();
+    }
+
+    /// A connection of `user` closed.
+    pub fn user_offline(&self, user: &Rc<str>, conn: u64) {
+        self.presence_removed
+            .borrow_mut()
+            .push((user.clone(), conn));
+        self.cmd_wake.wake();
+    }
+
+    pub fn commands_up(&self) -> bool {
+        self.cmd_up.get()
+    }
+
+    /// Asks the command task to deregister the node and send the last presence
+    /// removals; returns once Redis has answered them, at once while Redis is away, or
+    /// after `limit`.
+    pub async fn finish(&self, limit: Duration) {
+        self.stopping.set(true);
+        self.cmd_wake.wake();
+        let deadline = std::time::Instant::now() + limit;
+        while self.cmd_up.get() && !self.finished.get() && std::time::Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A payload on a ringway channel that is not what the schema says: counted, and
+    /// logged at most every 10 s.
+    fn bad_message(&self, m: &ShardMetrics, channel: &str, e: &serde_json::Error) {
+        m.backplane_bad.inc();
+        let now = std::time::Instant::now();
+        if self
+            .last_warn
+            .get()
+            .is_none_or(|t| now.duration_since(t) > Duration::from_secs(10))
+        {
+            self.last_warn.set(Some(now));
+            tracing::warn!(channel, error = %e, "dropped a malformed message from redis (see the schema in the README)");
+        }
+    }
+
+    /// Sends every pending `subscribed` reply for `topic`.
+    fn confirm(&self, topic: &str) {
+        if let Some(state) = self.topics.borrow_mut().get_mut(topic) {
+            *state = SubState::Confirmed;
+        }
+        let Some(waiting) = self.acks.borrow_mut().remove(topic) else {
+            return;
+        };
+        for ack in waiting {
+            if let Some(conn) = ack.conn.upgrade() {
+                self.reply(&conn, ack.frame);
+            }
+        }
+    }
+
+    /// Queues a reply to a client, bounded like every other reply.
+    fn reply(&self, conn: &ConnHandle, frame: Bytes) {
+        conn.push(frame, self.reply_limit, false, &self.metrics);
+    }
+
+    /// Runs a command's reply handler.
+    fn complete(&self, reply: Reply, result: Result<BytesFrame, String>) {
+        let result = match result {
+            Ok(BytesFrame::Error(e)) => Err(e.to_string()),
+            other => other,
+        };
+        match reply {
+            Reply::Ignore(what) => {
+                if let Err(e) = result {
+                    tracing::warn!(command = what, error = %e, "redis command failed");
+                }
+            }
+            Reply::Publish {
+                conn,
+                ok,
+                reference,
+            } => {
+                let Some(conn) = conn.upgrade() else { return };
+                match result {
+                    Ok(_) => {
+                        if let Some(frame) = ok {
+                            self.reply(&conn, frame);
+                        }
+                    }
+                    Err(e) => self.reply(
+                        &conn,
+                        protocol::error(
+                            ErrorCode::Unavailable,
+                            &format!("publish failed: {e}"),
+                            reference.as_deref(),
+                        ),
+                    ),
+                }
+            }
+            Reply::Remote(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 5 s, each delay drawn from
+/// [½, 1½) of its step, so a fleet that lost Redis together does not return together.
+pub struct Backoff {
+    attempt: u32,
+    seed: u64,
+}
+
+impl Backoff {
+    pub fn new(seed: u64) -> Self {
+        let time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            attempt: 0,
+            seed: (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ time) | 1,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let step_ms = (100u64 << self.attempt.min(6)).min(5_000);
+        self.attempt = self.attempt.saturating_add(1);
+        // xorshift64
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let jitter = (self.seed % 1000) as f64 / 1000.0 + 0.5;
+        Duration::from_millis((step_ms as f64 * jitter) as u64)
+    }
+}
+
+/// A re-armable, single-waiter wake-up for a task on the same thread.
+#[derive(Default)]
+struct Wake {
+    pending: Cell<bool>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Wake {
+    fn wake(&self) {
+        self.pending.set(true);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready once `wake` has been called since the last time this returned Ready.
+    fn poll_woken(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.pending.replace(false) {
+            Poll::Ready(())
+        } else {
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    }
+
+    async fn woken(&self) {
+        std::future::poll_fn(|cx| self.poll_woken(cx)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_five_seconds_with_jitter() {
+        let mut b = Backoff::new(3);
+        let first = b.next_delay();
+        assert!(first >= Duration::from_millis(50) && first < Duration::from_millis(150));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        let late = b.next_delay();
+        assert!(late >= Duration::from_millis(2_500) && late < Duration::from_millis(7_500));
+        b.reset();
+        assert!(b.next_delay() < Duration::from_millis(150));
+    }
+}

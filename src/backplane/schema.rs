@@ -1,0 +1,105 @@
+//! The Redis schema: every channel, key and payload ringway reads or writes, and the
+//! Lua library it loads. This is a public contract (documented in the README): services
+//! in any language publish with one Redis command.
+//!
+//! | name | kind | contents |
+//! |---|---|---|
+//! | `ringway:topic:<topic>` | channel | topic messages: `{"id":"<optional>","data":<JSON>}` |
+//! | `ringway:shard:<node>/<shard>` | channel | direct messages for users on that shard: `{"users":["U",…],"id":"…","data":<JSON>}` |
+//! | `ringway:user:<user>` | sorted set | presence: member `<node>/<shard>/<conn>`, score = expiry (Redis time, ms); the key expires with its last member |
+//! | `ringway:nodes` | sorted set | live nodes: member node id, score = expiry (ms) |
+//! | `ringway:node:<node>` | string | JSON about the node (shards, listen address, version), same expiry |
+//!
+//! Functions (library `ringway`, loaded at start with `FUNCTION LOAD REPLACE`):
+//! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
+//!   user up and publishes once per shard that holds any of them; returns
+//!   `[users online, shards published to]`.
+//! - `FCALL ringway_publish 1 ringway:topic:<T> <id or ""> <data JSON>`: publishes a topic
+//!   message with a Redis-time id when none is given; returns `[id, receivers]`.
+//! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive`: used by the
+//!   gateway itself.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+pub const TOPIC_PREFIX: &str = "ringway:topic:";
+pub const SHARD_PREFIX: &str = "ringway:shard:";
+pub const USER_PREFIX: &str = "ringway:user:";
+pub const NODES_KEY: &str = "ringway:nodes";
+pub const NODE_PREFIX: &str = "ringway:node:";
+
+/// The Lua library (Redis ≥ 7.0 functions).
+pub const LIBRARY: &str = include_str!("ringway.lua");
+
+pub fn topic_channel(topic: &str) -> String {
+    format!("{TOPIC_PREFIX}{topic}")
+}
+
+pub fn shard_channel(node: &str, shard: usize) -> String {
+    format!("{SHARD_PREFIX}{node}/{shard}")
+}
+
+pub fn user_key(user: &str) -> String {
+    format!("{USER_PREFIX}{user}")
+}
+
+/// A presence member: where one connection of a user is.
+pub fn presence_member(node: &str, shard: usize, conn: u64) -> String {
+    format!("{node}/{shard}/{shard}-{conn}")
+}
+
+/// The payload of a topic message on its channel. `id` is set by ringway; a service may
+/// leave it out, and then each receiving node assigns its own.
+#[derive(Deserialize)]
+pub struct TopicEnvelope<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+}
+
+/// The payload of a direct message on a shard's channel.
+#[derive(Deserialize)]
+pub struct DirectEnvelope<'a> {
+    #[serde(borrow)]
+    pub users: Vec<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub id: Option<&'a str>,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
+}
+
+/// Builds a topic envelope. `id` is a ringway message id (digits and a dash).
+pub fn topic_envelope(id: &str, data: &RawValue) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.get().len() + id.len() + 20);
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\",\"data\":");
+    out.extend_from_slice(data.get().as_bytes());
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip() {
+        let data = RawValue::from_string("{\"a\":[1,2]}".into()).unwrap();
+        let env = topic_envelope("17-3", &data);
+        let back: TopicEnvelope<'_> = serde_json::from_slice(&env).unwrap();
+        assert_eq!(back.id, Some("17-3"));
+        assert_eq!(back.data.get(), "{\"a\":[1,2]}");
+        let direct: DirectEnvelope<'_> =
+            serde_json::from_str(r#"{"users":["u\/1","v"],"id":"1-2","data":null}"#).unwrap();
+        assert_eq!(direct.users, vec!["u/1", "v"]);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(topic_channel("news"), "ringway:topic:news");
+        assert_eq!(shard_channel("n1", 2), "ringway:shard:n1/2");
+        assert_eq!(presence_member("n1", 2, 9), "n1/2/2-9");
+    }
+}

@@ -1,0 +1,210 @@
+//! The subscriber connection of one shard: keeps Redis subscribed to exactly the topics
+//! this shard's connections want (plus the shard's direct channel) and delivers what
+//! Redis sends.
+//!
+//! Changes are batched: subscribes and unsubscribes made since the last write leave
+//! together, as one SUBSCRIBE and one UNSUBSCRIBE of up to `BATCH` channels each. After
+//! a reconnect the whole set is subscribed again from the topic table.
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::BytesFrame;
+
+use super::link::{self, Link, LinkError};
+use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
+use super::{Backoff, Backplane, SubState, BATCH, CONNECT_TIMEOUT};
+use crate::protocol;
+use crate::shard::Shard;
+
+/// Runs for the life of the shard.
+pub async fn run(shard: Rc<Shard>) {
+    let Some(bp) = shard.backplane.as_ref() else {
+        return;
+    };
+    let m = &shard.metrics;
+    let mut backoff = Backoff::new(shard.index as u64 * 2 + 1);
+    let mut outage: Option<Instant> = None;
+    loop {
+        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
+            Ok(link) => {
+                backoff.reset();
+                if let Some(since) = outage.take() {
+                    tracing::info!(
+                        shard = shard.index,
+                        down_ms = since.elapsed().as_millis() as u64,
+                        "redis subscriber reconnected; resubscribing"
+                    );
+                }
+                m.redis_subscriber_up.set(1);
+                let err = serve(&shard, bp, link).await;
+                m.redis_subscriber_up.set(0);
+                m.redis_reconnects.inc();
+                tracing::warn!(shard = shard.index, error = %err, "redis subscriber connection lost");
+                outage = Some(Instant::now());
+            }
+            Err(e) => {
+                if outage.is_none() {
+                    tracing::warn!(shard = shard.index, error = %e, "cannot reach redis (subscriber); retrying with backoff");
+                    outage = Some(Instant::now());
+                }
+            }
+        }
+        monoio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Serves one connection until it fails.
+async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
+    // Everything this shard wants, from scratch.
+    bp.dirty.borrow_mut().clear();
+    let topics: Vec<Rc<str>> = shard.registry.borrow().topic_names().cloned().collect();
+    {
+        let mut state = bp.topics.borrow_mut();
+        state.clear();
+        for t in &topics {
+            state.insert(t.clone(), SubState::Sent);
+        }
+    }
+    let mut out = BytesMut::new();
+    link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
+    encode_channels(&mut out, b"SUBSCRIBE", &topics);
+    if let Err(e) = link.write(out.freeze()).await {
+        return e;
+    }
+    loop {
+        let (subscribe, unsubscribe) = take_changes(shard, bp);
+        if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            let mut out = BytesMut::new();
+            encode_channels(&mut out, b"SUBSCRIBE", &subscribe);
+            encode_channels(&mut out, b"UNSUBSCRIBE", &unsubscribe);
+            if let Err(e) = link.write(out.freeze()).await {
+                return e;
+            }
+        }
+        let mut handled = 0;
+        loop {
+            match link.next_buffered() {
+                Ok(Some(frame)) => on_frame(shard, bp, frame),
+                Ok(None) => break,
+                Err(e) => return e,
+            }
+            handled += 1;
+        }
+        if handled > 0 {
+            // Let connection tasks write what the deliveries queued.
+            crate::shard::yield_now().await;
+        }
+        let readable = monoio::select! {
+            r = link.readable() => Some(r),
+            _ = bp.sub_wake.woken() => None,
+        };
+        match readable {
+            Some(Err(e)) => return e,
+            Some(Ok(())) => {
+                if let Err(e) = link.fill() {
+                    return e;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Topics to subscribe and unsubscribe: the changed ones whose wanted state differs
+/// from what Redis has.
+fn take_changes(shard: &Shard, bp: &Backplane) -> (Vec<Rc<str>>, Vec<Rc<str>>) {
+    let dirty = std::mem::take(&mut *bp.dirty.borrow_mut());
+    let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+    if dirty.is_empty() {
+        return (subscribe, unsubscribe);
+    }
+    let registry = shard.registry.borrow();
+    let mut state = bp.topics.borrow_mut();
+    for topic in dirty {
+        let wanted = registry.subscribers(&topic).is_some();
+        let have = state.contains_key(&topic);
+        if wanted && !have {
+            state.insert(topic.clone(), SubState::Sent);
+            subscribe.push(topic);
+        } else if !wanted && have {
+            state.remove(&topic);
+            unsubscribe.push(topic);
+        }
+    }
+    (subscribe, unsubscribe)
+}
+
+fn encode_channels(out: &mut BytesMut, command: &[u8], topics: &[Rc<str>]) {
+    for chunk in topics.chunks(BATCH) {
+        let channels: Vec<String> = chunk.iter().map(|t| schema::topic_channel(t)).collect();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+        args.push(command);
+        args.extend(channels.iter().map(|c| c.as_bytes()));
+        link::encode(out, &args);
+    }
+}
+
+fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) {
+    let BytesFrame::Array(parts) = frame else {
+        return;
+    };
+    let [BytesFrame::BulkString(kind), BytesFrame::BulkString(channel), third] = parts.as_slice()
+    else {
+        return;
+    };
+    match (&kind[..], third) {
+        (b"message", BytesFrame::BulkString(payload)) => dispatch(shard, bp, channel, payload),
+        (b"subscribe", _) => {
+            if let Some(topic) = std::str::from_utf8(channel)
+                .ok()
+                .and_then(|c| c.strip_prefix(TOPIC_PREFIX))
+            {
+                bp.confirm(topic);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Delivers one message from Redis to this shard's connections.
+fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
+    let m = &shard.metrics;
+    if channel == bp.direct_channel.as_bytes() {
+        m.direct_received.inc();
+        match serde_json::from_slice::<DirectEnvelope<'_>>(payload) {
+            Ok(env) => {
+                let id = env
+                    .id
+                    .map_or_else(|| shard.node.next_message_id(), str::to_owned);
+                for user in &env.users {
+                    shard.deliver_direct(user, &id, env.data);
+                }
+            }
+            Err(e) => bp.bad_message(m, "direct", &e),
+        }
+        return;
+    }
+    let Some(topic) = std::str::from_utf8(channel)
+        .ok()
+        .and_then(|c| c.strip_prefix(TOPIC_PREFIX))
+    else {
+        return;
+    };
+    m.backplane_received.inc();
+    match serde_json::from_slice::<TopicEnvelope<'_>>(payload) {
+        Ok(env) => {
+            let generated;
+            let id = match env.id {
+                Some(id) => id,
+                None => {
+                    generated = shard.node.next_message_id();
+                    &generated
+                }
+            };
+            shard.deliver(topic, &protocol::message(topic, id, env.data));
+        }
+        Err(e) => bp.bad_message(m, topic, &e),
+    }
+}
