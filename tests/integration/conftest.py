@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 
 from harness import Gateway, binary
+from cluster import HAProxy, RedisServer
 
 
 def pytest_configure(config):
@@ -56,3 +57,27 @@ def module_gateway():
     f = _Factory()
     yield f
     f.finish()
+
+
+@pytest.fixture
+def redis_server():
+    """A private redis-server on a free port (request it before `gateway`, so gateways
+    stop first and their last presence removals reach it)."""
+    r = RedisServer().start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def haproxy():
+    """Factory: `lb = haproxy(["127.0.0.1:p1", ...])`; stopped after the test."""
+    started: list[HAProxy] = []
+
+    def make(backends: list[str]) -> HAProxy:
+        lb = HAProxy(backends)
+        started.append(lb)
+        return lb.start()
+
+    yield make
+    for lb in started:
+        lb.stop()

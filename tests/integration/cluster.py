@@ -1,0 +1,157 @@
+"""Helpers for multi-node tests: a real redis-server on a free port, HAProxy in TCP mode
+in front of gateways, and client tokens (JWT).
+
+    r = RedisServer().start()          # redis-server on 127.0.0.1:<free port>
+    nodes = [gateway(**cluster_opts(r, i)) for i in (1, 2, 3)]
+    async with Client(nodes[1], token=token("alice")) as alice: ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import jwt
+import redis
+
+from harness import HOST, free_port, wait_until
+
+SECRET = "integration-test-secret-0123456789"
+
+
+def token(user: str, secret: str = SECRET, expires_in: int = 600, **claims) -> str:
+    """An HS256 token for `user` (its `sub`), valid for `expires_in` seconds."""
+    body = {"sub": user, "exp": int(time.time()) + expires_in, **claims}
+    return jwt.encode(body, secret, algorithm="HS256")
+
+
+def auth_headers(tok: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tok}"}
+
+
+def _find(program: str) -> str:
+    path = shutil.which(program) or next(
+        (p for p in (f"/usr/bin/{program}", f"/usr/sbin/{program}") if os.path.exists(p)), None)
+    if not path:
+        raise AssertionError(f"{program} not found: tests/run.sh installs it (apt-get)")
+    return path
+
+
+class RedisServer:
+    """A private redis-server: no persistence, loopback only, on a free port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.dir = tempfile.mkdtemp(prefix="ringway-redis-")
+        self._log = Path(self.dir) / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}"
+
+    def start(self) -> "RedisServer":
+        cmd = [_find("redis-server"), "--port", str(self.port), "--bind", HOST,
+               "--save", "", "--appendonly", "no", "--dir", self.dir,
+               "--logfile", str(self._log), "--protected-mode", "no"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
+        return self
+
+    def _pings(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5, decode_responses=True)
+
+    def kill(self) -> None:
+        """SIGKILL: Redis vanishes with every connection, subscription and key."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def calls(self, command: str) -> int:
+        """Calls of `command` so far (INFO commandstats)."""
+        stats = self.client().info("commandstats")
+        return int(stats.get(f"cmdstat_{command.lower()}", {}).get("calls", 0))
+
+    def numsub(self, channel: str) -> int:
+        return dict(self.client().pubsub_numsub(channel)).get(channel, 0)
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def cluster_opts(r: RedisServer, n: int, **opts) -> dict:
+    """Flags for node `n` of a cluster on Redis `r` (2 shards, node id `node<n>`)."""
+    return {"redis": r.url, "node_id": f"node{n}", "shards": 2, **opts}
+
+
+class HAProxy:
+    """HAProxy in TCP mode, round robin over `backends` (host:port), with retries and
+    redispatch so a client that reconnects after a node goes away lands on a live one."""
+
+    def __init__(self, backends: list[str]):
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="ringway-haproxy-")
+        lines = [
+            "global",
+            "  maxconn 1000",
+            "defaults",
+            "  mode tcp",
+            "  timeout connect 2s",
+            "  timeout client 60s",
+            "  timeout server 60s",
+            "  retries 3",
+            "  option redispatch",
+            "frontend ws",
+            f"  bind {HOST}:{self.port}",
+            "  default_backend nodes",
+            "backend nodes",
+            "  balance roundrobin",
+        ]
+        lines += [f"  server n{i} {b} check inter 500ms fall 1 rise 1"
+                  for i, b in enumerate(backends, 1)]
+        self.config = Path(self.dir) / "haproxy.cfg"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "HAProxy":
+        haproxy = _find("haproxy")
+        check = subprocess.run([haproxy, "-c", "-f", str(self.config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc = subprocess.Popen([haproxy, "-db", "-f", str(self.config)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        wait_until(self._listening, 10, what=f"haproxy on port {self.port}")
+        return self
+
+    def _listening(self) -> bool:
+        import socket
+        with contextlib.suppress(OSError), socket.create_connection((HOST, self.port), timeout=1):
+            return True
+        return False
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5)
+            if self.proc.poll() is None:
+                self.proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""Several gateway nodes joined by a real redis-server: a topic reaches subscribers on
+every node, a direct message goes to the one shard that holds its user (and follows the
+user to another node), presence expires when a node dies, and delivery resumes after
+Redis restarts, without restarting ringway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+from cluster import SECRET, auth_headers, cluster_opts, token
+from harness import Client, arun, encode_frame, http_request, run_cli, shard_of, wait_until
+
+
+def start_cluster(gateway, r, n: int = 3, **opts):
+    """`n` nodes on Redis `r`, HS256 tokens (anonymous clients allowed unless told)."""
+    opts.setdefault("allow_anonymous", True)
+    return [gateway(**cluster_opts(r, i, **opts), env={"RINGWAY_JWT_SECRET": SECRET})
+            for i in range(1, n + 1)]
+
+
+def as_user(user: str) -> dict:
+    return {"additional_headers": auth_headers(token(user))}
+
+
+def presence(r, user: str) -> list[str]:
+    return r.client().zrange(f"ringway:user:{user}", 0, -1)
+
+
+def wait_presence(r, user: str, node: str | None = None) -> list[str]:
+    """Waits until `user` is registered (on `node`, if given)."""
+    return wait_until(lambda: [m for m in presence(r, user) if node is None or m.startswith(node + "/")],
+                      5, what=f"presence of {user}")
+
+
+def send(gw, body: dict) -> dict:
+    res = gw.http("POST", "/v1/send", json.dumps(body), {"Content-Type": "application/json"})
+    assert res.status == 200, (res.status, res.body)
+    return res.json()
+
+
+def direct_received(gw, **labels) -> float:
+    return gw.metric("ringway_direct_received_total", **labels)
+
+
+def test_a_topic_published_on_one_node_reaches_subscribers_on_the_others(redis_server, gateway):
+    n1, n2, n3 = start_cluster(gateway, redis_server, client_publish=True)
+    rc = redis_server.client()
+
+    async def body():
+        async with Client(n1) as a, Client(n2) as b, Client(n3) as c:
+            await a.subscribe("news")
+            await b.subscribe("news")
+            # Through the admin API of node 3.
+            mid = n3.publish("news", {"n": 1})
+            for sub in (a, b):
+                assert await sub.recv() == {"type": "message", "topic": "news", "id": mid, "data": {"n": 1}}
+            # A client of node 3 publishes.
+            await c.send({"op": "publish", "topic": "news", "data": "hi", "ref": "r1"})
+            ack = await c.recv()
+            assert ack["type"] == "published" and ack["ref"] == "r1", ack
+            for sub in (a, b):
+                m = await sub.recv()
+                assert (m["id"], m["data"]) == (ack["id"], "hi")
+            # A service publishes with one Redis command; Redis sends it to the two
+            # shards that have subscribers, not to every shard.
+            assert rc.publish("ringway:topic:news", json.dumps({"id": "5-5", "data": [1, 2]})) == 2
+            for sub in (a, b):
+                assert await sub.recv() == {"type": "message", "topic": "news", "id": "5-5", "data": [1, 2]}
+            # ... or through the function, which adds an id.
+            fid, receivers = rc.fcall("ringway_publish", 1, "ringway:topic:news", "", json.dumps({"k": True}))
+            assert receivers == 2
+            for sub in (a, b):
+                m = await sub.recv()
+                assert (m["id"], m["data"]) == (fid, {"k": True})
+            await c.silent()
+
+    arun(body())
+
+
+def test_a_message_published_right_after_subscribed_is_never_missed(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+
+    async def body():
+        async with Client(n1) as a:
+            for i in range(30):
+                await a.subscribe(f"t{i}")
+                n2.publish(f"t{i}", i)
+                m = await a.recv()
+                assert (m["topic"], m["data"]) == (f"t{i}", i)
+
+    arun(body())
+
+
+def test_a_shard_holds_one_redis_subscription_per_topic_while_it_has_subscribers(redis_server, gateway):
+    (n1,) = start_cluster(gateway, redis_server, n=1, shards=1)
+
+    async def body():
+        async with Client(n1) as a, Client(n1) as b:
+            await a.subscribe("x")
+            assert redis_server.numsub("ringway:topic:x") == 1
+            await b.subscribe("x")
+            assert redis_server.numsub("ringway:topic:x") == 1
+            await a.unsubscribe("x")
+            await b.subscribe("y")
+            assert redis_server.numsub("ringway:topic:x") == 1
+            await b.unsubscribe("x")
+            wait_until(lambda: redis_server.numsub("ringway:topic:x") == 0, 5, what="UNSUBSCRIBE x")
+            assert redis_server.numsub("ringway:topic:y") == 1
+        # b closed: its last topic is released too.
+        wait_until(lambda: redis_server.numsub("ringway:topic:y") == 0, 5, what="UNSUBSCRIBE y")
+
+    arun(body())
+
+
+def test_a_burst_of_subscribes_is_batched_into_one_redis_command(redis_server, gateway):
+    (n1,) = start_cluster(gateway, redis_server, n=1, shards=1)
+    raw = n1.raw()
+    raw.recv_json()  # welcome
+    before = redis_server.calls("subscribe")
+    topics = [f"burst{i}" for i in range(200)]
+    raw.send(b"".join(encode_frame(0x1, json.dumps({"op": "subscribe", "topic": t}).encode())
+                      for t in topics))
+    acks = [raw.recv_json() for _ in topics]
+    assert [a["topic"] for a in acks] == topics and {a["type"] for a in acks} == {"subscribed"}
+    # 200 client subscribes, one read: one SUBSCRIBE (two if the kernel split the burst).
+    assert redis_server.calls("subscribe") - before <= 2
+    numsub = dict(redis_server.client().pubsub_numsub(*[f"ringway:topic:{t}" for t in topics]))
+    assert set(numsub.values()) == {1}
+
+
+def test_a_direct_message_reaches_only_the_shard_that_holds_the_user(redis_server, gateway):
+    n1, n2, n3 = start_cluster(gateway, redis_server)
+    rc = redis_server.client()
+
+    async def body():
+        async with Client(n2, **as_user("alice")) as alice, Client(n1, **as_user("bob")) as bob:
+            shard = shard_of(alice)
+            other = "1" if shard == "0" else "0"
+            wait_presence(redis_server, "alice", "node2")
+            sent = send(n1, {"user": "alice", "data": {"x": 1}})
+            assert (sent["online"], sent["shards"]) == (1, 1)
+            assert await alice.recv() == {"type": "message", "user": "alice", "id": sent["id"], "data": {"x": 1}}
+            await bob.silent()
+            assert direct_received(n2, shard=shard) == 1
+            assert direct_received(n2, shard=other) == 0
+            assert direct_received(n1) == 0 and direct_received(n3) == 0
+            # The command line, through node 3.
+            out = run_cli("send", "--admin", n3.admin_addr, "--user", "alice", '{"y":2}')
+            assert out.returncode == 0, out.stderr
+            m = await alice.recv()
+            assert m["data"] == {"y": 2} and out.stdout.startswith(m["id"] + " online=1 shards=1")
+            # A service in any language: one Redis call, lookup and publish.
+            online, shards, fid = rc.fcall("ringway_send", 1, "ringway:user:alice", "", json.dumps("hey"))
+            assert (online, shards) == (1, 1)
+            assert await alice.recv() == {"type": "message", "user": "alice", "id": fid, "data": "hey"}
+            # Nobody by that name: nothing is published anywhere.
+            assert send(n1, {"user": "nobody", "data": 1})["shards"] == 0
+            await alice.silent()
+            assert direct_received(n2, shard=shard) == 3
+            assert direct_received(n2, shard=other) + direct_received(n1) + direct_received(n3) == 0
+
+    arun(body())
+
+
+def test_one_send_to_many_users_is_one_redis_call(redis_server, gateway):
+    nodes = start_cluster(gateway, redis_server, presence_ttl_secs=300)
+    users = [f"u{i}" for i in range(12)]
+
+    async def body():
+        clients = [await Client(nodes[i % 3], **as_user(u)).__aenter__() for i, u in enumerate(users)]
+        try:
+            for u in users:
+                wait_presence(redis_server, u)
+            before = redis_server.calls("fcall")
+            sent = send(nodes[0], {"users": users + ["ghost", "u0"], "data": {"all": True}})
+            assert redis_server.calls("fcall") - before == 1
+            assert sent["online"] == 12 and 3 <= sent["shards"] <= 6, sent
+            # Each user once, on its own connection, though "u0" was named twice.
+            for user, c in zip(users, clients):
+                m = await c.recv()
+                assert (m["user"], m["id"], m["data"]) == (user, sent["id"], {"all": True})
+            for c in clients:
+                await c.silent(0.1)
+            received = sum(direct_received(gw) for gw in nodes)
+            assert received == sent["shards"], "one Redis message per shard that holds a user"
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+
+    arun(body())
+
+
+def test_direct_messages_follow_a_user_who_reconnects_to_another_node(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+
+    async def body():
+        async with Client(n2, **as_user("carol")) as c:
+            wait_presence(redis_server, "carol", "node2")
+            sent = send(n1, {"user": "carol", "data": 1})
+            assert (await c.recv())["id"] == sent["id"]
+        # Gone from node 2: its entry is removed at once, not left to expire.
+        wait_until(lambda: not presence(redis_server, "carol"), 5, what="presence removal")
+        async with Client(n1, **as_user("carol")) as c:
+            wait_presence(redis_server, "carol", "node1")
+            sent = send(n2, {"user": "carol", "data": 2})
+            assert sent["online"] == 1
+            m = await c.recv()
+            assert (m["user"], m["id"], m["data"]) == ("carol", sent["id"], 2)
+        assert direct_received(n2) == 1 and direct_received(n1) == 1
+
+    arun(body())
+
+
+def test_presence_of_a_killed_node_expires_within_the_ttl(redis_server, gateway):
+    ttl = 3
+    n1, n2 = start_cluster(gateway, redis_server, n=2, presence_ttl_secs=ttl)
+    rc = redis_server.client()
+
+    async def body():
+        c = await Client(n2, **as_user("dave")).__aenter__()
+        wait_presence(redis_server, "dave", "node2")
+        assert sorted(n1.http("GET", "/v1/nodes").json()["nodes"]) == ["node1", "node2"]
+        n2.proc.kill()
+        n2.proc.wait(5)
+        n2.stopped = True
+        # Nobody is left to remove dave's entry: it expires on its own within the TTL
+        # (plus the test's polling margin).
+        wait_until(lambda: send(n1, {"user": "dave", "data": 0})["online"] == 0, ttl + 2,
+                   interval=0.1, what="dave's presence to expire")
+        wait_until(lambda: rc.exists("ringway:user:dave") == 0, ttl + 2, what="the key to expire")
+        wait_until(lambda: n1.http("GET", "/v1/nodes").json()["nodes"] == ["node1"], ttl + 2,
+                   what="node2 to leave the registry")
+        await c.ws.close()
+
+    arun(body())
+
+
+def test_a_graceful_stop_removes_presence_and_the_node_at_once(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2, presence_ttl_secs=300)
+    rc = redis_server.client()
+
+    async def body():
+        async with Client(n2, **as_user("erin")) as c:
+            wait_presence(redis_server, "erin", "node2")
+            assert "node2" in rc.zrange("ringway:nodes", 0, -1)
+            n2.sigterm()
+            assert await c.closed_with(10) == 1001
+        assert n2.wait_exit(15) == 0
+        n2.stopped = True
+        # With a 300 s TTL, only the drain's removals explain these.
+        assert rc.exists("ringway:user:erin") == 0
+        assert rc.zrange("ringway:nodes", 0, -1) == ["node1"]
+        assert rc.exists("ringway:node:node2") == 0
+
+    arun(body())
+
+
+class PublishLoop(threading.Thread):
+    """Publishes `topic` through `gw`'s admin API every 10 ms; records what was accepted
+    (and when) and how many were refused."""
+
+    def __init__(self, gw, topic: str, limit: float = 30):
+        super().__init__(daemon=True)
+        self.gw, self.topic, self.limit = gw, topic, limit
+        self.accepted: list[tuple[float, str]] = []
+        self.refused = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        n = 0
+        while not self.halt.is_set() and time.monotonic() < deadline:
+            n += 1
+            try:
+                r = http_request(self.gw.admin_port, "POST", "/v1/publish",
+                                 json.dumps({"topic": self.topic, "data": n}), timeout=6)
+            except OSError:
+                self.refused += 1
+                continue
+            if r.status == 200:
+                self.accepted.append((time.monotonic(), r.json()["id"]))
+            else:
+                assert r.status == 503 and r.json()["error"] == "unavailable", (r.status, r.body)
+                self.refused += 1
+            time.sleep(0.01)
+
+
+def test_delivery_resumes_after_redis_restarts_without_restarting_ringway(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2, client_publish=True)
+
+    async def body():
+        async with Client(n1) as sub, Client(n2, **as_user("frank")) as frank, Client(n2) as pub:
+            await sub.subscribe("live")
+            wait_presence(redis_server, "frank", "node2")
+            loop = PublishLoop(n2, "live")
+            loop.start()
+            got: list[str] = []
+
+            async def collect(until: float) -> None:
+                while time.monotonic() < until:
+                    try:
+                        m = await sub.recv(timeout=max(0.01, until - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        return
+                    if m["type"] == "message":
+                        got.append(m["id"])
+
+            await collect(time.monotonic() + 0.5)
+            assert got, "nothing delivered before the restart"
+            redis_server.kill()
+            for gw in (n1, n2):
+                wait_until(lambda gw=gw: gw.http("GET", "/readyz").status == 503, 5, what="readyz 503")
+            assert b"redis" in n1.http("GET", "/readyz").body
+            assert n1.metric("ringway_redis_subscriber_up") == 0
+            assert n1.metric("ringway_redis_commands_up") == 0
+            # Local connections are still served: a new client is welcomed, a client's
+            # publish gets a clear error, and a subscribe waits for Redis.
+            async with Client(n1) as late:
+                await late.send({"op": "subscribe", "topic": "late", "ref": 7})
+                await pub.send({"op": "publish", "topic": "live", "data": 0, "ref": "p"})
+                err = await pub.recv()
+                assert (err["type"], err["code"], err["ref"]) == ("error", "unavailable", "p")
+                await collect(time.monotonic() + 0.3)
+                redis_server.start()  # the same port, empty
+                for gw in (n1, n2):
+                    wait_until(lambda gw=gw: gw.http("GET", "/readyz").status == 200, 15,
+                               interval=0.05, what="readyz 200 after the restart")
+                recovered = time.monotonic()
+                assert await late.recv() == {"type": "subscribed", "topic": "late", "ref": 7}
+                assert redis_server.numsub("ringway:topic:late") == 1
+                await collect(time.monotonic() + 1.0)
+                loop.halt.set()
+                loop.join(10)
+                await collect(time.monotonic() + 1.0)
+            # Every message accepted once both nodes were back arrived, once, in order.
+            after = [mid for t, mid in loop.accepted if t > recovered]
+            assert len(after) > 10, f"too few publishes after recovery: {len(after)}"
+            assert set(after) <= set(got), sorted(set(after) - set(got))[:5]
+            assert len(got) == len(set(got)), "duplicate deliveries"
+            assert got == sorted(got, key=lambda i: tuple(int(p) for p in i.split("-")))
+            assert loop.refused > 0, "the outage refused no publish: was Redis really down?"
+            # Subscriptions and presence were restored, and nothing leaked.
+            assert redis_server.numsub("ringway:topic:live") == 1
+            wait_until(lambda: redis_server.numsub("ringway:topic:late") == 0, 5,
+                       what="the closed client's topic to be released")
+            wait_presence(redis_server, "frank", "node2")
+            sent = send(n1, {"user": "frank", "data": "back"})
+            assert (await frank.recv())["id"] == sent["id"]
+            assert n1.metric("ringway_redis_reconnects_total") >= 2
+
+    arun(body(), timeout=60)
