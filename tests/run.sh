@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole ringway test suite: the command README.md gives and .ci/run calls.
-# Installs what the tests need (a Python venv with pinned test clients; Autobahn's
-# runner installs itself), then runs, in order: format and lint checks, unit tests,
+# Installs what the tests need (redis-server and haproxy from Debian's packages, a Python
+# venv with pinned test clients; Autobahn's runner installs itself), then runs, in order: format and lint checks, unit tests,
 # integration tests against the real binary with an independent client (Python
 # `websockets`), the Autobahn|Testsuite conformance run, and the load generator's
 # small correctness scenarios.
@@ -12,6 +12,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 step() { printf '\n=== %s\n' "$*"; }
+
+step "system packages: redis-server and haproxy (Debian packages)"
+need=()
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO=sudo
+  # Debian's packages start no service here (no init in CI); the tests start their own
+  # redis-server and haproxy on free ports.
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"
+fi
+redis-server --version
 
 step "test clients (Python venv: tests/requirements.txt)"
 PY=${PYTHON3:-python3}
