@@ -45,6 +45,8 @@ use crate::ws::outbound::ConnHandle;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels or presence entries per command, so one command never blocks Redis long.
 const BATCH: usize = 512;
+/// Presence removals kept while Redis is away; beyond it, entries expire by their TTL.
+const MAX_PENDING_REMOVALS: usize = 100_000;
 
 /// The answer to a request forwarded from another thread.
 pub type RemoteReply = flume::Sender<Result<BytesFrame, String>>;
@@ -99,6 +101,7 @@ pub struct Backplane {
     presence_added: RefCell<Vec<(Rc<str>, u64)>>,
     presence_removed: RefCell<Vec<(Rc<str>, u64)>>,
     cmd_up: Cell<bool>,
+    sub_up: Cell<bool>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
     last_warn: Cell<Option<std::time::Instant>>,
@@ -131,6 +134,7 @@ impl Backplane {
             presence_added: RefCell::default(),
             presence_removed: RefCell::default(),
             cmd_up: Cell::new(false),
+            sub_up: Cell::new(false),
             stopping: Cell::new(false),
             finished: Cell::new(false),
             last_warn: Cell::new(None),
@@ -156,10 +160,38 @@ impl Backplane {
         None
     }
 
-    /// A topic gained its first or lost its last local subscriber.
+    /// A topic gained its first or lost its last local subscriber. While the
+    /// subscriber connection is down nothing is recorded: the reconnect subscribes the
+    /// whole topic table anyway.
     pub fn topic_changed(&self, topic: Rc<str>) {
-        self.dirty.borrow_mut().push(topic);
-        self.sub_wake.wake();
+        if self.sub_up.get() {
+            self.dirty.borrow_mut().push(topic);
+            self.sub_wake.wake();
+        }
+    }
+
+    /// The connection unsubscribes from `topic`: a `subscribed` reply still waiting
+    /// for Redis goes out now, so the client never sees the two replies out of order.
+    pub fn unsubscribing(&self, topic: &str, conn: &Rc<ConnHandle>) {
+        let mut acks = self.acks.borrow_mut();
+        let Some(waiting) = acks.get_mut(topic) else {
+            return;
+        };
+        let mut mine = Vec::new();
+        waiting.retain(|a| {
+            let is_mine = std::ptr::eq(a.conn.as_ptr(), Rc::as_ptr(conn));
+            if is_mine {
+                mine.push(a.frame.clone());
+            }
+            !is_mine
+        });
+        if waiting.is_empty() {
+            acks.remove(topic);
+        }
+        drop(acks);
+        for frame in mine {
+            self.reply(conn, frame);
+        }
     }
 
     /// Publishes a topic message through Redis.
@@ -184,22 +216,25 @@ impl Backplane {
         self.cmd_wake.wake();
     }
 
-    /// A connection of `user` opened on this shard.
+    /// A connection of `user` opened on this shard. While Redis is away nothing is
+    /// recorded: the reconnect registers every connection anyway.
     pub fn user_online(&self, user: &Rc<str>, conn: u64) {
-        self.presence_added.borrow_mut().push((user.clone(), conn));
-        self.cmd_wake.wake();
+        if self.cmd_up.get() {
+            self.presence_added.borrow_mut().push((user.clone(), conn));
+            self.cmd_wake.wake();
+        }
     }
 
-    /// A connection of `user` closed.
+    /// A connection of `user` closed. Kept while Redis is away (up to
+    /// `MAX_PENDING_REMOVALS`), so entries that outlived a network partition are
+    /// deleted at the reconnect rather than left to expire.
     pub fn user_offline(&self, user: &Rc<str>, conn: u64) {
-        self.presence_removed
-            .borrow_mut()
-            .push((user.clone(), conn));
+        let mut removed = self.presence_removed.borrow_mut();
+        if removed.len() < MAX_PENDING_REMOVALS {
+            removed.push((user.clone(), conn));
+        }
+        drop(removed);
         self.cmd_wake.wake();
-    }
-
-    pub fn commands_up(&self) -> bool {
-        self.cmd_up.get()
     }
 
     /// Asks the command task to deregister the node and send the last presence

@@ -38,7 +38,9 @@ pub async fn run(shard: Rc<Shard>) {
                     );
                 }
                 m.redis_subscriber_up.set(1);
+                bp.sub_up.set(true);
                 let err = serve(&shard, bp, link).await;
+                bp.sub_up.set(false);
                 m.redis_subscriber_up.set(0);
                 m.redis_reconnects.inc();
                 tracing::warn!(shard = shard.index, error = %err, "redis subscriber connection lost");

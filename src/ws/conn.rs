@@ -453,8 +453,11 @@ impl Session {
             }
             Op::Unsubscribe { topic } => {
                 let change = shard.registry.borrow_mut().unsubscribe(self.key, &topic);
-                if let (Some(bp), Change::TopicEdge) = (&shard.backplane, change) {
-                    bp.topic_changed(Rc::from(&*topic));
+                if let Some(bp) = &shard.backplane {
+                    bp.unsubscribing(&topic, &self.handle);
+                    if change == Change::TopicEdge {
+                        bp.topic_changed(Rc::from(&*topic));
+                    }
                 }
                 shard.update_registry_gauges();
                 self.reply(protocol::ack("unsubscribed", &topic, reference));

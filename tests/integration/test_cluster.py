@@ -323,6 +323,13 @@ def test_delivery_resumes_after_redis_restarts_without_restarting_ringway(redis_
                 await pub.send({"op": "publish", "topic": "live", "data": 0, "ref": "p"})
                 err = await pub.recv()
                 assert (err["type"], err["code"], err["ref"]) == ("error", "unavailable", "p")
+                # A subscribe still waiting for Redis, then an unsubscribe: both replies,
+                # in order.
+                async with Client(n1) as fickle:
+                    await fickle.send({"op": "subscribe", "topic": "brief"})
+                    await fickle.send({"op": "unsubscribe", "topic": "brief"})
+                    assert (await fickle.recv())["type"] == "subscribed"
+                    assert (await fickle.recv())["type"] == "unsubscribed"
                 await collect(time.monotonic() + 0.3)
                 redis_server.start()  # the same port, empty
                 for gw in (n1, n2):
