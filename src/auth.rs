@@ -1,8 +1,8 @@
 //! Client identity: verifies the JWT a client presents at the upgrade and yields its
 //! user id (`sub`). Keys come from `jwt_secret` (HS256) or `jwt_key` (a PEM public key:
 //! RSA for RS256, Ed25519 for EdDSA, P-256 for ES256). With neither configured every
-//! client is anonymous. `exp` and `nbf` are checked when present (60 s leeway); `sub` is
-//! required.
+//! client is anonymous. `sub` and `exp` are required, `nbf` is checked when present
+//! (60 s leeway), and `aud` / `iss` when `jwt_audience` / `jwt_issuer` are set.
 
 use std::sync::Arc;
 
@@ -24,8 +24,14 @@ pub enum AuthError {
     BadSignature,
     #[error("token algorithm not accepted")]
     WrongAlgorithm,
-    #[error("token has no `sub` (user id)")]
+    #[error("token has no `sub` (user id) or it is longer than 256 bytes")]
     NoSubject,
+    #[error("token has no `exp`")]
+    NoExpiry,
+    #[error("token audience not accepted")]
+    WrongAudience,
+    #[error("token issuer not accepted")]
+    WrongIssuer,
     #[error("malformed token")]
     Malformed,
 }
@@ -76,7 +82,7 @@ impl Authenticator {
         let key = if let Some(secret) = &cfg.jwt_secret {
             Some((
                 DecodingKey::from_secret(secret.as_bytes()),
-                validation(&[Algorithm::HS256]),
+                validation(cfg, &[Algorithm::HS256]),
             ))
         } else if let Some(path) = &cfg.jwt_key {
             let shown = path.display().to_string();
@@ -92,7 +98,7 @@ impl Authenticator {
             ];
             let found = attempts
                 .iter()
-                .find_map(|(parse, algs)| parse(&pem).ok().map(|k| (k, validation(algs))));
+                .find_map(|(parse, algs)| parse(&pem).ok().map(|k| (k, validation(cfg, algs))));
             Some(found.ok_or(KeyError::Pem { path: shown })?)
         } else {
             None
@@ -128,7 +134,10 @@ impl Authenticator {
                 ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
                     AuthError::WrongAlgorithm
                 }
+                ErrorKind::MissingRequiredClaim(c) if c == "exp" => AuthError::NoExpiry,
                 ErrorKind::MissingRequiredClaim(_) => AuthError::NoSubject,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
                 _ => AuthError::Malformed,
             })?;
         match data.claims.sub {
@@ -143,12 +152,19 @@ impl Authenticator {
 /// Longest user id accepted (it becomes part of Redis keys and every direct frame).
 pub const MAX_USER_BYTES: usize = 256;
 
-fn validation(algs: &[Algorithm]) -> Validation {
+fn validation(cfg: &Config, algs: &[Algorithm]) -> Validation {
     let mut v = Validation::new(algs[0]);
     v.algorithms = algs.to_vec();
-    v.set_required_spec_claims(&["sub"]);
+    v.set_required_spec_claims(&["sub", "exp"]);
     v.validate_exp = true;
     v.validate_nbf = true;
+    match &cfg.jwt_audience {
+        Some(aud) => v.set_audience(&[aud]),
+        None => v.validate_aud = false,
+    }
+    if let Some(iss) = &cfg.jwt_issuer {
+        v.set_issuer(&[iss]);
+    }
     v
 }
 
@@ -194,7 +210,10 @@ mod tests {
             serde_json::json!({"sub": "u1", "exp": now() - 3600}),
         );
         assert_eq!(a.identify(Some(&old)), Err(AuthError::Expired));
-        let forged = token("another-secret-entirely", serde_json::json!({"sub": "u1"}));
+        let forged = token(
+            "another-secret-entirely",
+            serde_json::json!({"sub": "u1", "exp": now() + 60}),
+        );
         assert_eq!(a.identify(Some(&forged)), Err(AuthError::BadSignature));
         assert_eq!(a.identify(None), Err(AuthError::Missing));
         assert_eq!(a.identify(Some("garbage")), Err(AuthError::Malformed));
@@ -203,6 +222,38 @@ mod tests {
             serde_json::json!({"exp": now() + 60}),
         );
         assert_eq!(a.identify(Some(&nosub)), Err(AuthError::NoSubject));
+        let noexp = token("0123456789abcdef0123", serde_json::json!({"sub": "u1"}));
+        assert_eq!(a.identify(Some(&noexp)), Err(AuthError::NoExpiry));
+        // Identity providers put `aud` in their tokens; unchecked unless configured.
+        let aud = token(
+            "0123456789abcdef0123",
+            serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": "chat"}),
+        );
+        assert_eq!(a.identify(Some(&aud)), Ok(Identity::User("u1".into())));
+    }
+
+    #[test]
+    fn audience_and_issuer_when_configured() {
+        let cfg = Config {
+            jwt_secret: Some("0123456789abcdef0123".into()),
+            jwt_audience: Some("chat".into()),
+            jwt_issuer: Some("https://id.example".into()),
+            ..Config::default()
+        };
+        let a = Authenticator::from_config(&cfg).unwrap();
+        let claims = |aud: &str, iss: &str| serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": aud, "iss": iss});
+        let ok = token("0123456789abcdef0123", claims("chat", "https://id.example"));
+        assert_eq!(a.identify(Some(&ok)), Ok(Identity::User("u1".into())));
+        let other_aud = token(
+            "0123456789abcdef0123",
+            claims("billing", "https://id.example"),
+        );
+        assert_eq!(a.identify(Some(&other_aud)), Err(AuthError::WrongAudience));
+        let other_iss = token(
+            "0123456789abcdef0123",
+            claims("chat", "https://evil.example"),
+        );
+        assert_eq!(a.identify(Some(&other_iss)), Err(AuthError::WrongIssuer));
     }
 
     #[test]

@@ -132,6 +132,12 @@ pub struct ServeArgs {
     /// PEM public key for client JWTs (RS256, EdDSA or ES256).
     #[arg(long, env = "RINGWAY_JWT_KEY")]
     pub jwt_key: Option<PathBuf>,
+    /// Required `aud` of client tokens [default: not checked].
+    #[arg(long, env = "RINGWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of client tokens [default: not checked].
+    #[arg(long, env = "RINGWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
     /// With a JWT key, let clients without a token in as anonymous [default: false].
     #[arg(long, env = "RINGWAY_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
     pub allow_anonymous: Option<bool>,
@@ -167,6 +173,12 @@ impl ServeArgs {
         if args.jwt_key.is_some() {
             cfg.jwt_key = args.jwt_key;
             cfg.jwt_secret = None;
+        }
+        if args.jwt_audience.is_some() {
+            cfg.jwt_audience = args.jwt_audience;
+        }
+        if args.jwt_issuer.is_some() {
+            cfg.jwt_issuer = args.jwt_issuer;
         }
         overlay!(
             cfg,

@@ -101,6 +101,10 @@ pub struct Config {
     pub jwt_secret: Option<String>,
     /// PEM public key file for client JWTs: RSA (RS256), Ed25519 (EdDSA) or P-256 (ES256).
     pub jwt_key: Option<std::path::PathBuf>,
+    /// Required `aud` of client tokens (unset: `aud` is not checked).
+    pub jwt_audience: Option<String>,
+    /// Required `iss` of client tokens (unset: `iss` is not checked).
+    pub jwt_issuer: Option<String>,
     /// With a JWT key configured, let clients without a token connect as anonymous
     /// (they can subscribe but receive no direct messages). A bad token is always refused.
     pub allow_anonymous: bool,
@@ -153,6 +157,8 @@ impl Default for Config {
             redis: None,
             jwt_secret: None,
             jwt_key: None,
+            jwt_audience: None,
+            jwt_issuer: None,
             allow_anonymous: false,
             presence_ttl_secs: 30,
         }
@@ -254,8 +260,8 @@ impl Config {
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("jwt_secret", "must be at least 16 bytes");
         }
-        if self.presence_ttl_secs < 3 {
-            return bad("presence_ttl_secs", "must be at least 3");
+        if !(3..=86_400).contains(&self.presence_ttl_secs) {
+            return bad("presence_ttl_secs", "must be from 3 to 86400");
         }
         if let Some(id) = &self.node_id {
             if id.is_empty()

@@ -53,6 +53,10 @@ pub struct Common {
     /// Write the results as JSON to this file.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
+    /// Redis the gateways share (host:port, loopback): fanout and direct report the Redis
+    /// commands they cost per message (INFO commandstats before and after).
+    #[arg(long, global = true)]
+    pub redis: Option<String>,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -63,6 +67,10 @@ pub enum Scenario {
     Fanout(FanoutArgs),
     /// Open, upgrade, welcome and close N connections with C in flight.
     Churn(ChurnArgs),
+    /// Like fanout, but each message goes to one user (`POST /v1/send`): connection g
+    /// presents a token for `user-(g mod T)` (`--topics` = users) and message k goes to
+    /// `user-(k mod T)`, through the gateway's presence directory.
+    Direct(FanoutArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -114,6 +122,10 @@ pub struct FanoutArgs {
     /// Write a latency-by-percentile plot (SVG) to this file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// HS256 secret the gateway verifies tokens with (`direct`); also read from
+    /// RINGWAY_JWT_SECRET.
+    #[arg(long, env = "RINGWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -45,6 +45,9 @@ pub const MAX_COUNTED_SEQ: u64 = 50_000_000;
 /// What one client process runs.
 #[derive(Debug, Clone)]
 pub struct ClientCfg {
+    /// `direct`: the token of each user; connection g presents `tokens[g mod T]` and
+    /// does not subscribe.
+    pub tokens: Option<std::sync::Arc<Vec<String>>>,
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
@@ -635,7 +638,11 @@ impl Worker {
                 Err(_) => return self.fail(slot, |f| &mut f.connect),
             }
             let g = self.first + u64::from(c.rel);
-            let req = ws::upgrade_request(&self.cfg.host, &self.cfg.path, &ws::key_for(g));
+            let token = self.cfg.tokens.as_ref().map(|t| {
+                let users = u64::from(self.cfg.topics.max(1));
+                t[(g % users) as usize].as_str()
+            });
+            let req = ws::upgrade_request(&self.cfg.host, &self.cfg.path, &ws::key_for(g), token);
             self.conns[slot].state = State::Upgrading;
             if !self.send(slot, &req) {
                 return;
@@ -782,7 +789,7 @@ impl Worker {
         let state = self.conns[slot].state;
         match (state, kind) {
             (State::Welcoming, Kind::Welcome) => {
-                if self.cfg.topics > 0 && self.mode == Mode::Hold {
+                if self.cfg.topics > 0 && self.mode == Mode::Hold && self.cfg.tokens.is_none() {
                     let g = self.first + u64::from(self.conns[slot].rel);
                     let topic = format!("topic-{}", g % u64::from(self.cfg.topics));
                     let frame =
@@ -862,6 +869,7 @@ impl Worker {
         let g = self.first + u64::from(self.conns[slot].rel);
         let topic_index = topic
             .strip_prefix(b"topic-")
+            .or_else(|| topic.strip_prefix(b"user-"))
             .and_then(|r| std::str::from_utf8(r).ok()?.parse::<u64>().ok());
         if topic_index != Some(g % t) || seq % t != g % t {
             d.misrouted += 1;

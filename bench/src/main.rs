@@ -20,6 +20,7 @@ mod client;
 mod parts;
 mod procfs;
 mod publisher;
+mod redisinfo;
 mod report;
 mod scenario;
 mod stats;

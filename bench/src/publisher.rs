@@ -41,6 +41,8 @@ pub enum Via {
 
 #[derive(Debug, Clone)]
 pub struct PubCfg {
+    /// Send message k to `user-(k mod T)` (`POST /v1/send`) instead of a topic.
+    pub direct: bool,
     pub via: Via,
     /// HTTP connections (ignored for WebSocket: one connection).
     pub conns: usize,
@@ -109,8 +111,13 @@ fn open_conn(via: &Via, index: u64) -> Result<(StdStream, Vec<u8>), String> {
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
     let key_index = u64::MAX - index;
-    s.write_all(&ws::upgrade_request(host, path, &ws::key_for(key_index)))
-        .map_err(|e| e.to_string())?;
+    s.write_all(&ws::upgrade_request(
+        host,
+        path,
+        &ws::key_for(key_index),
+        None,
+    ))
+    .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut head = None;
@@ -232,10 +239,20 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                     .extend_from_slice(&ws::text_frame(payload.as_bytes(), rng.mask()));
                 ws_inflight.insert(next);
             } else {
-                let body = format!("{{\"topic\":\"topic-{topic}\",\"data\":{data}}}");
+                let (path, body) = if cfg.direct {
+                    (
+                        "send",
+                        format!("{{\"user\":\"user-{topic}\",\"data\":{data}}}"),
+                    )
+                } else {
+                    (
+                        "publish",
+                        format!("{{\"topic\":\"topic-{topic}\",\"data\":{data}}}"),
+                    )
+                };
                 c.out.extend_from_slice(
                     format!(
-                        "POST /v1/publish HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        "POST /v1/{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     )
                     .as_bytes(),

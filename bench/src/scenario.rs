@@ -84,7 +84,9 @@ fn parse_url(url: &str) -> Result<Target, String> {
 fn shape(cli: &Cli) -> (u64, u64, u32) {
     match &cli.scenario {
         Scenario::Idle(a) => (a.conns, cli.common.open_concurrency, 0),
-        Scenario::Fanout(a) => (a.subs, cli.common.open_concurrency, a.topics as u32),
+        Scenario::Fanout(a) | Scenario::Direct(a) => {
+            (a.subs, cli.common.open_concurrency, a.topics as u32)
+        }
         Scenario::Churn(a) => (a.conns, a.concurrency, 0),
     }
 }
@@ -92,7 +94,12 @@ fn shape(cli: &Cli) -> (u64, u64, u32) {
 fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<ClientCfg, String> {
     let target = parse_url(&cli.common.url)?;
     let (_, _, topics) = shape(cli);
+    let tokens = match &cli.scenario {
+        Scenario::Direct(a) => Some(std::sync::Arc::new(user_tokens(a)?)),
+        _ => None,
+    };
     Ok(ClientCfg {
+        tokens,
         target: target.addr,
         host: target.host,
         path: target.path,
@@ -173,7 +180,20 @@ fn preflight(cli: &Cli, nofile: Option<u64>) -> Result<(), Error> {
             "--source-ips must stay inside 127.0.0.0/8".into(),
         ));
     }
-    if let Scenario::Fanout(a) = &cli.scenario {
+    if let Scenario::Direct(a) = &cli.scenario {
+        if a.jwt_secret.is_none() {
+            return Err(Error::Usage(
+                "direct needs the gateway's HS256 secret: --jwt-secret or RINGWAY_JWT_SECRET"
+                    .into(),
+            ));
+        }
+        if a.publish_via != PublishVia::Http {
+            return Err(Error::Usage(
+                "direct sends through the admin API only (--publish-via http)".into(),
+            ));
+        }
+    }
+    if let Scenario::Fanout(a) | Scenario::Direct(a) = &cli.scenario {
         if a.topics == 0 || a.topics > u64::from(u32::MAX) {
             return Err(Error::Usage("--topics must be at least 1".into()));
         }
@@ -198,7 +218,8 @@ pub fn run(cli: &Cli, nofile: Option<u64>) -> Result<(), Error> {
     let host = Host::take(nofile);
     let (name, results, table) = match &cli.scenario {
         Scenario::Idle(a) => ("idle", idle(cli, a)?),
-        Scenario::Fanout(a) => ("fanout", fanout(cli, a)?),
+        Scenario::Fanout(a) => ("fanout", fanout(cli, a, false)?),
+        Scenario::Direct(a) => ("direct", fanout(cli, a, true)?),
         Scenario::Churn(a) => ("churn", churn(cli, a)?),
     }
     .flatten();
@@ -540,7 +561,24 @@ fn account(
     acc
 }
 
-fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
+/// One HS256 token per user `user-0 … user-(T-1)`, valid for a day.
+fn user_tokens(a: &FanoutArgs) -> Result<Vec<String>, String> {
+    let secret = a.jwt_secret.as_deref().ok_or("no --jwt-secret")?;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 86_400;
+    (0..a.topics)
+        .map(|u| {
+            let claims = json!({ "sub": format!("user-{u}"), "exp": exp });
+            jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
+                .map_err(|e| format!("cannot sign a token: {e}"))
+        })
+        .collect()
+}
+
+fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Error> {
     let pids = &cli.common.gateway_pid;
     let target = parse_url(&cli.common.url).map_err(Error::Usage)?;
     let via = match a.publish_via {
@@ -567,9 +605,18 @@ fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
     );
     // Let the gateway settle after the subscribe burst before the window opens.
     std::thread::sleep(Duration::from_millis(500));
+    let redis = match &cli.common.redis {
+        Some(r) => Some(resolve(r).map_err(Error::Usage)?),
+        None => None,
+    };
+    let redis0 = match redis {
+        Some(addr) => Some(crate::redisinfo::sample(addr).map_err(Error::Run)?),
+        None => None,
+    };
     let gw_start = GatewaySample::take(pids);
     let parent_cpu0 = crate::procfs::self_cpu_secs();
     let pcfg = PubCfg {
+        direct,
         via,
         conns: a.publishers,
         rate: a.rate,
@@ -593,6 +640,14 @@ fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
     )
     .map_err(Error::Run)?;
     let gw_end = GatewaySample::take(pids);
+    // Commands from the publish start to the drain end (heartbeats of the window included).
+    let redis_calls = match (redis, &redis0) {
+        (Some(addr), Some(before)) => Some(crate::redisinfo::delta(
+            before,
+            &crate::redisinfo::sample(addr).map_err(Error::Run)?,
+        )),
+        _ => None,
+    };
     let mut drain = DrainReport::default();
     for r in drain_replies {
         if let PartReply::Drained(d) = r {
@@ -636,13 +691,20 @@ fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
         "schedule",
         if a.rate > 0.0 {
             format!(
-                "{} msg/s for {} s over {} topic(s), {} B data",
-                a.rate, a.duration, a.topics, a.msg_bytes
+                "{} msg/s for {} s over {} {}, {} B data",
+                a.rate,
+                a.duration,
+                a.topics,
+                if direct { "user(s)" } else { "topic(s)" },
+                a.msg_bytes
             )
         } else {
             format!(
-                "saturation for {} s over {} topic(s), ≤ {} in flight",
-                a.duration, a.topics, a.max_inflight
+                "saturation for {} s over {} {}, ≤ {} in flight",
+                a.duration,
+                a.topics,
+                if direct { "user(s)" } else { "topic(s)" },
+                a.max_inflight
             )
         },
     );
@@ -711,14 +773,30 @@ fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
         opt_num(per_cpu_precise, |v| format!("{v:.0}")),
     );
     t.row("generator CPU (publish + drain)", format!("{gen_cpu:.2} s"));
+    if let Some(calls) = &redis_calls {
+        // INFO commandstats counts the commands a function runs too, so `all` includes
+        // the lookups and publishes inside `ringway_send`.
+        let per_msg = |n: u64| n as f64 / pubrep.acked_ok.max(1) as f64;
+        let all: u64 = calls.values().sum();
+        let by: Vec<String> = calls
+            .iter()
+            .map(|(k, v)| format!("{k} {:.2}", per_msg(*v)))
+            .collect();
+        t.row(
+            "redis commands per message",
+            format!("{:.2} ({})", per_msg(all), by.join(", ")),
+        );
+    }
     t.section("latency (now − intended send time)");
     t.percentiles("latency", &lat);
 
     if let Some(path) = &a.svg {
         let title = format!(
-            "ringway-bench fanout: {} subscribers, {} topic(s), {}",
+            "ringway-bench {}: {} connections, {} {}, {}",
+            if direct { "direct" } else { "fanout" },
             open.opened,
             a.topics,
+            if direct { "user(s)" } else { "topic(s)" },
             if a.rate > 0.0 {
                 format!("{} msg/s", a.rate)
             } else {
@@ -743,6 +821,8 @@ fn fanout(cli: &Cli, a: &FanoutArgs) -> Result<(Value, Table), Error> {
         "duration_secs": a.duration,
         "msg_bytes": a.msg_bytes,
         "publish_via": format!("{:?}", a.publish_via).to_lowercase(),
+        "direct": direct,
+        "redis_calls": redis_calls,
         "open": open_json(&open, open_secs),
         "ready_per_topic": open.ready_per_topic,
         "publisher": {

@@ -21,11 +21,12 @@ pub fn key_for(index: u64) -> String {
     base64::engine::general_purpose::STANDARD.encode(raw)
 }
 
-/// The HTTP/1.1 upgrade request.
-pub fn upgrade_request(host: &str, path: &str, key: &str) -> Vec<u8> {
+/// The HTTP/1.1 upgrade request, with `Authorization: Bearer <token>` when given.
+pub fn upgrade_request(host: &str, path: &str, key: &str, token: Option<&str>) -> Vec<u8> {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
     )
     .into_bytes()
 }
@@ -127,6 +128,7 @@ pub struct Delivery<'a> {
 }
 
 const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","topic":""#;
+const DIRECT_PREFIX: &[u8] = br#"{"type":"message","user":""#;
 const DATA_PREFIX: &[u8] = br#""data":{"seq":"#;
 
 /// Classifies a server text payload. Messages in the gateway's own layout
@@ -147,7 +149,10 @@ pub fn classify(p: &[u8]) -> Kind<'_> {
         Some("error") => Kind::Error { reference },
         Some("message") => {
             // Re-encoded by something on the way (another gateway): find the fields.
-            let topic = v.get("topic").and_then(|t| t.as_str());
+            let topic = v
+                .get("topic")
+                .or_else(|| v.get("user"))
+                .and_then(|t| t.as_str());
             let data = v.get("data");
             let seq = data.and_then(|d| d.get("seq")).and_then(|s| s.as_u64());
             let t = data.and_then(|d| d.get("t")).and_then(|s| s.as_u64());
@@ -172,7 +177,9 @@ pub fn classify(p: &[u8]) -> Kind<'_> {
 }
 
 fn fast_delivery(p: &[u8]) -> Option<Delivery<'_>> {
-    let rest = p.strip_prefix(MESSAGE_PREFIX)?;
+    let rest = p
+        .strip_prefix(MESSAGE_PREFIX)
+        .or_else(|| p.strip_prefix(DIRECT_PREFIX))?;
     let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
     if rest[end] != b'"' {
         return None;
@@ -256,13 +263,13 @@ mod tests {
 
     #[test]
     fn upgrade_round_trip_with_gateway_parser() {
-        let req = upgrade_request("127.0.0.1:1", "/ws", &key_for(42));
+        let req = upgrade_request("127.0.0.1:1", "/ws", &key_for(42), None);
         let parsed = ringway::ws::handshake::parse(&req, 8192, false).unwrap();
         let ringway::ws::handshake::Parsed::Upgrade(up) = parsed else {
             panic!("incomplete")
         };
         let mut resp = Vec::new();
-        ringway::ws::handshake::write_switching_protocols(&mut resp, &up.accept);
+        ringway::ws::handshake::write_switching_protocols(&mut resp, &up.accept, None);
         assert_eq!(check_upgrade(&resp, 42), Ok(Some(resp.len())));
         assert_eq!(check_upgrade(&resp, 43), Err(UpgradeError::BadAccept));
         assert_eq!(check_upgrade(&resp[..10], 42), Ok(None));

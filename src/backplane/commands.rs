@@ -16,7 +16,7 @@ use bytes::BytesMut;
 
 use super::link::{self, Link, LinkError};
 use super::schema;
-use super::{Backoff, Backplane, Command, Reply, BATCH, CONNECT_TIMEOUT};
+use super::{Backoff, Backplane, Command, Reply, BATCH, CONNECT_TIMEOUT, REPLY_TIMEOUT};
 use crate::shard::Shard;
 
 /// Runs for the life of the shard, or until `Backplane::finish` has been served.
@@ -27,7 +27,7 @@ pub async fn run(shard: Rc<Shard>) {
     let m = &shard.metrics;
     let mut backoff = Backoff::new(shard.index as u64 * 2 + 2);
     let mut outage: Option<Instant> = None;
-    let mut in_flight: VecDeque<Reply> = VecDeque::new();
+    let mut in_flight: VecDeque<(Instant, Reply)> = VecDeque::new();
     loop {
         if bp.stopping.get() {
             break;
@@ -70,12 +70,11 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 /// Fails every command written or queued: their callers learn now, not never.
-fn fail_all(bp: &Backplane, in_flight: &mut VecDeque<Reply>) {
+fn fail_all(bp: &Backplane, in_flight: &mut VecDeque<(Instant, Reply)>) {
     let queued: Vec<Command> = bp.queue.borrow_mut().drain(..).collect();
-    for reply in in_flight
-        .drain(..)
-        .chain(queued.into_iter().map(|c| c.reply))
-    {
+    bp.queued_bytes.set(0);
+    let written = in_flight.drain(..).map(|(_, r)| r);
+    for reply in written.chain(queued.into_iter().map(|c| c.reply)) {
         bp.complete(reply, Err("redis connection lost".into()));
     }
     bp.in_flight.set(0);
@@ -86,7 +85,7 @@ async fn serve(
     shard: &Shard,
     bp: &Backplane,
     mut link: Link,
-    in_flight: &mut VecDeque<Reply>,
+    in_flight: &mut VecDeque<(Instant, Reply)>,
 ) -> Result<(), LinkError> {
     let heartbeat_every = (bp.presence_ttl / 3).max(Duration::from_secs(1));
     // On every (re)connect: load the functions first, then register everything anew.
@@ -130,21 +129,29 @@ async fn serve(
             }
         }
         let batch: Vec<Command> = bp.queue.borrow_mut().drain(..).collect();
+        bp.queued_bytes.set(0);
         if !batch.is_empty() {
             let mut out = BytesMut::with_capacity(batch.iter().map(|c| c.bytes.len()).sum());
+            let sent = Instant::now();
             for c in batch {
                 out.extend_from_slice(&c.bytes);
-                in_flight.push_back(c.reply);
+                in_flight.push_back((sent, c.reply));
                 shard.metrics.redis_commands.inc();
             }
             bp.in_flight.set(in_flight.len());
             link.write(out.freeze()).await?;
         }
         while let Some(frame) = link.next_buffered()? {
-            let Some(reply) = in_flight.pop_front() else {
+            let Some((_, reply)) = in_flight.pop_front() else {
                 return Err(LinkError::Protocol("reply without a command".into()));
             };
             bp.complete(reply, Ok(frame));
+        }
+        // Redis that stops answering (hung, or gone without a reset) breaks the link, so
+        // callers hear `unavailable` instead of waiting on a dead connection.
+        let oldest = in_flight.front().map(|(t, _)| *t);
+        if oldest.is_some_and(|t| t.elapsed() > REPLY_TIMEOUT) {
+            return Err(LinkError::NoAnswer(REPLY_TIMEOUT));
         }
         bp.in_flight.set(in_flight.len());
         if deregistered && in_flight.is_empty() && bp.queue.borrow().is_empty() {
@@ -153,7 +160,14 @@ async fn serve(
         if !bp.queue.borrow().is_empty() {
             continue;
         }
-        let sleep = next_heartbeat.saturating_duration_since(Instant::now());
+        let mut sleep = next_heartbeat.saturating_duration_since(Instant::now());
+        if deregistered {
+            sleep = Duration::from_millis(50);
+        }
+        if let Some(t) = oldest {
+            let left = REPLY_TIMEOUT.saturating_sub(t.elapsed());
+            sleep = sleep.min(left + Duration::from_millis(1));
+        }
         let readable = monoio::select! {
             r = link.readable() => Some(r),
             _ = bp.cmd_wake.woken() => None,

@@ -26,6 +26,8 @@ pub enum LinkError {
     },
     #[error("timed out")]
     Timeout,
+    #[error("redis did not answer within {0:?}")]
+    NoAnswer(Duration),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("connection closed by Redis")]
@@ -50,6 +52,38 @@ pub fn encode(buf: &mut BytesMut, args: &[&[u8]]) {
 
 /// Bytes read per wake-up at most, so a busy link cannot starve the shard.
 const READ_BUDGET: usize = 1024 * 1024;
+/// Unacknowledged data older than this breaks the connection (TCP_USER_TIMEOUT).
+const USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resolves `host:port` on a short-lived thread; the shard waits without blocking.
+async fn resolve(address: String) -> Result<Vec<std::net::SocketAddr>, LinkError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = address.parse() {
+        return Ok(vec![addr]);
+    }
+    let (tx, rx) = flume::bounded(1);
+    let shown = address.clone();
+    std::thread::Builder::new()
+        .name("ringway-resolve".into())
+        .spawn(move || {
+            let _ = tx.send(address.to_socket_addrs().map(Iterator::collect::<Vec<_>>));
+        })?;
+    match rx.recv_async().await {
+        Ok(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+        Ok(Ok(_)) => Err(LinkError::Connect {
+            addr: shown,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        }),
+        Ok(Err(source)) => Err(LinkError::Connect {
+            addr: shown,
+            source,
+        }),
+        Err(_) => Err(LinkError::Connect {
+            addr: shown,
+            source: std::io::Error::other("resolver thread failed"),
+        }),
+    }
+}
 
 pub struct Link {
     stream: TcpStream,
@@ -59,14 +93,38 @@ pub struct Link {
 }
 
 impl Link {
-    /// Connects, authenticates and selects the database.
+    /// Connects, authenticates and selects the database. The host name is resolved on
+    /// a helper thread (a slow resolver must not stall the shard), every address is
+    /// tried in turn, and the socket gets keepalives and a TCP user timeout so a Redis
+    /// host that vanishes without a reset is noticed within seconds.
     pub async fn connect(url: &RedisUrl, timeout: Duration) -> Result<Self, LinkError> {
         let setup = async {
-            let addr = url.address();
-            let stream = TcpStream::connect(addr.as_str())
-                .await
-                .map_err(|source| LinkError::Connect { addr, source })?;
+            let addrs = resolve(url.address()).await?;
+            let mut last = None;
+            let mut stream = None;
+            for addr in &addrs {
+                match TcpStream::connect_addr(*addr).await {
+                    Ok(s) => {
+                        stream = Some(s);
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            let stream = stream.ok_or_else(|| LinkError::Connect {
+                addr: url.address(),
+                source: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+            })?;
             let _ = stream.set_nodelay(true);
+            if let Err(e) = crate::sys::set_liveness(
+                stream.as_raw_fd(),
+                Duration::from_secs(5),
+                Duration::from_secs(2),
+                3,
+                USER_TIMEOUT,
+            ) {
+                tracing::debug!(error = %e, "could not set keepalives on the redis socket");
+            }
             let mut link = Link {
                 fd: stream.as_raw_fd(),
                 stream,
@@ -88,15 +146,17 @@ impl Link {
                 encode(&mut out, &[b"SELECT", url.db.to_string().as_bytes()]);
                 expect.push("SELECT");
             }
-            if !out.is_empty() {
-                link.write(out.freeze()).await?;
-                for what in expect {
-                    if let BytesFrame::Error(message) = link.next_frame().await? {
-                        return Err(LinkError::Refused {
-                            what,
-                            message: message.to_string(),
-                        });
-                    }
+            // A Redis that is hung still completes the TCP handshake (the kernel does):
+            // only an answer shows it is there.
+            encode(&mut out, &[b"PING"]);
+            expect.push("PING");
+            link.write(out.freeze()).await?;
+            for what in expect {
+                if let BytesFrame::Error(message) = link.next_frame().await? {
+                    return Err(LinkError::Refused {
+                        what,
+                        message: message.to_string(),
+                    });
                 }
             }
             Ok(link)

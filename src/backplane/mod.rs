@@ -47,6 +47,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const BATCH: usize = 512;
 /// Presence removals kept while Redis is away; beyond it, entries expire by their TTL.
 const MAX_PENDING_REMOVALS: usize = 100_000;
+/// Commands (and their bytes) waiting to be written; beyond either, new commands fail
+/// at once with `unavailable` rather than pile up behind a stalled Redis.
+const MAX_QUEUED: usize = 100_000;
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
+/// A command unanswered this long, or a subscriber PING, breaks the connection.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The subscriber PINGs Redis after this long without traffic.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// The answer to a request forwarded from another thread.
 pub type RemoteReply = flume::Sender<Result<BytesFrame, String>>;
@@ -90,10 +98,17 @@ pub struct Backplane {
     pub direct_channel: String,
     presence_ttl: Duration,
     topics: RefCell<HashMap<Rc<str>, SubState>>,
+    /// SUBSCRIBEs written per topic and not yet answered on the current connection: a
+    /// topic is confirmed only when the last one is (a SUBSCRIBE, UNSUBSCRIBE,
+    /// SUBSCRIBE sequence must not be confirmed by the first reply).
+    unanswered: RefCell<HashMap<Rc<str>, u32>>,
     dirty: RefCell<Vec<Rc<str>>>,
     acks: RefCell<HashMap<Rc<str>, Vec<PendingAck>>>,
     sub_wake: Wake,
     queue: RefCell<VecDeque<Command>>,
+    /// Bytes in `queue`; bounded by `MAX_QUEUED_BYTES`.
+    queued_bytes: Cell<usize>,
+    last_command_warn: Cell<Option<std::time::Instant>>,
     /// Commands written and not yet answered.
     in_flight: Cell<usize>,
     cmd_wake: Wake,
@@ -125,6 +140,9 @@ impl Backplane {
             direct_channel: schema::shard_channel(node, shard),
             presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
             topics: RefCell::default(),
+            unanswered: RefCell::default(),
+            queued_bytes: Cell::new(0),
+            last_command_warn: Cell::new(None),
             dirty: RefCell::default(),
             acks: RefCell::default(),
             sub_wake: Wake::default(),
@@ -207,8 +225,16 @@ impl Backplane {
             self.complete(reply, Err("redis unavailable".into()));
             return;
         }
-        let mut buf = BytesMut::new();
+        let size: usize = args.iter().map(|a| a.len() + 16).sum();
+        if self.queue.borrow().len() >= MAX_QUEUED
+            || self.queued_bytes.get() + size > MAX_QUEUED_BYTES
+        {
+            self.complete(reply, Err("redis is not keeping up: backlog full".into()));
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(size);
         link::encode(&mut buf, args);
+        self.queued_bytes.set(self.queued_bytes.get() + buf.len());
         self.queue.borrow_mut().push_back(Command {
             bytes: buf.freeze(),
             reply,
@@ -266,8 +292,23 @@ impl Backplane {
 
     /// Sends every pending `subscribed` reply for `topic`.
     fn confirm(&self, topic: &str) {
-        if let Some(state) = self.topics.borrow_mut().get_mut(topic) {
-            *state = SubState::Confirmed;
+        {
+            let mut unanswered = self.unanswered.borrow_mut();
+            match unanswered.get_mut(topic) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return;
+                }
+                Some(_) => {
+                    unanswered.remove(topic);
+                }
+                None => {}
+            }
+        }
+        match self.topics.borrow_mut().get_mut(topic) {
+            Some(state) => *state = SubState::Confirmed,
+            // Unsubscribed since: the replies still waiting went out with the unsubscribe.
+            None => return,
         }
         let Some(waiting) = self.acks.borrow_mut().remove(topic) else {
             return;
@@ -293,7 +334,15 @@ impl Backplane {
         match reply {
             Reply::Ignore(what) => {
                 if let Err(e) = result {
-                    tracing::warn!(command = what, error = %e, "redis command failed");
+                    let now = std::time::Instant::now();
+                    let quiet = self
+                        .last_command_warn
+                        .get()
+                        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(10));
+                    if !quiet {
+                        self.last_command_warn.set(Some(now));
+                        tracing::warn!(command = what, error = %e, "redis command failed (repeats within 10 s not logged)");
+                    }
                 }
             }
             Reply::Publish {

@@ -53,7 +53,7 @@ pub fn presence_member(node: &str, shard: usize, conn: u64) -> String {
 #[derive(Deserialize)]
 pub struct TopicEnvelope<'a> {
     #[serde(borrow, default)]
-    pub id: Option<&'a str>,
+    pub id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }
@@ -64,7 +64,7 @@ pub struct DirectEnvelope<'a> {
     #[serde(borrow)]
     pub users: Vec<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
-    pub id: Option<&'a str>,
+    pub id: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }
@@ -89,11 +89,14 @@ mod tests {
         let data = RawValue::from_string("{\"a\":[1,2]}".into()).unwrap();
         let env = topic_envelope("17-3", &data);
         let back: TopicEnvelope<'_> = serde_json::from_slice(&env).unwrap();
-        assert_eq!(back.id, Some("17-3"));
+        assert_eq!(back.id.as_deref(), Some("17-3"));
         assert_eq!(back.data.get(), "{\"a\":[1,2]}");
         let direct: DirectEnvelope<'_> =
             serde_json::from_str(r#"{"users":["u\/1","v"],"id":"1-2","data":null}"#).unwrap();
         assert_eq!(direct.users, vec!["u/1", "v"]);
+        // Lua's cjson writes `/` as `\/`: ids with escapes are read too.
+        let t: TopicEnvelope<'_> = serde_json::from_str(r#"{"id":"order\/42","data":1}"#).unwrap();
+        assert_eq!(t.id.as_deref(), Some("order/42"));
     }
 
     #[test]

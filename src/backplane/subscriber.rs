@@ -14,7 +14,7 @@ use redis_protocol::resp2::types::BytesFrame;
 
 use super::link::{self, Link, LinkError};
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
-use super::{Backoff, Backplane, SubState, BATCH, CONNECT_TIMEOUT};
+use super::{Backoff, Backplane, SubState, BATCH, CONNECT_TIMEOUT, PING_EVERY, REPLY_TIMEOUT};
 use crate::protocol;
 use crate::shard::Shard;
 
@@ -41,6 +41,10 @@ pub async fn run(shard: Rc<Shard>) {
                 bp.sub_up.set(true);
                 let err = serve(&shard, bp, link).await;
                 bp.sub_up.set(false);
+                // Until the next connection confirms them, no topic counts as subscribed:
+                // a subscribe made meanwhile waits for the reconnect.
+                bp.topics.borrow_mut().clear();
+                bp.unanswered.borrow_mut().clear();
                 m.redis_subscriber_up.set(0);
                 m.redis_reconnects.inc();
                 tracing::warn!(shard = shard.index, error = %err, "redis subscriber connection lost");
@@ -61,6 +65,7 @@ pub async fn run(shard: Rc<Shard>) {
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     // Everything this shard wants, from scratch.
     bp.dirty.borrow_mut().clear();
+    bp.unanswered.borrow_mut().clear();
     let topics: Vec<Rc<str>> = shard.registry.borrow().topic_names().cloned().collect();
     {
         let mut state = bp.topics.borrow_mut();
@@ -69,15 +74,28 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             state.insert(t.clone(), SubState::Sent);
         }
     }
+    {
+        // Replies waiting for topics nobody holds any more (their clients left during
+        // the outage) are dropped, not kept for a confirmation that will never come.
+        let registry = shard.registry.borrow();
+        bp.acks.borrow_mut().retain(|topic, waiting| {
+            waiting.retain(|a| a.conn.strong_count() > 0);
+            !waiting.is_empty() && registry.subscribers(topic).is_some()
+        });
+    }
+    count_subscribes(bp, &topics);
     let mut out = BytesMut::new();
     link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
     encode_channels(&mut out, b"SUBSCRIBE", &topics);
     if let Err(e) = link.write(out.freeze()).await {
         return e;
     }
+    let mut last_traffic = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
     loop {
         let (subscribe, unsubscribe) = take_changes(shard, bp);
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            count_subscribes(bp, &subscribe);
             let mut out = BytesMut::new();
             encode_channels(&mut out, b"SUBSCRIBE", &subscribe);
             encode_channels(&mut out, b"UNSUBSCRIBE", &unsubscribe);
@@ -88,19 +106,44 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
         let mut handled = 0;
         loop {
             match link.next_buffered() {
-                Ok(Some(frame)) => on_frame(shard, bp, frame),
+                Ok(Some(frame)) => {
+                    if let Err(e) = on_frame(shard, bp, frame) {
+                        return e;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => return e,
             }
             handled += 1;
         }
         if handled > 0 {
+            last_traffic = Instant::now();
+            ping_sent = None;
             // Let connection tasks write what the deliveries queued.
             crate::shard::yield_now().await;
         }
+        // A quiet connection is PINGed; a PING unanswered in time means Redis is gone
+        // (or hung) even if TCP has not noticed.
+        if let Some(sent) = ping_sent {
+            if sent.elapsed() > REPLY_TIMEOUT {
+                return LinkError::NoAnswer(REPLY_TIMEOUT);
+            }
+        } else if last_traffic.elapsed() >= PING_EVERY {
+            let mut out = BytesMut::new();
+            link::encode(&mut out, &[b"PING"]);
+            if let Err(e) = link.write(out.freeze()).await {
+                return e;
+            }
+            ping_sent = Some(Instant::now());
+        }
+        let wait = match ping_sent {
+            Some(sent) => REPLY_TIMEOUT.saturating_sub(sent.elapsed()),
+            None => PING_EVERY.saturating_sub(last_traffic.elapsed()),
+        };
         let readable = monoio::select! {
             r = link.readable() => Some(r),
             _ = bp.sub_wake.woken() => None,
+            _ = monoio::time::sleep(wait) => None,
         };
         match readable {
             Some(Err(e)) => return e,
@@ -148,13 +191,30 @@ fn encode_channels(out: &mut BytesMut, command: &[u8], topics: &[Rc<str>]) {
     }
 }
 
-fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) {
-    let BytesFrame::Array(parts) = frame else {
-        return;
+/// Counts the SUBSCRIBEs about to be written, per topic.
+fn count_subscribes(bp: &Backplane, topics: &[Rc<str>]) {
+    let mut unanswered = bp.unanswered.borrow_mut();
+    for t in topics {
+        *unanswered.entry(t.clone()).or_insert(0) += 1;
+    }
+}
+
+/// Handles one push from Redis; an error reply breaks the connection (the reconnect
+/// starts from a clean state).
+fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<(), LinkError> {
+    let parts = match frame {
+        BytesFrame::Array(parts) => parts,
+        BytesFrame::Error(e) => {
+            return Err(LinkError::Refused {
+                what: "SUBSCRIBE",
+                message: e.to_string(),
+            })
+        }
+        _ => return Ok(()),
     };
     let [BytesFrame::BulkString(kind), BytesFrame::BulkString(channel), third] = parts.as_slice()
     else {
-        return;
+        return Ok(());
     };
     match (&kind[..], third) {
         (b"message", BytesFrame::BulkString(payload)) => dispatch(shard, bp, channel, payload),
@@ -168,6 +228,7 @@ fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) {
         }
         _ => {}
     }
+    Ok(())
 }
 
 /// Delivers one message from Redis to this shard's connections.
@@ -179,7 +240,7 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
             Ok(env) => {
                 let id = env
                     .id
-                    .map_or_else(|| shard.node.next_message_id(), str::to_owned);
+                    .unwrap_or_else(|| shard.node.next_message_id().into());
                 for user in &env.users {
                     shard.deliver_direct(user, &id, env.data);
                 }
@@ -197,15 +258,10 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
     m.backplane_received.inc();
     match serde_json::from_slice::<TopicEnvelope<'_>>(payload) {
         Ok(env) => {
-            let generated;
-            let id = match env.id {
-                Some(id) => id,
-                None => {
-                    generated = shard.node.next_message_id();
-                    &generated
-                }
-            };
-            shard.deliver(topic, &protocol::message(topic, id, env.data));
+            let id = env
+                .id
+                .unwrap_or_else(|| shard.node.next_message_id().into());
+            shard.deliver(topic, &protocol::message(topic, &id, env.data));
         }
         Err(e) => bp.bad_message(m, topic, &e),
     }

@@ -72,7 +72,16 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         let m = &shard.metrics;
         let mut out = shard.response.borrow_mut();
         out.clear();
-        handshake::write_switching_protocols(&mut out, &upgrade.accept, upgrade.subprotocol);
+        let bearer;
+        let selected = match upgrade.subprotocol {
+            Some(handshake::Subprotocol::V1) => Some(handshake::SUBPROTOCOL),
+            Some(handshake::Subprotocol::Bearer) => {
+                bearer = format!("bearer.{}", upgrade.token.as_deref().unwrap_or(""));
+                Some(bearer.as_str())
+            }
+            None => None,
+        };
+        handshake::write_switching_protocols(&mut out, &upgrade.accept, selected);
         let welcome = endpoint == Endpoint::Gateway;
         if welcome {
             shard.welcome.write(&mut out, shard.index, handle.id);

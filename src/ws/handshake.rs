@@ -13,7 +13,9 @@
 //!
 //! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
 //! `Sec-WebSocket-Protocol` entry `bearer.<token>`, or the query parameter `token`.
-//! When the client offers the subprotocol `ringway.v1`, the response selects it.
+//! When the client offers the subprotocol `ringway.v1`, the response selects it; a
+//! client that offered only `bearer.<token>` gets that entry back (browsers refuse a
+//! 101 that selects none of the subprotocols they offered).
 
 use base64::Engine as _;
 
@@ -38,12 +40,22 @@ pub struct Upgrade {
     pub request_len: usize,
     /// The client's token, if it sent one.
     pub token: Option<String>,
-    /// The client offered the `ringway.v1` subprotocol.
-    pub subprotocol: bool,
+    /// The subprotocol to select: `ringway.v1` if offered, else the client's
+    /// `bearer.<token>` entry, else none.
+    pub subprotocol: Option<Subprotocol>,
 }
 
 /// The subprotocol name clients may offer (and which is then selected).
 pub const SUBPROTOCOL: &str = "ringway.v1";
+
+/// Which offered subprotocol the 101 response selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subprotocol {
+    /// `ringway.v1`.
+    V1,
+    /// The client's `bearer.<token>` entry (the token is in [`Upgrade::token`]).
+    Bearer,
+}
 
 /// Why an upgrade was refused; each has an HTTP status and a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -212,17 +224,20 @@ pub fn parse(buf: &[u8], max_bytes: usize, echo: bool) -> Result<Parsed, Refusal
                 .eq_ignore_ascii_case("bearer")
                 .then(|| rest.trim().to_owned())
         });
-    let mut subprotocol = false;
+    let mut subprotocol = None;
     for h in req.headers.iter() {
         if !h.name.eq_ignore_ascii_case("sec-websocket-protocol") {
             continue;
         }
         for entry in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             if entry == SUBPROTOCOL.as_bytes() {
-                subprotocol = true;
+                subprotocol = Some(Subprotocol::V1);
             } else if let Some(t) = entry.strip_prefix(b"bearer.") {
                 if token.is_none() {
                     token = std::str::from_utf8(t).ok().map(str::to_owned);
+                    if subprotocol.is_none() && token.is_some() {
+                        subprotocol = Some(Subprotocol::Bearer);
+                    }
                 }
             }
         }
@@ -255,13 +270,14 @@ pub fn accept_key(key: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(sha.digest().bytes())
 }
 
-/// Appends the 101 response to `out` (no allocation when `out` has room).
-pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str, subprotocol: bool) {
+/// Appends the 101 response to `out` (no allocation when `out` has room). `selected`
+/// is the subprotocol value to send back, if any.
+pub fn write_switching_protocols(out: &mut Vec<u8>, accept: &str, selected: Option<&str>) {
     out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ");
     out.extend_from_slice(accept.as_bytes());
-    if subprotocol {
+    if let Some(p) = selected {
         out.extend_from_slice(b"\r\nSec-WebSocket-Protocol: ");
-        out.extend_from_slice(SUBPROTOCOL.as_bytes());
+        out.extend_from_slice(p.as_bytes());
     }
     out.extend_from_slice(b"\r\n\r\n");
 }
@@ -344,7 +360,7 @@ mod tests {
         );
     }
 
-    fn token_of(from: &str, to: &str) -> (Option<String>, bool) {
+    fn token_of(from: &str, to: &str) -> (Option<String>, Option<Subprotocol>) {
         match with(from, to) {
             Ok(Parsed::Upgrade(u)) => (u.token, u.subprotocol),
             other => panic!("{other:?}"),
@@ -353,16 +369,21 @@ mod tests {
 
     #[test]
     fn token_from_header_subprotocol_or_query() {
-        assert_eq!(token_of("", ""), (None, false));
+        assert_eq!(token_of("", ""), (None, None));
         let bearer = token_of("Host: x\r\n", "Host: x\r\nAuthorization: Bearer a.b.c\r\n");
-        assert_eq!(bearer, (Some("a.b.c".into()), false));
+        assert_eq!(bearer, (Some("a.b.c".into()), None));
         let proto = token_of(
             "Host: x\r\n",
             "Host: x\r\nSec-WebSocket-Protocol: ringway.v1, bearer.d.e.f\r\n",
         );
-        assert_eq!(proto, (Some("d.e.f".into()), true));
+        assert_eq!(proto, (Some("d.e.f".into()), Some(Subprotocol::V1)));
+        let alone = token_of(
+            "Host: x\r\n",
+            "Host: x\r\nSec-WebSocket-Protocol: bearer.d.e.f\r\n",
+        );
+        assert_eq!(alone, (Some("d.e.f".into()), Some(Subprotocol::Bearer)));
         let query = token_of("/ws", "/ws?x=1&token=g.h.i");
-        assert_eq!(query, (Some("g.h.i".into()), false));
+        assert_eq!(query, (Some("g.h.i".into()), None));
         // The header wins over the query.
         let both = token_of(
             "GET /ws HTTP/1.1\r\nHost: x\r\n",

@@ -48,6 +48,10 @@ def test_a_valid_token_is_accepted_from_each_place(gateway):
             assert c.ws.subprotocol == "ringway.v1"
         async with Client(gw, path=f"/ws?token={tok}") as c:
             assert c.welcome["type"] == "welcome"
+        # A browser offering only the token entry gets it selected: a 101 selecting none
+        # of the offered subprotocols would fail the connection there.
+        async with Client(gw, subprotocols=[f"bearer.{tok}"]) as c:
+            assert c.ws.subprotocol == f"bearer.{tok}"
 
     arun(body())
 
@@ -58,6 +62,7 @@ def test_a_valid_token_is_accepted_from_each_place(gateway):
     ("forged", token("alice", secret="not-the-gateway-secret-at-all-0123456789"), "signature does not verify"),
     ("not yet valid", token("alice", nbf=int(time.time()) + 3600), "not valid yet"),
     ("no subject", jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"), "no `sub`"),
+    ("no expiry", jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"), "no `exp`"),
     ("garbage", "abc.def.ghi", "malformed token"),
     ("algorithm none", jwt.encode({"sub": "alice"}, None, algorithm="none"), "malformed token"),
 ])

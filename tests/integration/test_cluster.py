@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 
@@ -359,3 +360,29 @@ def test_delivery_resumes_after_redis_restarts_without_restarting_ringway(redis_
             assert n1.metric("ringway_redis_reconnects_total") >= 2
 
     arun(body(), timeout=60)
+
+
+def test_a_redis_that_hangs_is_noticed_and_recovered_from(redis_server, gateway):
+    """SIGSTOP leaves Redis's sockets open but answering nothing: only ringway's own
+    deadlines (a subscriber PING, a command reply) can tell."""
+    (n1,) = start_cluster(gateway, redis_server, n=1, presence_ttl_secs=3)
+
+    async def body():
+        async with Client(n1) as sub:
+            await sub.subscribe("hung")
+            redis_server.proc.send_signal(signal.SIGSTOP)
+            try:
+                wait_until(lambda: n1.http("GET", "/readyz").status == 503, 30, interval=0.2,
+                           what="readyz 503 while Redis hangs")
+                r = http_request(n1.admin_port, "POST", "/v1/publish",
+                                 json.dumps({"topic": "hung", "data": 1}), timeout=15)
+                assert r.status == 503 and r.json()["error"] == "unavailable", r.body
+            finally:
+                redis_server.proc.send_signal(signal.SIGCONT)
+            wait_until(lambda: n1.http("GET", "/readyz").status == 200, 30, interval=0.1,
+                       what="readyz 200 once Redis answers again")
+            mid = n1.publish("hung", 2)
+            m = await sub.recv(timeout=10)
+            assert (m["id"], m["data"]) == (mid, 2)
+
+    arun(body(), timeout=90)
