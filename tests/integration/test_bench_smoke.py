@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster import SECRET, cluster_opts
 from harness import REPO
 
 BENCH = Path(os.environ.get("RINGWAY_BENCH_BIN", REPO / "target" / "debug" / "ringway-bench"))
@@ -50,3 +51,35 @@ def test_fanout_delivers_every_message_once(gw, tmp_path, via):
 def test_churn_upgrades_every_connection(gw, tmp_path):
     r = run_bench(gw, tmp_path, "churn", "--conns", "1000", "--concurrency", "32")
     assert r["upgraded"] == 1000 and r["failed"] == 0, r
+
+
+def run_cluster_bench(nodes, r, tmp_path, scenario: str, *args: str) -> dict:
+    """The bench against nodes that share one port (SO_REUSEPORT), publishing through
+    the first node's admin API."""
+    pids = [a for n in nodes for a in ("--gateway-pid", str(n.proc.pid))]
+    out = tmp_path / f"{scenario}.json"
+    cmd = [str(BENCH), scenario, "--url", nodes[0].ws_url, "--admin", nodes[0].admin_addr,
+           "--redis", f"127.0.0.1:{r.port}", "--json", str(out), *pids, *args]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RINGWAY_JWT_SECRET": SECRET})
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    return json.loads(out.read_text())["results"]
+
+
+@pytest.mark.parametrize("scenario", ["fanout", "direct"])
+def test_through_redis_across_two_nodes_every_message_arrives_once(redis_server, gateway, tmp_path,
+                                                                  scenario):
+    env = {"RINGWAY_JWT_SECRET": SECRET}
+    first = gateway(**cluster_opts(redis_server, 1, allow_anonymous=True), env=env)
+    second = gateway(**cluster_opts(redis_server, 2, allow_anonymous=True,
+                                    listen=f"127.0.0.1:{first.port}"), env=env)
+    topics = "4" if scenario == "fanout" else "1000"
+    r = run_cluster_bench([first, second], redis_server, tmp_path, scenario, "--subs", "1000",
+                          "--topics", topics, "--rate", "50", "--duration", "2")
+    d = r["deliveries"]
+    assert d["expected"] > 0 and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
+    assert r["open"]["opened"] == 1000, r["open"]
+    # Both nodes held subscribers, so messages crossed Redis to reach all of them.
+    assert first.metric("ringway_accepted_total") > 0 and second.metric("ringway_accepted_total") > 0
+    assert r["redis_calls"], "no Redis commands counted"
