@@ -78,7 +78,113 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         "a restart beside the old process resets no queued connection",
     ));
     out.push(cpus(cfg));
+    out.extend(redis(cfg));
     out
+}
+
+/// Oldest Redis ringway works with: it loads its Lua library with FUNCTION LOAD.
+const REDIS_MIN: (u32, u32) = (7, 0);
+
+/// Reachability, credentials and version of the configured Redis.
+fn redis(cfg: &Config) -> Option<Check> {
+    let url = cfg.redis.as_deref()?;
+    let fail =
+        |detail: String, fix: &str| Some(check(Level::Fail, "redis", detail, Some(fix.into())));
+    let parsed = match crate::backplane::RedisUrl::parse(url) {
+        Ok(u) => u,
+        Err(e) => return fail(format!("{url}: {e}"), "fix the `redis` option"),
+    };
+    match redis_version(&parsed) {
+        Ok(version) => {
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+            if (major, minor) >= REDIS_MIN {
+                Some(check(
+                    Level::Pass,
+                    "redis",
+                    format!("{} answers, Redis {version}", parsed.address()),
+                    None,
+                ))
+            } else {
+                fail(
+                    format!("{} is Redis {version}: functions need 7.0", parsed.address()),
+                    "upgrade Redis to 7.0 or later (ringway loads its Lua functions with FUNCTION LOAD)",
+                )
+            }
+        }
+        Err(e) => fail(
+            format!("{}: {e}", parsed.address()),
+            "start Redis or correct the `redis` URL (and its user/password); ringway itself starts anyway, answers 503 on /readyz and keeps retrying",
+        ),
+    }
+}
+
+/// `INFO server` → `redis_version`, after AUTH and SELECT as the gateway would.
+fn redis_version(url: &crate::backplane::RedisUrl) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    use std::time::Duration;
+    let addr = url
+        .address()
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .next()
+        .ok_or("no address")?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
+    let mut out = bytes::BytesMut::new();
+    let mut replies = 1;
+    if let Some(password) = &url.password {
+        match &url.username {
+            Some(u) => crate::backplane::link::encode(
+                &mut out,
+                &[b"AUTH", u.as_bytes(), password.as_bytes()],
+            ),
+            None => crate::backplane::link::encode(&mut out, &[b"AUTH", password.as_bytes()]),
+        }
+        replies += 1;
+    }
+    if url.db != 0 {
+        crate::backplane::link::encode(&mut out, &[b"SELECT", url.db.to_string().as_bytes()]);
+        replies += 1;
+    }
+    crate::backplane::link::encode(&mut out, &[b"INFO", b"server"]);
+    s.write_all(&out).map_err(|e| format!("write: {e}"))?;
+    let mut buf = Vec::new();
+    let mut frames = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    while frames.len() < replies {
+        match redis_protocol::resp2::decode::decode(&buf) {
+            Ok(Some((frame, used))) => {
+                buf.drain(..used);
+                frames.push(frame);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("not a Redis reply: {e}")),
+        }
+        let n = s.read(&mut chunk).map_err(|e| format!("no answer: {e}"))?;
+        if n == 0 {
+            return Err("closed the connection".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    use redis_protocol::resp2::types::OwnedFrame;
+    for f in &frames {
+        if let OwnedFrame::Error(e) = f {
+            return Err(format!("refused: {e}"));
+        }
+    }
+    let Some(OwnedFrame::BulkString(info)) = frames.last() else {
+        return Err("unexpected reply to INFO".into());
+    };
+    String::from_utf8_lossy(info)
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(|v| v.trim().to_string())
+        .ok_or_else(|| "INFO has no redis_version".into())
 }
 
 fn io_uring(cfg: &Config) -> Check {

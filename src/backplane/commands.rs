@@ -4,9 +4,10 @@
 //! Every write carries everything queued since the last one; replies come back in
 //! order and are matched to their handlers (`Reply`). Presence is never one command
 //! per connection: connects and disconnects since the last write go out as one
-//! `ringway_presence_set` / `ringway_presence_del` call each, and the heartbeat (every
-//! third of the TTL) refreshes all of the shard's users in calls of `BATCH` entries.
-//! Shard 0 also keeps the node's entry in the node registry alive.
+//! `ringway_presence_set` / `ringway_presence_del` call per `PRESENCE_BATCH`, and the
+//! heartbeat refreshes a slice of the connection table each second, so that every entry
+//! is refreshed once per third of the TTL without bursts. After a (re)connect every
+//! entry is registered at once. Shard 0 also keeps the node's registry entry alive.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -16,7 +17,11 @@ use bytes::BytesMut;
 
 use super::link::{self, Link, LinkError};
 use super::schema;
-use super::{Backoff, Backplane, Command, Reply, BATCH, CONNECT_TIMEOUT, REPLY_TIMEOUT};
+use super::{Backoff, Backplane, Command, Reply, CONNECT_TIMEOUT, REPLY_TIMEOUT};
+
+/// Presence entries per function call: each costs Redis about four commands, so a call
+/// holds Redis for well under a millisecond and sends queued behind it barely notice.
+const PRESENCE_BATCH: usize = 128;
 use crate::shard::Shard;
 
 /// Runs for the life of the shard, or until `Backplane::finish` has been served.
@@ -87,7 +92,10 @@ async fn serve(
     mut link: Link,
     in_flight: &mut VecDeque<(Instant, Reply)>,
 ) -> Result<(), LinkError> {
-    let heartbeat_every = (bp.presence_ttl / 3).max(Duration::from_secs(1));
+    // Every entry is refreshed once per period (a third of the TTL), a slice of the
+    // connection table each second, so Redis sees a steady trickle instead of a burst
+    // that would hold up every send queued behind it.
+    let period_ticks = (bp.presence_ttl.as_secs() / 3).max(1) as usize;
     // On every (re)connect: load the functions first, then register everything anew.
     bp.queue.borrow_mut().push_front(Command {
         bytes: {
@@ -104,12 +112,31 @@ async fn serve(
     // removals are kept so entries of connections that closed meanwhile are deleted.
     bp.presence_added.borrow_mut().clear();
     let mut next_heartbeat = Instant::now();
+    let mut tick: usize = 0;
+    let mut cursor: usize = 0;
     let mut deregistered = false;
     loop {
         let now = Instant::now();
         if now >= next_heartbeat && !bp.stopping.get() {
-            queue_heartbeat(shard, bp);
-            next_heartbeat = now + heartbeat_every;
+            if tick == 0 {
+                // Just (re)connected: Redis may have restarted empty.
+                refresh_presence(shard, bp, 0, usize::MAX);
+            } else {
+                let slots = shard.conns.borrow().capacity();
+                let step = slots.div_ceil(period_ticks).max(1);
+                refresh_presence(shard, bp, cursor, step);
+                cursor += step;
+                if cursor >= slots {
+                    cursor = 0;
+                }
+            }
+            if tick.is_multiple_of(period_ticks) {
+                node_alive(shard, bp);
+                let entries: usize = shard.users.borrow().values().map(Vec::len).sum();
+                shard.metrics.presence_entries.set(entries as u64);
+            }
+            tick += 1;
+            next_heartbeat = now + Duration::from_secs(1);
         }
         queue_presence_changes(shard, bp);
         if bp.stopping.get() && !deregistered {
@@ -180,25 +207,29 @@ async fn serve(
     }
 }
 
-/// Every user of this shard, refreshed in calls of `BATCH` entries; and, on shard 0,
-/// the node's registry entry.
-fn queue_heartbeat(shard: &Shard, bp: &Backplane) {
-    let ttl_ms = bp.presence_ttl.as_millis().to_string();
+/// Refreshes the presence of the identified connections in slots `from .. from + len`
+/// of the connection table, in calls of `PRESENCE_BATCH` entries.
+fn refresh_presence(shard: &Shard, bp: &Backplane, from: usize, len: usize) {
     let entries: Vec<(Rc<str>, u64)> = {
-        let users = shard.users.borrow();
         let conns = shard.conns.borrow();
-        users
-            .iter()
-            .flat_map(|(user, keys)| {
-                keys.iter()
-                    .filter_map(|k| conns.get(*k).map(|c| (user.clone(), c.id)))
-            })
+        let end = from.saturating_add(len).min(conns.capacity());
+        (from..end)
+            .filter_map(|k| conns.get(k))
+            .filter_map(|c| c.user.as_ref().map(|u| (u.clone(), c.id)))
             .collect()
     };
-    shard.metrics.presence_entries.set(entries.len() as u64);
-    for chunk in entries.chunks(BATCH) {
+    if entries.is_empty() {
+        return;
+    }
+    let ttl_ms = bp.presence_ttl.as_millis().to_string();
+    for chunk in entries.chunks(PRESENCE_BATCH) {
         presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
     }
+}
+
+/// On shard 0, keeps the node's registry entry alive.
+fn node_alive(shard: &Shard, bp: &Backplane) {
+    let ttl_ms = bp.presence_ttl.as_millis().to_string();
     if shard.index == 0 {
         let node = &shard.node.id;
         let node_key = format!("{}{node}", schema::NODE_PREFIX);
@@ -229,11 +260,11 @@ fn queue_presence_changes(shard: &Shard, bp: &Backplane) {
     let removed = std::mem::take(&mut *bp.presence_removed.borrow_mut());
     if !added.is_empty() {
         let ttl_ms = bp.presence_ttl.as_millis().to_string();
-        for chunk in added.chunks(BATCH) {
+        for chunk in added.chunks(PRESENCE_BATCH) {
             presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
         }
     }
-    for chunk in removed.chunks(BATCH) {
+    for chunk in removed.chunks(PRESENCE_BATCH) {
         presence_call(shard, bp, "ringway_presence_del", None, chunk);
     }
 }

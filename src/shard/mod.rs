@@ -113,7 +113,7 @@ impl Shard {
     ) -> (ConnKey, Rc<ConnHandle>) {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        let handle = Rc::new(ConnHandle::new(id, fd, self.now()));
+        let handle = Rc::new(ConnHandle::new(id, fd, self.now(), user.cloned()));
         let key = self.conns.borrow_mut().insert(handle.clone());
         self.metrics
             .connections
@@ -133,8 +133,10 @@ impl Shard {
     }
 
     /// Removes a connection, its subscriptions and its presence. Called exactly once
-    /// per `register`, with the same user.
-    pub fn unregister(&self, key: ConnKey, user: Option<&Rc<str>>, why: CloseReason) {
+    /// per `register`.
+    pub fn unregister(&self, key: ConnKey, why: CloseReason) {
+        let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
+        let user = user.as_ref();
         let emptied = self.registry.borrow_mut().remove_conn(key);
         if let Some(bp) = &self.backplane {
             for topic in emptied {

@@ -44,9 +44,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         return;
     };
     let why = conn.run().await;
-    conn.s
-        .shard
-        .unregister(conn.s.key, conn.s.user.as_ref(), why);
+    conn.s.shard.unregister(conn.s.key, why);
 }
 
 /// Runs the handshake under its timeout, registers the connection and sends the 101
@@ -91,7 +89,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
             Err(_) => {
                 drop(out);
-                shard.unregister(key, user.as_ref(), CloseReason::IoError);
+                shard.unregister(key, CloseReason::IoError);
                 return None;
             }
         };
@@ -125,7 +123,6 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
             endpoint,
             state: State::Open,
             why: None,
-            user,
         },
     })
 }
@@ -218,8 +215,6 @@ struct Session {
     endpoint: Endpoint,
     state: State,
     why: Option<CloseReason>,
-    /// The user id from the client's token; `None` for anonymous clients.
-    user: Option<Rc<str>>,
 }
 
 // === impl Conn ===

@@ -67,13 +67,16 @@ pub struct ConnHandle {
     pub ping_sent: Cell<bool>,
     close: Cell<Option<CloseRequest>>,
     abort: Cell<Option<CloseReason>>,
+    /// The user id from the client's token; `None` for anonymous clients.
+    pub user: Option<std::rc::Rc<str>>,
 }
 
 impl ConnHandle {
-    pub fn new(id: u64, fd: RawFd, now: u32) -> Self {
+    pub fn new(id: u64, fd: RawFd, now: u32, user: Option<std::rc::Rc<str>>) -> Self {
         Self {
             id,
             fd,
+            user,
             queue: RefCell::new(VecDeque::new()),
             queued: Cell::new(0),
             waker: Cell::new(None),
@@ -284,7 +287,7 @@ mod tests {
 
     #[test]
     fn limit_closes_slow_consumer_and_discards_queue() {
-        let h = ConnHandle::new(1, -1, 0);
+        let h = ConnHandle::new(1, -1, 0, None);
         assert_eq!(
             h.push(Bytes::from(vec![0; 600]), 1000, false, &M),
             Push::Queued
@@ -306,7 +309,7 @@ mod tests {
         let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
         let m = ShardMetrics::default();
-        let h = ConnHandle::new(1, server.as_raw_fd(), 0);
+        let h = ConnHandle::new(1, server.as_raw_fd(), 0, None);
         assert_eq!(
             h.push(Bytes::from_static(b"first"), 1 << 30, false, &m),
             Push::Sent
@@ -342,7 +345,7 @@ mod tests {
 
     #[test]
     fn an_empty_queue_takes_one_frame_of_any_size() {
-        let h = ConnHandle::new(1, -1, 0);
+        let h = ConnHandle::new(1, -1, 0, None);
         assert_eq!(
             h.push(Bytes::from(vec![0; 5000]), 1000, false, &M),
             Push::Queued
@@ -355,7 +358,7 @@ mod tests {
 
     #[test]
     fn overflow_during_a_stuck_write_aborts() {
-        let h = ConnHandle::new(1, -1, 0);
+        let h = ConnHandle::new(1, -1, 0, None);
         h.push(Bytes::from(vec![0; 600]), 1000, false, &M);
         h.writing_since.set(5);
         assert_eq!(
@@ -367,7 +370,7 @@ mod tests {
 
     #[test]
     fn drop_policy_keeps_the_connection() {
-        let h = ConnHandle::new(1, -1, 0);
+        let h = ConnHandle::new(1, -1, 0, None);
         assert_eq!(
             h.push(Bytes::from(vec![0; 600]), 1000, true, &M),
             Push::Queued
@@ -382,7 +385,7 @@ mod tests {
 
     #[test]
     fn small_frames_coalesce_and_accounting_balances() {
-        let h = ConnHandle::new(1, -1, 0);
+        let h = ConnHandle::new(1, -1, 0, None);
         for _ in 0..10 {
             h.push(Bytes::from_static(b"0123456789"), 1 << 20, false, &M);
         }

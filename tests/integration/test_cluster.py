@@ -386,3 +386,15 @@ def test_a_redis_that_hangs_is_noticed_and_recovered_from(redis_server, gateway)
             assert (m["id"], m["data"]) == (mid, 2)
 
     arun(body(), timeout=90)
+
+
+def test_doctor_checks_the_configured_redis(redis_server):
+    ok = run_cli("doctor", "--redis", redis_server.url)
+    line = next(l for l in ok.stdout.splitlines() if " redis " in f" {l} ")
+    assert line.startswith("PASS") and "Redis 7." in line, ok.stdout
+    redis_server.kill()
+    down = run_cli("doctor", "--redis", redis_server.url)
+    assert down.returncode == 2, down.stdout
+    line = next(l for l in down.stdout.splitlines() if " redis " in f" {l} ")
+    assert line.startswith("FAIL") and "cannot connect" in line, down.stdout
+    assert "fix: start Redis" in down.stdout

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The cluster figures in BENCHMARKS.md: fan-out and direct sends through Redis across
+# several nodes, each beside the same load on one node with the in-process broker (the
+# baseline of the same run). Each scenario runs RUNS times (default 3) against freshly
+# started processes (a private redis-server on REDIS_PORT, no persistence), then a table
+# of medians (min–max) from the JSON results.
+#
+#   cargo build --release --workspace
+#   bash bench/scripts/cluster.sh                  # all scenarios
+#   ONLY=direct3,direct1 RUNS=5 bash bench/scripts/cluster.sh
+#
+# The nodes share one port through SO_REUSEPORT, so the kernel spreads the generator's
+# connections over them. Node i runs on CPU (i mod CPUs) (`taskset`; a node pins its
+# shards inside its affinity mask), with one shard per CPU it is given; the one-node
+# baseline gets every CPU. Gateway CPU counts every node process; Redis's CPU is
+# reported apart. Results: bench/results/cluster-<timestamp>/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1}
+OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%d-%H%M%S)}
+GW_BIN=${GW_BIN:-target/release/ringway}
+B=${BENCH_BIN:-target/release/ringway-bench}
+PORT=${PORT:-18580}
+APORT=${APORT:-19580}
+REDIS_PORT=${REDIS_PORT:-16390}
+CPUS=$(nproc)
+export RINGWAY_JWT_SECRET=${RINGWAY_JWT_SECRET:-bench-secret-0123456789abcdef0123}
+mkdir -p "$OUT"
+[ -x "$GW_BIN" ] && [ -x "$B" ] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
+command -v redis-server >/dev/null || { echo "redis-server not found (apt-get install redis-server)" >&2; exit 2; }
+
+PIDS=()
+start_redis() {
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --logfile "$OUT/redis.log" --daemonize no &
+  REDIS=$!
+  for _ in $(seq 100); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "redis-server did not start" >&2; return 1
+}
+# start_nodes N [redis]: N nodes on one port; admin ports APORT, APORT+1, …
+start_nodes() {
+  local n=$1 redis=${2:-} i cpus
+  PIDS=()
+  for i in $(seq 0 $((n - 1))); do
+    if (( n == 1 )); then cpus=0-$((CPUS - 1)); else cpus=$(( i % CPUS )); fi
+    taskset -c "$cpus" "$GW_BIN" serve --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$((APORT + i))" --shards 0 \
+      --node-id "bench$i" --allow-anonymous ${redis:+--redis "redis://127.0.0.1:$REDIS_PORT"} \
+      2>>"$OUT/gateway.log" &
+    PIDS+=($!)
+  done
+  for i in $(seq 0 $((n - 1))); do
+    for _ in $(seq 100); do curl -fs "http://127.0.0.1:$((APORT + i))/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+    curl -fs "http://127.0.0.1:$((APORT + i))/readyz" >/dev/null || { echo "node $i not ready" >&2; return 1; }
+  done
+}
+stop_all() {
+  local p
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "${REDIS:-}" ]; then kill -TERM "$REDIS" 2>/dev/null || true; wait "$REDIS" 2>/dev/null || true; REDIS=; fi
+  sleep 1
+}
+trap stop_all EXIT
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+gw_pids() { local p; for p in "${PIDS[@]}"; do echo --gateway-pid "$p"; done; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# run NAME BENCH-ARGS…: the generator against the nodes, Redis's CPU ticks around it.
+run() {
+  local name=$1; shift
+  local r0=0 r1=0
+  [ -n "${REDIS:-}" ] && r0=$(cpu_ticks "$REDIS")
+  "$B" --url "ws://127.0.0.1:$PORT/ws" --admin "127.0.0.1:$APORT" $(gw_pids) \
+    ${REDIS:+--redis "127.0.0.1:$REDIS_PORT"} --json "$OUT/$name.json" "$@"
+  [ -n "${REDIS:-}" ] && r1=$(cpu_ticks "$REDIS")
+  echo "$(( r1 - r0 ))" > "$OUT/$name.redis-ticks"
+}
+
+FANOUT1K=(fanout --subs 1000 --topics 1 --rate 10 --duration 10)
+FANOUT=(fanout --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2)
+DIRECT=(direct --subs 10000 --topics 10000 --rate 1000 --duration 10 --source-ips 2)
+for i in $(seq "$RUNS"); do
+  if want fanout1k-redis2; then
+    start_redis; start_nodes 2 redis; run "fanout1k-redis2-$i" "${FANOUT1K[@]}"; stop_all
+  fi
+  if want fanout1k-local; then
+    start_nodes 1; run "fanout1k-local-$i" "${FANOUT1K[@]}"; stop_all
+  fi
+  if want fanout10k-redis2; then
+    start_redis; start_nodes 2 redis; run "fanout10k-redis2-$i" "${FANOUT[@]}" --svg "$OUT/fanout10k-redis2-$i.svg"; stop_all
+  fi
+  if want fanout10k-local; then
+    start_nodes 1; run "fanout10k-local-$i" "${FANOUT[@]}"; stop_all
+  fi
+  if want direct3; then
+    start_redis; start_nodes 3 redis; run "direct3-$i" "${DIRECT[@]}" --svg "$OUT/direct3-$i.svg"; stop_all
+  fi
+  if want direct1; then
+    start_nodes 1; run "direct1-$i" "${DIRECT[@]}"; stop_all
+  fi
+done
+
+python3 - "$OUT" "$(getconf CLK_TCK)" <<'PY' | tee "$OUT/summary.txt"
+import glob, json, os, statistics, sys
+out, hz = sys.argv[1], int(sys.argv[2])
+def load(name):
+    rows = []
+    for f in sorted(glob.glob(os.path.join(out, name + "-[0-9]*.json"))):
+        r = json.load(open(f))["results"]
+        ticks = f[:-5] + ".redis-ticks"
+        r["redis_cpu_secs"] = int(open(ticks).read()) / hz if os.path.exists(ticks) else None
+        rows.append(r)
+    return rows
+def row(label, vals, fmt="{:,.0f}"):
+    vals = [v for v in vals if v is not None]
+    if vals:
+        print(f"{label:<58} {fmt.format(statistics.median(vals)):>12}   ({fmt.format(min(vals))} – {fmt.format(max(vals))}, n={len(vals)})")
+for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 subscribers over 2 nodes, 10 msg/s"),
+                    ("fanout1k-local", "baseline, one node, in-process broker: the same load"),
+                    ("fanout10k-redis2", "fanout through Redis: 1 topic, 10,000 subscribers over 2 nodes, 10 msg/s"),
+                    ("fanout10k-local", "baseline, one node, in-process broker: the same load"),
+                    ("direct3", "direct through Redis: 10,000 users over 3 nodes, 1,000 msg/s"),
+                    ("direct1", "baseline, one node, in-process directory: the same load")):
+    rs = load(name)
+    if not rs:
+        continue
+    print(label)
+    row("  deliveries/s", [r["deliveries"]["per_sec"] for r in rs])
+    row("  messages acknowledged/s", [r["publisher"]["acked_ok"] / r["publisher"]["send_secs"] for r in rs])
+    row("  deliveries per gateway CPU-second (all nodes)", [r["gateway"]["deliveries_per_cpu_sec_schedstat"] for r in rs])
+    row("  lost + duplicates", [r["deliveries"]["lost"] + r["deliveries"]["duplicates"] for r in rs])
+    for p in ("p50", "p99", "p999", "max"):
+        row(f"  latency {p} (ms)", [r["latency_us"][p] / 1000 for r in rs], "{:,.2f}")
+    calls = [r.get("redis_calls") for r in rs if r.get("redis_calls")]
+    if calls:
+        acked = [r["publisher"]["acked_ok"] for r in rs if r.get("redis_calls")]
+        row("  redis commands per message (all, functions' included)",
+            [sum(c.values()) / a for c, a in zip(calls, acked)], "{:,.2f}")
+        for cmd in sorted({k for c in calls for k in c}):
+            row(f"    {cmd} per message", [c.get(cmd, 0) / a for c, a in zip(calls, acked)], "{:,.2f}")
+        row("  redis-server CPU-seconds (whole run)", [r["redis_cpu_secs"] for r in rs], "{:,.2f}")
+PY
