@@ -8,6 +8,8 @@
 #   cargo build --release --workspace
 #   bash bench/scripts/cluster.sh                  # all scenarios
 #   ONLY=direct3,direct1 RUNS=5 bash bench/scripts/cluster.sh
+#   RINGWAY_PRESENCE_TTL_SECS=3600 ONLY=direct3 bash bench/scripts/cluster.sh
+#                                 # RINGWAY_* variables reach every node
 #
 # The nodes share one port through SO_REUSEPORT, so the kernel spreads the generator's
 # connections over them. Node i runs on CPU (i mod CPUs) (`taskset`; a node pins its
