@@ -45,6 +45,7 @@ step "build the gateway and the load generator"
 cargo build --workspace
 export RINGWAY_BIN="$ROOT/target/debug/ringway"
 export RINGWAY_BENCH_BIN="$ROOT/target/debug/ringway-bench"
+export RINGWAY_BASELINE_BIN="$ROOT/target/debug/ringway-baseline"
 
 step "integration tests (real gateway processes, Python websockets client)"
 .venv/bin/python -m pytest tests/integration -q -p no:cacheprovider

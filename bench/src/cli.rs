@@ -53,6 +53,21 @@ pub struct Common {
     /// Write the results as JSON to this file.
     #[arg(long, global = true)]
     pub json: Option<PathBuf>,
+    /// Comparison mode, for a server that is not ringway: its subscribe request, with
+    /// `{topic}` for the topic name.
+    #[arg(
+        long,
+        global = true,
+        default_value = r#"{"op":"subscribe","topic":"{topic}"}"#
+    )]
+    pub subscribe_template: String,
+    /// Whether the server sends a first frame after the upgrade (ringway's `welcome`).
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set)]
+    pub expect_welcome: bool,
+    /// Whether the server answers a subscribe (ringway's `subscribed`); if not, a
+    /// subscriber is ready once its request is written.
+    #[arg(long, global = true, default_value_t = true, action = clap::ArgAction::Set)]
+    pub expect_subscribed: bool,
     /// Redis the gateways share (host:port, loopback): fanout and direct report the Redis
     /// commands they cost per message (INFO commandstats before and after).
     #[arg(long, global = true)]
@@ -122,6 +137,14 @@ pub struct FanoutArgs {
     /// Write a latency-by-percentile plot (SVG) to this file.
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Comparison mode: the admin path publishes go to [default: /v1/publish, or
+    /// /v1/send for `direct`].
+    #[arg(long)]
+    pub publish_path: Option<String>,
+    /// Comparison mode: the HTTP body of a publish, with `{topic}` (the topic or user
+    /// name) and `{data}` (the message JSON) [default: {"topic":"{topic}","data":{data}}].
+    #[arg(long)]
+    pub publish_template: Option<String>,
     /// HS256 secret the gateway verifies tokens with (`direct`); also read from
     /// RINGWAY_JWT_SECRET.
     #[arg(long, env = "RINGWAY_JWT_SECRET", hide_env_values = true)]

@@ -48,6 +48,8 @@ pub struct ClientCfg {
     /// `direct`: the token of each user; connection g presents `tokens[g mod T]` and
     /// does not subscribe.
     pub tokens: Option<std::sync::Arc<Vec<String>>>,
+    /// How to talk to a server that is not ringway (comparison mode).
+    pub foreign: Foreign,
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
@@ -64,6 +66,28 @@ pub struct ClientCfg {
     pub concurrency: usize,
     /// Threads exit after this long whatever happens.
     pub max_lifetime: Duration,
+}
+
+/// What the server under test says and expects, where it differs from protocol v1.
+#[derive(Debug, Clone)]
+pub struct Foreign {
+    /// The subscribe request, `{topic}` replaced by the topic name.
+    pub subscribe_template: String,
+    /// The server sends a first frame after the upgrade (ringway's `welcome`).
+    pub expect_welcome: bool,
+    /// The server answers a subscribe (ringway's `subscribed`); without it a
+    /// subscriber counts as ready once its request is written.
+    pub expect_subscribed: bool,
+}
+
+impl Default for Foreign {
+    fn default() -> Self {
+        Self {
+            subscribe_template: ws::SUBSCRIBE_TEMPLATE.into(),
+            expect_welcome: true,
+            expect_subscribed: true,
+        }
+    }
 }
 
 /// Source address of global connection `g`, if spreading over source IPs.
@@ -718,6 +742,9 @@ impl Worker {
                 Ok(Some(head)) => {
                     at = head;
                     self.conns[slot].state = State::Welcoming;
+                    if !self.cfg.foreign.expect_welcome && !self.welcomed(slot) {
+                        return (at, false);
+                    }
                 }
                 Err(UpgradeError::Malformed) => {
                     self.fail(slot, |f| &mut f.protocol);
@@ -788,18 +815,7 @@ impl Worker {
         let kind = ws::classify(payload);
         let state = self.conns[slot].state;
         match (state, kind) {
-            (State::Welcoming, Kind::Welcome) => {
-                if self.cfg.topics > 0 && self.mode == Mode::Hold && self.cfg.tokens.is_none() {
-                    let g = self.first + u64::from(self.conns[slot].rel);
-                    let topic = format!("topic-{}", g % u64::from(self.cfg.topics));
-                    let frame =
-                        ws::text_frame(ws::subscribe_request(&topic).as_bytes(), self.rng.mask());
-                    self.conns[slot].state = State::Subscribing;
-                    self.send(slot, &frame)
-                } else {
-                    self.on_ready(slot)
-                }
-            }
+            (State::Welcoming, Kind::Welcome) => self.welcomed(slot),
             (State::Subscribing, Kind::Subscribed) => self.on_ready(slot),
             (State::Ready, Kind::Message(d)) => {
                 self.on_delivery(slot, d.topic, d.seq, d.t_ns);
@@ -824,6 +840,29 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// The connection is open (welcome received, or none expected): subscribe, or be
+    /// ready.
+    fn welcomed(&mut self, slot: usize) -> bool {
+        if self.cfg.topics > 0 && self.mode == Mode::Hold && self.cfg.tokens.is_none() {
+            let g = self.first + u64::from(self.conns[slot].rel);
+            let topic = format!("topic-{}", g % u64::from(self.cfg.topics));
+            let request = self
+                .cfg
+                .foreign
+                .subscribe_template
+                .replace("{topic}", &topic);
+            let frame = ws::text_frame(request.as_bytes(), self.rng.mask());
+            self.conns[slot].state = State::Subscribing;
+            if !self.send(slot, &frame) {
+                return false;
+            }
+            if self.cfg.foreign.expect_subscribed {
+                return true;
+            }
+        }
+        self.on_ready(slot)
     }
 
     fn on_ready(&mut self, slot: usize) -> bool {
@@ -867,6 +906,14 @@ impl Worker {
         }
         let t = u64::from(self.cfg.topics.max(1));
         let g = self.first + u64::from(self.conns[slot].rel);
+        if topic.is_empty() {
+            // A server that delivers the published data bare: only the seq says where it
+            // belongs.
+            if seq % t != g % t {
+                d.misrouted += 1;
+            }
+            return;
+        }
         let topic_index = topic
             .strip_prefix(b"topic-")
             .or_else(|| topic.strip_prefix(b"user-"))

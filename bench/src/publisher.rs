@@ -43,6 +43,10 @@ pub enum Via {
 pub struct PubCfg {
     /// Send message k to `user-(k mod T)` (`POST /v1/send`) instead of a topic.
     pub direct: bool,
+    /// Admin path; default `/v1/publish` (or `/v1/send` when `direct`).
+    pub path: Option<String>,
+    /// HTTP body with `{topic}` and `{data}`; default protocol v1's.
+    pub template: Option<String>,
     pub via: Via,
     /// HTTP connections (ignored for WebSocket: one connection).
     pub conns: usize,
@@ -239,20 +243,24 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                     .extend_from_slice(&ws::text_frame(payload.as_bytes(), rng.mask()));
                 ws_inflight.insert(next);
             } else {
-                let (path, body) = if cfg.direct {
-                    (
-                        "send",
-                        format!("{{\"user\":\"user-{topic}\",\"data\":{data}}}"),
-                    )
+                let name = if cfg.direct {
+                    format!("user-{topic}")
                 } else {
-                    (
-                        "publish",
-                        format!("{{\"topic\":\"topic-{topic}\",\"data\":{data}}}"),
-                    )
+                    format!("topic-{topic}")
                 };
+                let body = match &cfg.template {
+                    Some(t) => t.replace("{topic}", &name).replace("{data}", &data),
+                    None if cfg.direct => format!("{{\"user\":\"{name}\",\"data\":{data}}}"),
+                    None => format!("{{\"topic\":\"{name}\",\"data\":{data}}}"),
+                };
+                let path = cfg.path.as_deref().unwrap_or(if cfg.direct {
+                    "/v1/send"
+                } else {
+                    "/v1/publish"
+                });
                 c.out.extend_from_slice(
                     format!(
-                        "POST /v1/{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     )
                     .as_bytes(),

@@ -100,6 +100,11 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
     };
     Ok(ClientCfg {
         tokens,
+        foreign: crate::client::Foreign {
+            subscribe_template: cli.common.subscribe_template.clone(),
+            expect_welcome: cli.common.expect_welcome,
+            expect_subscribed: cli.common.expect_subscribed,
+        },
         target: target.addr,
         host: target.host,
         path: target.path,
@@ -617,6 +622,8 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
     let parent_cpu0 = crate::procfs::self_cpu_secs();
     let pcfg = PubCfg {
         direct,
+        path: a.publish_path.clone(),
+        template: a.publish_template.clone(),
         via,
         conns: a.publishers,
         rate: a.rate,

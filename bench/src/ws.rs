@@ -142,6 +142,17 @@ pub fn classify(p: &[u8]) -> Kind<'_> {
         return Kind::Other;
     };
     let reference = v.get("ref").and_then(serde_json::Value::as_u64);
+    // A server that delivers the published data as it is: `{"seq":k,"t":…,"pad":…}`.
+    if let (Some(seq), Some(t_ns)) = (
+        v.get("seq").and_then(serde_json::Value::as_u64),
+        v.get("t").and_then(serde_json::Value::as_u64),
+    ) {
+        return Kind::Message(Delivery {
+            topic: b"",
+            seq,
+            t_ns,
+        });
+    }
     match v.get("type").and_then(|t| t.as_str()) {
         Some("welcome") => Kind::Welcome,
         Some("subscribed") => Kind::Subscribed,
@@ -231,10 +242,8 @@ pub fn message_data(seq: u64, t_ns: u64, msg_bytes: usize) -> String {
     s
 }
 
-/// `{"op":"subscribe","topic":"T"}`.
-pub fn subscribe_request(topic: &str) -> String {
-    format!("{{\"op\":\"subscribe\",\"topic\":\"{topic}\"}}")
-}
+/// Protocol v1's subscribe request; `{topic}` is replaced by the topic name.
+pub const SUBSCRIBE_TEMPLATE: &str = r#"{"op":"subscribe","topic":"{topic}"}"#;
 
 /// A small xorshift generator for masks: masks need not be secret here.
 #[derive(Debug, Clone)]
@@ -317,6 +326,26 @@ mod tests {
             }
         );
         assert!(next_frame(&a[..a.len() - 1]).unwrap().is_none());
+        // A server that delivers the published data bare (comparison mode).
+        assert_eq!(
+            classify(message_data(4, 99, 32).as_bytes()),
+            Kind::Message(Delivery {
+                topic: b"",
+                seq: 4,
+                t_ns: 99
+            })
+        );
+        // A direct message.
+        let d = ringway::protocol::direct("user-5", "1-1", &raw);
+        let fr = next_frame(&d).unwrap().unwrap();
+        assert!(matches!(
+            classify(&d[fr.payload]),
+            Kind::Message(Delivery {
+                topic: b"user-5",
+                seq: 7,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cluster import SECRET, cluster_opts
-from harness import REPO
+from harness import REPO, free_port, http_request, wait_until
 
 BENCH = Path(os.environ.get("RINGWAY_BENCH_BIN", REPO / "target" / "debug" / "ringway-bench"))
 
@@ -83,3 +83,47 @@ def test_through_redis_across_two_nodes_every_message_arrives_once(redis_server,
     # Both nodes held subscribers, so messages crossed Redis to reach all of them.
     assert first.metric("ringway_accepted_total") > 0 and second.metric("ringway_accepted_total") > 0
     assert r["redis_calls"], "no Redis commands counted"
+
+
+BASELINE = Path(os.environ.get("RINGWAY_BASELINE_BIN", REPO / "target" / "debug" / "ringway-baseline"))
+
+
+@pytest.fixture
+def baseline():
+    """The conventional tokio server the comparisons run against, on free ports."""
+    assert BASELINE.exists(), f"{BASELINE} not built (cargo build --workspace)"
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([str(BASELINE), "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: _healthy(admin), 10, what="ringway-baseline")
+    yield proc, port, admin
+    proc.terminate()
+    proc.wait(5)
+
+
+def _healthy(admin: int) -> bool:
+    try:
+        return http_request(admin, "GET", "/healthz", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["protocol-v1", "templates"])
+def test_comparison_mode_against_the_tokio_baseline(baseline, tmp_path, mode):
+    proc, port, admin = baseline
+    extra = []
+    if mode == "templates":
+        # As for a server that is not ringway: our own request and body layouts, and no
+        # reply awaited after a subscribe.
+        extra = ["--subscribe-template", '{"op":"subscribe","topic":"{topic}","ref":0}',
+                 "--expect-subscribed", "false",
+                 "--publish-template", '{"data":{data},"topic":"{topic}"}']
+    out = tmp_path / "baseline.json"
+    cmd = [str(BENCH), "fanout", "--url", f"ws://127.0.0.1:{port}/ws", "--admin", f"127.0.0.1:{admin}",
+           "--gateway-pid", str(proc.pid), "--subs", "1000", "--topics", "4", "--rate", "20",
+           "--duration", "2", "--json", str(out), *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    d = json.loads(out.read_text())["results"]["deliveries"]
+    assert d["expected"] > 0 and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
