@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Side by side in one session: the same scenarios against ringway, the conventional
+# tokio baseline (bench/baseline) and uWebSockets (bench/uws, when built). Each run
+# starts every server afresh, one at a time, in the same order; RUNS runs (default 3).
+# The summary gives each server's median (min–max) and ringway's ratio to each other
+# server, taken run by run (same run, same host state) and then the median.
+#
+#   cargo build --release --workspace
+#   bash bench/uws/build.sh                 # optional: uWebSockets
+#   bash bench/scripts/compare.sh           # ONLY=, RUNS=, SERVERS= to narrow
+#
+# Every server gets two threads on this 2-CPU host: ringway --shards 2, the baseline
+# --threads 2, uws-server 2 threads (one uWS App per thread, SO_REUSEPORT).
+# Results: bench/results/compare-<timestamp>/.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+RUNS=${RUNS:-3}
+ONLY=${ONLY:-idle,fanout1k10,fanout10k,churn}
+SERVERS=${SERVERS:-ringway,baseline,uws}
+OUT=${OUT:-bench/results/compare-$(date -u +%Y%m%d-%H%M%S)}
+B=${BENCH_BIN:-target/release/ringway-bench}
+PORT=${PORT:-18680}
+APORT=${APORT:-19680}
+THREADS=${THREADS:-2}
+mkdir -p "$OUT"
+[ -x "$B" ] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
+if [[ ",$SERVERS," == *",uws,"* && ! -x bench/uws/uws-server ]]; then
+  echo "bench/uws/uws-server not built (bash bench/uws/build.sh): skipping uws" >&2
+  SERVERS=${SERVERS//uws/}
+fi
+
+SRV=
+start() {
+  case $1 in
+    ringway) target/release/ringway serve --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
+               --shards "$THREADS" 2>>"$OUT/ringway.log" & ;;
+    baseline) target/release/ringway-baseline --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
+               --threads "$THREADS" 2>>"$OUT/baseline.log" & ;;
+    uws) bench/uws/uws-server "$PORT" "$APORT" "$THREADS" 2>>"$OUT/uws.log" & ;;
+  esac
+  SRV=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$APORT/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
+  echo "$1 did not become ready" >&2; return 1
+}
+stop() { kill -TERM "$SRV" 2>/dev/null || true; wait "$SRV" 2>/dev/null || true; sleep 1; }
+trap stop EXIT
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+C() { echo --url "ws://127.0.0.1:$PORT/ws" --admin "127.0.0.1:$APORT" --gateway-pid "$SRV"; }
+
+for i in $(seq "$RUNS"); do
+  for s in ${SERVERS//,/ }; do
+    if want idle; then
+      start "$s"; "$B" idle $(C) --conns 19000 --hold-secs 30 --procs 2 --source-ips 4 --json "$OUT/idle-$s-$i.json"; stop
+    fi
+    if want fanout1k10; then
+      start "$s"; "$B" fanout $(C) --subs 1000 --topics 1 --rate 10 --duration 10 --json "$OUT/fanout1k10-$s-$i.json"; stop
+    fi
+    if want fanout10k; then
+      start "$s"; "$B" fanout $(C) --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2 \
+        --json "$OUT/fanout10k-$s-$i.json"; stop
+    fi
+    if want churn; then
+      start "$s"; "$B" churn $(C) --conns 10000 --concurrency 64 --source-ips 2 --json "$OUT/churn-$s-$i.json"; stop
+    fi
+  done
+done
+
+python3 - "$OUT" "$SERVERS" <<'PY' | tee "$OUT/summary.txt"
+import glob, json, os, re, statistics, sys
+out, servers = sys.argv[1], [s for s in sys.argv[2].split(",") if s]
+def runs(scenario, server):
+    rows = {}
+    for f in glob.glob(os.path.join(out, f"{scenario}-{server}-*.json")):
+        rows[int(re.search(r"-(\d+)\.json$", f).group(1))] = json.load(open(f))["results"]
+    return rows
+def fmt(v, f):
+    return f.format(v) if v is not None else "n/a"
+def figure(label, scenario, get, f="{:,.0f}", higher_is_better=True):
+    data = {s: runs(scenario, s) for s in servers}
+    if not any(data.values()):
+        return
+    cells = []
+    for s in servers:
+        vals = [get(r) for r in data[s].values() if get(r) is not None]
+        if vals:
+            cells.append(f"{s} {fmt(statistics.median(vals), f)} ({fmt(min(vals), f)}–{fmt(max(vals), f)})")
+    ratios = []
+    for s in servers[1:]:
+        rs = [get(data["ringway"][i]) / get(data[s][i]) for i in data.get("ringway", {})
+              if i in data[s] and get(data["ringway"][i]) and get(data[s][i])]
+        if rs:
+            ratios.append(f"ringway/{s} {statistics.median(rs):.2f}")
+    print(f"  {label}: " + "; ".join(cells) + ("   [" + ", ".join(ratios) + "]" if ratios else ""))
+print("idle: 19,000 connections held 30 s")
+figure("server RSS per connection (B)", "idle", lambda r: r["gateway"]["rss_bytes_per_conn"])
+figure("connections lost during the hold", "idle", lambda r: r["hold"]["closed_by_peer"])
+for sc, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s for 10 s"),
+                  ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s")):
+    print(label)
+    figure("deliveries/s", sc, lambda r: r["deliveries"]["per_sec"])
+    figure("deliveries per server CPU-second", sc, lambda r: r["gateway"]["deliveries_per_cpu_sec_schedstat"])
+    figure("lost + duplicates", sc, lambda r: r["deliveries"]["lost"] + r["deliveries"]["duplicates"])
+    figure("latency p50 (ms)", sc, lambda r: r["latency_us"]["p50"] / 1000, "{:,.1f}")
+    figure("latency p99 (ms)", sc, lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
+    figure("latency p99.9 (ms)", sc, lambda r: r["latency_us"]["p999"] / 1000, "{:,.1f}")
+print("churn: 10,000 connections, 64 in flight")
+figure("upgrades/s", "churn", lambda r: r["upgrades_per_sec"])
+figure("upgrades per server CPU-second", "churn", lambda r: r["gateway"]["upgrades_per_cpu_sec_schedstat"])
+figure("failed", "churn", lambda r: r["failed"])
+PY
