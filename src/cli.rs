@@ -38,7 +38,7 @@ pub enum Command {
 }
 
 /// Every option of `serve`; each also reads `RINGWAY_<NAME>` and the config file.
-#[derive(Args, Debug, Default)]
+#[derive(Args, Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML config file.
     #[arg(long, env = "RINGWAY_CONFIG")]
@@ -305,7 +305,10 @@ fn doctor(args: ServeArgs) -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &Config) {
+/// Replaces the log filter (a reload); an error names what is wrong with it.
+type SetLogFilter = Box<dyn Fn(&str) -> Result<(), String>>;
+
+fn init_logging(cfg: &Config) -> SetLogFilter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&cfg.log))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -315,13 +318,70 @@ fn init_logging(cfg: &Config) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
+    fn setter<L, S>(handle: tracing_subscriber::reload::Handle<L, S>) -> SetLogFilter
+    where
+        L: From<tracing_subscriber::EnvFilter> + 'static,
+        S: 'static,
+    {
+        Box::new(move |spec: &str| {
+            let filter = tracing_subscriber::EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())
+        })
+    }
     match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => {
+            let b = builder.json().with_filter_reloading();
+            let handle = b.reload_handle();
+            b.init();
+            setter(handle)
+        }
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let handle = b.reload_handle();
+            b.init();
+            setter(handle)
+        }
     }
 }
 
+/// SIGHUP: reads the configuration again (file, environment and the original flags),
+/// puts in force what can change while running and says what it did.
+fn reload(args: &ServeArgs, node: &crate::shard::Node, set_log: &SetLogFilter) {
+    let new = match args.clone().config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: configuration not reloaded, the running one stays");
+            return;
+        }
+    };
+    let old = node.config();
+    let (merged, r) = old.reloaded(&new);
+    if merged.log != old.log {
+        if std::env::var_os("RUST_LOG").is_some() {
+            tracing::warn!("SIGHUP: RUST_LOG is set and wins over `log`; log filter unchanged");
+        } else if let Err(e) = set_log(&merged.log) {
+            tracing::error!(error = %e, "SIGHUP: log filter not changed");
+        }
+    }
+    node.replace_config(Arc::new(merged));
+    if !r.need_restart.is_empty() {
+        tracing::warn!(
+            options = r.need_restart.join(","),
+            "SIGHUP: these options changed but need a restart; their old values stay"
+        );
+    }
+    tracing::info!(
+        changed = if r.changed.is_empty() {
+            "none".to_string()
+        } else {
+            r.changed.join(",")
+        },
+        "SIGHUP: configuration reloaded"
+    );
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
+    let reload_args = args.clone();
     let cfg = match args.config() {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -329,7 +389,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(64);
         }
     };
-    init_logging(&cfg);
+    let set_log = init_logging(&cfg);
     match crate::sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised to the hard limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file limit"),
@@ -338,6 +398,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -386,7 +447,15 @@ fn serve(args: ServeArgs) -> ExitCode {
             tracing::warn!(error = %e, "could not start the watchdog thread");
         }
     }
-    let signal = signals.forever().next();
+    let mut signal = None;
+    for s in signals.forever() {
+        if s == signal_hook::consts::SIGHUP {
+            reload(&reload_args, &node, &set_log);
+            continue;
+        }
+        signal = Some(s);
+        break;
+    }
     stop_watchdog.store(true, std::sync::atomic::Ordering::Release);
     let _ = crate::notify::notify("STOPPING=1\nSTATUS=draining");
     tracing::info!(?signal, "shutting down: closing connections with 1001");

@@ -165,6 +165,82 @@ impl Default for Config {
     }
 }
 
+/// What a reload changed and what it could not.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reload {
+    /// Options that took the new value.
+    pub changed: Vec<&'static str>,
+    /// Options that differ but keep their old value until a restart.
+    pub need_restart: Vec<&'static str>,
+}
+
+macro_rules! merge {
+    ($merged:ident, $new:ident, $list:expr, $($field:ident),* $(,)?) => {
+        $( if $merged.$field != $new.$field {
+            $list.push(stringify!($field));
+            $merged.$field = $new.$field.clone();
+        } )*
+    };
+}
+
+macro_rules! differ {
+    ($old:ident, $new:ident, $list:expr, $($field:ident),* $(,)?) => {
+        $( if $old.$field != $new.$field { $list.push(stringify!($field)); } )*
+    };
+}
+
+impl Config {
+    /// `self` with the options that can change while running taken from `new` (limits,
+    /// timeouts, the log filter); the others are listed as needing a restart.
+    pub fn reloaded(&self, new: &Config) -> (Config, Reload) {
+        let mut merged = self.clone();
+        let mut r = Reload::default();
+        merge!(
+            merged,
+            new,
+            r.changed,
+            log,
+            client_publish,
+            max_message_bytes,
+            max_header_bytes,
+            max_topic_bytes,
+            max_subscriptions,
+            outbound_queue_bytes,
+            slow_consumer,
+            handshake_timeout_ms,
+            ping_interval_secs,
+            idle_timeout_secs,
+            write_timeout_secs,
+            close_timeout_ms,
+            drain_timeout_secs,
+            drain_spread_secs,
+        );
+        differ!(
+            self,
+            new,
+            r.need_restart,
+            listen,
+            admin,
+            shards,
+            driver,
+            node_id,
+            echo,
+            backlog,
+            uring_entries,
+            inbox_capacity,
+            log_format,
+            redis,
+            jwt_secret,
+            jwt_key,
+            jwt_audience,
+            jwt_issuer,
+            allow_anonymous,
+            presence_ttl_secs,
+        );
+        (merged, r)
+    }
+}
+
 /// A configuration problem, naming the option.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -289,6 +365,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reload_takes_limits_and_keeps_addresses() {
+        let old = Config::default();
+        let new = Config {
+            max_subscriptions: 3,
+            log: "debug".into(),
+            listen: "127.0.0.1:1".parse().unwrap(),
+            ..Config::default()
+        };
+        let (merged, r) = old.reloaded(&new);
+        assert_eq!(merged.max_subscriptions, 3);
+        assert_eq!(merged.log, "debug");
+        assert_eq!(merged.listen, old.listen);
+        assert_eq!(r.changed, vec!["log", "max_subscriptions"]);
+        assert_eq!(r.need_restart, vec!["listen"]);
+    }
 
     #[test]
     fn defaults_are_valid() {

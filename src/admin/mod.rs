@@ -46,7 +46,6 @@ const MAX_HEAD: usize = 16 * 1024;
 
 struct Ctx {
     node: Arc<Node>,
-    cfg: Arc<Config>,
     registry: Registry,
 }
 
@@ -72,11 +71,7 @@ pub fn start(cfg: Arc<Config>, node: Arc<Node>) -> std::io::Result<(SocketAddr, 
                     Err(e) => return tracing::error!(error = %e, "admin listener failed"),
                 };
                 let registry = metrics::registry(node.clone());
-                let ctx = Rc::new(Ctx {
-                    node,
-                    cfg,
-                    registry,
-                });
+                let ctx = Rc::new(Ctx { node, registry });
                 loop {
                     match listener.accept().await {
                         Ok((stream, _)) => {
@@ -295,7 +290,7 @@ async fn publish(ctx: &Ctx, body: &[u8]) -> Response {
             )
         }
     };
-    if let Err(m) = protocol::validate_topic(&req.topic, ctx.cfg.max_topic_bytes) {
+    if let Err(m) = protocol::validate_topic(&req.topic, ctx.node.config().max_topic_bytes) {
         return Response::error(400, "bad_topic", &m);
     }
     let data = req.data.unwrap_or(RawValue::NULL);

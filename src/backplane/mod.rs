@@ -121,7 +121,7 @@ pub struct Backplane {
     finished: Cell<bool>,
     last_warn: Cell<Option<std::time::Instant>>,
     /// Outbound queue limit for replies, and the shard's counters.
-    reply_limit: usize,
+    reply_limit: Cell<usize>,
     metrics: Arc<ShardMetrics>,
 }
 
@@ -135,7 +135,7 @@ impl Backplane {
     ) -> Self {
         Self {
             url,
-            reply_limit: cfg.outbound_queue_bytes,
+            reply_limit: Cell::new(cfg.outbound_queue_bytes),
             metrics,
             direct_channel: schema::shard_channel(node, shard),
             presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
@@ -320,9 +320,14 @@ impl Backplane {
         }
     }
 
+    /// A reload changed `outbound_queue_bytes`.
+    pub fn set_reply_limit(&self, limit: usize) {
+        self.reply_limit.set(limit);
+    }
+
     /// Queues a reply to a client, bounded like every other reply.
     fn reply(&self, conn: &ConnHandle, frame: Bytes) {
-        conn.push(frame, self.reply_limit, false, &self.metrics);
+        conn.push(frame, self.reply_limit.get(), false, &self.metrics);
     }
 
     /// Runs a command's reply handler.

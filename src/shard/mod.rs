@@ -36,7 +36,9 @@ pub const SCRATCH_BYTES: usize = 64 * 1024;
 /// One shard's state. Lives in an `Rc` on its own thread.
 pub struct Shard {
     pub index: usize,
-    pub cfg: Arc<Config>,
+    /// This shard's copy of the configuration in force (see `cfg()`).
+    cfg: RefCell<Arc<Config>>,
+    cfg_epoch: Cell<u64>,
     pub node: Arc<Node>,
     pub metrics: Arc<ShardMetrics>,
     pub conns: RefCell<Slab<Rc<ConnHandle>>>,
@@ -74,7 +76,8 @@ impl Shard {
             .map(|url| Backplane::new(url, &node.id, index, &cfg, metrics.clone()));
         Self {
             index,
-            cfg,
+            cfg: RefCell::new(cfg),
+            cfg_epoch: Cell::new(0),
             node,
             metrics,
             conns: RefCell::new(Slab::new()),
@@ -92,6 +95,25 @@ impl Shard {
             ping: frame::server_frame(OpCode::Ping, b""),
             users: RefCell::default(),
             backplane,
+        }
+    }
+
+    /// The configuration in force. An owned handle: hold it across awaits freely; a
+    /// reload reaches this shard at its next sweep.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// Takes a reloaded configuration, if there is one.
+    fn follow_config(&self) {
+        let epoch = self.node.config_epoch();
+        if epoch != self.cfg_epoch.get() {
+            self.cfg_epoch.set(epoch);
+            let cfg = self.node.config();
+            if let Some(bp) = &self.backplane {
+                bp.set_reply_limit(cfg.outbound_queue_bytes);
+            }
+            *self.cfg.borrow_mut() = cfg;
         }
     }
 
@@ -178,8 +200,9 @@ impl Shard {
             return 0;
         };
         let conns = self.conns.borrow();
-        let limit = self.cfg.outbound_queue_bytes;
-        let drop_when_full = self.cfg.slow_consumer == SlowConsumer::Drop;
+        let cfg = self.cfg();
+        let limit = cfg.outbound_queue_bytes;
+        let drop_when_full = cfg.slow_consumer == SlowConsumer::Drop;
         let (mut queued, mut dropped) = (0, 0);
         for key in subs {
             let Some(conn) = conns.get(*key) else {
@@ -203,8 +226,9 @@ impl Shard {
         };
         let frame = crate::protocol::direct(user, id, data);
         let conns = self.conns.borrow();
-        let limit = self.cfg.outbound_queue_bytes;
-        let drop_when_full = self.cfg.slow_consumer == SlowConsumer::Drop;
+        let cfg = self.cfg();
+        let limit = cfg.outbound_queue_bytes;
+        let drop_when_full = cfg.slow_consumer == SlowConsumer::Drop;
         let (mut queued, mut dropped) = (0, 0);
         for key in keys {
             let Some(conn) = conns.get(*key) else {
@@ -253,7 +277,8 @@ impl Shard {
         let now = (self.started.elapsed().as_secs() as u32).saturating_add(1);
         self.clock.set(now);
         self.metrics.sweeps.inc();
-        let cfg = &self.cfg;
+        self.follow_config();
+        let cfg = self.cfg();
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;
         let write_after = cfg.write_timeout_secs as u32;
@@ -348,8 +373,9 @@ async fn run(
     // lightly loaded node stops at once.
     let to_close = shard.begin_drain();
     let started = Instant::now();
-    let spread = Duration::from_secs(shard.cfg.drain_spread_secs);
-    let deadline = started + Duration::from_secs(shard.cfg.drain_timeout_secs);
+    let cfg = shard.cfg();
+    let spread = Duration::from_secs(cfg.drain_spread_secs);
+    let deadline = started + Duration::from_secs(cfg.drain_timeout_secs);
     let mut closed = 0;
     let busy = |s: &Shard| !s.conns.borrow().is_empty() || s.handshaking.get() > 0;
     while closed < to_close.len() || (busy(&shard) && Instant::now() < deadline) {

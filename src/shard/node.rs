@@ -70,6 +70,10 @@ pub struct Node {
     pub directory: Directory,
     /// Round robin over shards for admin requests to Redis.
     next_shard: AtomicUsize,
+    /// The configuration in force; replaced by a reload (SIGHUP). Shards pick up a new
+    /// one at their next sweep (within a second).
+    config: Mutex<Arc<Config>>,
+    config_epoch: AtomicU64,
 }
 
 /// Which shards of this node hold a connection of each user (single-node mode; with
@@ -140,6 +144,28 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Increases whenever the configuration is replaced.
+    pub fn config_epoch(&self) -> u64 {
+        self.config_epoch.load(Ordering::Acquire)
+    }
+
+    /// Puts `cfg` in force (a reload); shards follow within a second.
+    pub fn replace_config(&self, cfg: Arc<Config>) {
+        *self
+            .config
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
+        self.config_epoch.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Why the backplane cannot serve, if it cannot: some shard has lost Redis.
@@ -285,6 +311,8 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         backplane: cfg.redis.is_some(),
         directory: Directory::default(),
         next_shard: AtomicUsize::new(0),
+        config: Mutex::new(cfg.clone()),
+        config_epoch: AtomicU64::new(0),
     });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let mut threads = Vec::with_capacity(count);

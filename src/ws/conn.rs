@@ -51,7 +51,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 /// response with the welcome frame. `None` when refused, abandoned or timed out.
 async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     let _ = stream.set_nodelay(true);
-    let limit = Duration::from_millis(shard.cfg.handshake_timeout_ms);
+    let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
     let (upgrade, user, leftover) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
             Ok(u) => u?,
@@ -134,7 +134,7 @@ async fn handshake(
     shard: &Shard,
     stream: &mut TcpStream,
 ) -> Option<(handshake::Upgrade, Option<Rc<str>>, Vec<u8>)> {
-    let cfg = &shard.cfg;
+    let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
     let mut buf = Vec::new();
     // The request usually arrives with the connection: read first, wait only if empty.
@@ -292,7 +292,7 @@ impl Conn {
         if matches!(self.s.state, State::Closing { discard: true } | State::Done) {
             return;
         }
-        let max = self.s.shard.cfg.max_message_bytes;
+        let max = self.s.shard.cfg().max_message_bytes;
         let session = &mut self.s;
         let mut handler = |ev: Event<'_>| session.on_event(ev);
         let result = if self.pending.is_empty() {
@@ -419,7 +419,7 @@ impl Session {
     /// Handles one protocol v1 request.
     fn on_request(&mut self, text: &str) {
         let shard = self.shard.clone();
-        let cfg = &shard.cfg;
+        let cfg = shard.cfg();
         let req = match protocol::parse(text, cfg.max_topic_bytes) {
             Ok(r) => r,
             Err(rej) => return self.error(rej.error, &rej.message, rej.reference),
@@ -499,7 +499,7 @@ impl Session {
     }
 
     fn reply(&self, frame: bytes::Bytes) {
-        let limit = self.shard.cfg.outbound_queue_bytes;
+        let limit = self.shard.cfg().outbound_queue_bytes;
         self.handle.push(frame, limit, false, &self.shard.metrics);
     }
 

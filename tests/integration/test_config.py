@@ -2,12 +2,13 @@
 invalid configuration exits 64 naming the option; a busy port fails cleanly."""
 
 import os
+import signal
 import socket
 import subprocess
 
 import pytest
 
-from harness import HOST, Client, arun, binary, clean_env, free_port
+from harness import HOST, Client, arun, binary, clean_env, free_port, wait_until
 
 
 def write_config(tmp_path, text: str) -> str:
@@ -221,3 +222,49 @@ def test_admin_port_taken_fails_clearly():
     assert p.returncode != 0, p
     assert f"{HOST}:{port}" in p.stderr and "admin" in p.stderr.lower(), p.stderr
     assert "panicked" not in p.stderr
+
+
+# === reload (SIGHUP) ===
+
+
+def test_sighup_reloads_limits_and_says_what_needs_a_restart(gateway, tmp_path):
+    path = tmp_path / "ringway.toml"
+    path.write_text("max_subscriptions = 2\nclient_publish = false\n")
+    gw = gateway(config=str(path), shards=1)
+
+    async def subscribe_all(c, n: int) -> list[str]:
+        return [(await c.request({"op": "subscribe", "topic": f"t{i}"}))["type"] for i in range(n)]
+
+    async def before():
+        async with Client(gw) as c:
+            assert await subscribe_all(c, 3) == ["subscribed", "subscribed", "error"]
+
+    arun(before())
+    path.write_text('max_subscriptions = 3\nclient_publish = true\nnode_id = "renamed"\n')
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in gw.stderr(), 5, what="the reload log line")
+    err = gw.stderr()
+    assert "client_publish,max_subscriptions" in err, err
+    assert "node_id" in err and "need a restart" in err, err
+
+    async def three_allowed() -> bool:
+        async with Client(gw) as c:
+            return await subscribe_all(c, 3) == ["subscribed"] * 3
+
+    # Shards take a new configuration at their next sweep (about a second).
+    wait_until(lambda: arun(three_allowed()), 10, interval=0.2, what="the new limit on the shard")
+
+    async def after():
+        async with Client(gw) as c:
+            assert c.welcome["node"] != "renamed"
+            assert await subscribe_all(c, 4) == ["subscribed"] * 3 + ["error"]
+            reply = await c.request({"op": "publish", "topic": "t0", "data": 1, "ref": 1})
+            assert reply["type"] in ("published", "message"), reply
+
+    arun(after())
+    # A broken file is refused; the running configuration stays and so does the process.
+    path.write_text("max_subscriptions = -1\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "not reloaded" in gw.stderr(), 5, what="the refusal")
+    assert gw.proc.poll() is None
+    assert gw.http("GET", "/readyz").status == 200
