@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// I/O driver [default: auto].
     #[arg(long, env = "RINGWAY_DRIVER", value_enum)]
     pub driver: Option<Driver>,
+    /// Pin each shard to its CPU [default: true].
+    #[arg(long, env = "RINGWAY_PIN_SHARDS")]
+    pub pin_shards: Option<bool>,
     /// Node id in `welcome` [default: <hostname>-<pid>].
     #[arg(long, env = "RINGWAY_NODE_ID")]
     pub node_id: Option<String>,
@@ -187,6 +190,7 @@ impl ServeArgs {
             admin,
             shards,
             driver,
+            pin_shards,
             echo,
             client_publish,
             max_message_bytes,

@@ -50,6 +50,10 @@ pub struct Config {
     pub shards: usize,
     /// I/O driver: auto, io_uring or epoll.
     pub driver: Driver,
+    /// Pin shard i to the i-th CPU of the affinity mask. Turn off where the CPUs are
+    /// shared with other busy processes (several nodes or a load generator on one
+    /// host), so the scheduler can move shards off a busy CPU.
+    pub pin_shards: bool,
     /// Node id sent in `welcome`; default `<hostname>-<pid>`.
     pub node_id: Option<String>,
     /// Enable the `/echo` endpoint (conformance testing only).
@@ -133,6 +137,7 @@ impl Default for Config {
             admin: "127.0.0.1:9090".parse().expect("valid address"),
             shards: 0,
             driver: Driver::Auto,
+            pin_shards: true,
             node_id: None,
             echo: false,
             client_publish: false,
@@ -223,6 +228,7 @@ impl Config {
             admin,
             shards,
             driver,
+            pin_shards,
             node_id,
             echo,
             backlog,

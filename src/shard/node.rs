@@ -318,13 +318,16 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
     let mut threads = Vec::with_capacity(count);
     for (i, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
         let (cfg, node, ready) = (cfg.clone(), node.clone(), ready_tx.clone());
+        let pin = cfg.pin_shards;
         let entries = cfg.uring_entries;
         let spawned = std::thread::Builder::new()
             .name(format!("ringway-shard-{i}"))
             .spawn(move || {
                 let cpu = node.shards[i].cpu;
-                if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
-                    tracing::warn!(shard = i, cpu, error = ?e, "could not pin shard to its CPU");
+                if pin {
+                    if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
+                        tracing::warn!(shard = i, cpu, error = ?e, "could not pin shard to its CPU");
+                    }
                 }
                 let shard_node = node.clone();
                 let make = move |on_uring: bool| {
