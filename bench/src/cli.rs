@@ -131,6 +131,9 @@ pub struct FanoutArgs {
     /// Unacknowledged publishes allowed at once.
     #[arg(long, default_value = "256", value_parser = parse_si)]
     pub max_inflight: u64,
+    /// Seconds to hold every connection idle (pings answered) before publishing.
+    #[arg(long, default_value_t = 0)]
+    pub hold_secs: u64,
     /// Seconds to wait for outstanding deliveries after the last acknowledgement.
     #[arg(long, default_value_t = 5.0)]
     pub drain_secs: f64,

@@ -597,6 +597,7 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         },
     };
     let gw0 = GatewaySample::take(pids);
+    let slab0 = slab_bytes();
     let mut parts = make_parts(cli, a.subs, cli.common.open_concurrency)?;
     let (open, open_secs) = open_all(cli, &mut parts)?;
     if open.opened == 0 {
@@ -605,11 +606,25 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         ));
     }
     eprintln!(
-        "ringway-bench: {} of {} subscribers ready in {open_secs:.2} s; publishing",
-        open.opened, a.subs
+        "ringway-bench: {} of {} subscribers ready in {open_secs:.2} s; {}",
+        open.opened,
+        a.subs,
+        if a.hold_secs > 0 {
+            format!("holding {} s, then publishing", a.hold_secs)
+        } else {
+            "publishing".into()
+        }
     );
-    // Let the gateway settle after the subscribe burst before the window opens.
-    std::thread::sleep(Duration::from_millis(500));
+    // Held idle first if asked (client threads answer pings meanwhile), then a settle
+    // after the subscribe burst before the window opens.
+    std::thread::sleep(Duration::from_secs(a.hold_secs) + Duration::from_millis(500));
+    let slab1 = slab_bytes();
+    let held = GatewaySample::take(pids);
+    let per_conn = |after: Option<u64>, before: Option<u64>| {
+        Some(after?.saturating_sub(before?) as f64 / open.opened.max(1) as f64)
+    };
+    let gw_rss_per_conn = per_conn(held.rss_bytes, gw0.rss_bytes);
+    let slab_per_conn = per_conn(slab1, slab0);
     let redis = match &cli.common.redis {
         Some(r) => Some(resolve(r).map_err(Error::Usage)?),
         None => None,
@@ -693,6 +708,17 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
     let mut t = Table::default();
     t.section("subscribers");
     open_rows(&mut t, &open, open_secs);
+    if a.hold_secs > 0 {
+        t.row("held idle before publishing", format!("{} s", a.hold_secs));
+    }
+    t.row(
+        "gateway RSS per connection (before publishing)",
+        opt_num(gw_rss_per_conn, |v| format!("{v:.0} B")),
+    );
+    t.row(
+        "kernel slab per connection (before publishing)",
+        opt_num(slab_per_conn, |v| format!("{v:.0} B")),
+    );
     t.section("publisher");
     t.row(
         "schedule",
@@ -832,6 +858,12 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         "redis_calls": redis_calls,
         "open": open_json(&open, open_secs),
         "ready_per_topic": open.ready_per_topic,
+        "hold_secs": a.hold_secs,
+        "memory_before_publish": {
+            "gateway_rss_bytes_per_conn": gw_rss_per_conn,
+            "kernel_slab_bytes_per_conn": slab_per_conn,
+            "generator_rss_after_open_bytes": open.self_rss_after,
+        },
         "publisher": {
             "sent": pubrep.sent,
             "acked_ok": pubrep.acked_ok,
