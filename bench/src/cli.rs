@@ -131,6 +131,14 @@ pub struct FanoutArgs {
     /// Unacknowledged publishes allowed at once.
     #[arg(long, default_value = "256", value_parser = parse_si)]
     pub max_inflight: u64,
+    /// Mix in slow consumers: every K-th subscriber (0 = none) gets a small receive
+    /// buffer and stops reading once subscribed; it reads once when the drain ends.
+    /// They are left out of expected/received/latency and reported apart.
+    #[arg(long, default_value_t = 0)]
+    pub slow_every: u64,
+    /// Receive buffer (SO_RCVBUF) of a slow consumer, in bytes.
+    #[arg(long, default_value = "4096", value_parser = parse_si)]
+    pub slow_rcvbuf: u64,
     /// Seconds to hold every connection idle (pings answered) before publishing.
     #[arg(long, default_value_t = 0)]
     pub hold_secs: u64,

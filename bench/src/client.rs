@@ -37,6 +37,8 @@ use crate::ws::{self, Kind, Rng, UpgradeError};
 
 /// Per-thread read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
+/// Reads a slow consumer makes when the drain ends, at most.
+const SLOW_READS: usize = 100_000;
 /// Reads per readiness event before the connection goes to the back of the line.
 const READS_PER_EVENT: usize = 16;
 /// Seqs beyond this are not counted per seq (bounds the counts vector: 4 bytes each).
@@ -50,6 +52,11 @@ pub struct ClientCfg {
     pub tokens: Option<std::sync::Arc<Vec<String>>>,
     /// How to talk to a server that is not ringway (comparison mode).
     pub foreign: Foreign,
+    /// 0: none; K: every K-th subscriber (g mod K = K-1) is a slow consumer: a small
+    /// receive buffer, and it stops reading once subscribed (until the drain ends).
+    pub slow_every: u64,
+    /// SO_RCVBUF of a slow consumer.
+    pub slow_rcvbuf: usize,
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
@@ -276,6 +283,8 @@ enum State {
     Welcoming,
     Subscribing,
     Ready,
+    /// A ready slow consumer: subscribed, not reading.
+    Slow,
 }
 
 impl State {
@@ -521,6 +530,7 @@ impl Worker {
             Some(Task::Drain { expected, deadline })
                 if self.drain.received >= expected || now >= deadline =>
             {
+                self.read_slow();
                 let mut d = std::mem::take(&mut self.drain);
                 d.counts = std::mem::take(&mut self.counts);
                 d.latency_us = HistData::from_hist(&self.latency);
@@ -631,6 +641,9 @@ impl Worker {
             crate::sys::set_bind_address_no_port(&s)?;
             s.bind(&SocketAddr::new(ip, 0).into())?;
         }
+        if self.is_slow(g) {
+            s.set_recv_buffer_size(self.cfg.slow_rcvbuf)?;
+        }
         s.set_nodelay(true)?;
         match s.connect(&self.cfg.target.into()) {
             Ok(()) => {}
@@ -672,8 +685,56 @@ impl Worker {
                 return;
             }
         }
+        if self.conns[slot].state == State::Slow {
+            return; // read once, when the drain ends
+        }
         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
             self.read(slot);
+        }
+    }
+
+    fn is_slow(&self, g: u64) -> bool {
+        self.mode == Mode::Hold
+            && self.cfg.slow_every > 0
+            && self.cfg.topics > 0
+            && g % self.cfg.slow_every == self.cfg.slow_every - 1
+    }
+
+    /// The drain ended: every slow consumer reads what reached it, to learn whether
+    /// the server closed it (and how) and how many messages it got. Reads until the
+    /// socket has nothing more (a small receive buffer refills from the server's send
+    /// buffer as it is read), EOF or an error; bounded.
+    fn read_slow(&mut self) {
+        for slot in 0..self.conns.len() {
+            if self.conns[slot].state != State::Slow {
+                continue;
+            }
+            self.drain.slow += 1;
+            for _ in 0..SLOW_READS {
+                if self.conns[slot].state != State::Slow {
+                    break;
+                }
+                let Some(sock) = self.conns[slot].sock.as_mut() else {
+                    break;
+                };
+                match sock.read(&mut self.scratch) {
+                    Ok(0) => {
+                        self.peer_gone(slot, "eof");
+                        break;
+                    }
+                    Ok(n) => {
+                        if !self.consume(slot, n) {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.peer_gone(slot, "reset");
+                        break;
+                    }
+                }
+            }
         }
     }
 
@@ -817,6 +878,11 @@ impl Worker {
         match (state, kind) {
             (State::Welcoming, Kind::Welcome) => self.welcomed(slot),
             (State::Subscribing, Kind::Subscribed) => self.on_ready(slot),
+            (State::Slow, Kind::Message(_)) => {
+                self.drain.slow_received += 1;
+                true
+            }
+            (State::Slow, _) => true,
             (State::Ready, Kind::Message(d)) => {
                 self.on_delivery(slot, d.topic, d.seq, d.t_ns);
                 true
@@ -866,8 +932,10 @@ impl Worker {
     }
 
     fn on_ready(&mut self, slot: usize) -> bool {
+        let g = self.first + u64::from(self.conns[slot].rel);
+        let slow = self.is_slow(g);
         let c = &mut self.conns[slot];
-        c.state = State::Ready;
+        c.state = if slow { State::Slow } else { State::Ready };
         let took = self.epoch.elapsed().as_micros() as u32;
         let took = took.wrapping_sub(c.started_us).max(1);
         let _ = self
@@ -875,8 +943,7 @@ impl Worker {
             .record(u64::from(took).min(crate::stats::HIST_MAX_US));
         self.ready += 1;
         self.in_flight -= 1;
-        if self.cfg.topics > 0 && self.mode == Mode::Hold {
-            let g = self.first + u64::from(c.rel);
+        if self.cfg.topics > 0 && self.mode == Mode::Hold && !slow {
             self.ready_per_topic[(g % u64::from(self.cfg.topics)) as usize] += 1;
         }
         if self.mode == Mode::Churn {
@@ -944,7 +1011,15 @@ impl Worker {
 
     /// A failure while connecting, or a close of a ready connection.
     fn fail_or_close(&mut self, slot: usize, kind: fn(&mut Failures) -> &mut u64, cause: &str) {
-        if self.conns[slot].state == State::Ready {
+        if self.conns[slot].state == State::Slow {
+            self.drain.slow_closed += 1;
+            *self
+                .drain
+                .slow_close_causes
+                .entry(cause.to_string())
+                .or_default() += 1;
+            self.release(slot);
+        } else if self.conns[slot].state == State::Ready {
             self.peer_closed += 1;
             *self.peer_close_causes.entry(cause.to_string()).or_default() += 1;
             self.release(slot);
@@ -979,7 +1054,7 @@ impl Worker {
             if self.conns[slot].sock.is_none() {
                 continue;
             }
-            if self.conns[slot].state == State::Ready {
+            if matches!(self.conns[slot].state, State::Ready | State::Slow) {
                 let close = ws::close_frame(self.rng.mask());
                 if let Some(sock) = self.conns[slot].sock.as_mut() {
                     let _ = sock.write(&close);

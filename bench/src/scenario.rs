@@ -100,6 +100,14 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
     };
     Ok(ClientCfg {
         tokens,
+        slow_every: match &cli.scenario {
+            Scenario::Fanout(a) | Scenario::Direct(a) => a.slow_every,
+            _ => 0,
+        },
+        slow_rcvbuf: match &cli.scenario {
+            Scenario::Fanout(a) | Scenario::Direct(a) => a.slow_rcvbuf as usize,
+            _ => 0,
+        },
         foreign: crate::client::Foreign {
             subscribe_template: cli.common.subscribe_template.clone(),
             expect_welcome: cli.common.expect_welcome,
@@ -788,6 +796,15 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         format!("{} {:?}", drain.peer_closed, drain.peer_close_causes),
     );
     t.row("error frames", drain.error_frames);
+    if a.slow_every > 0 {
+        t.row(
+            "slow consumers (not counted above)",
+            format!(
+                "{}: {} closed by the server {:?}; {} messages read",
+                drain.slow, drain.slow_closed, drain.slow_close_causes, drain.slow_received
+            ),
+        );
+    }
     t.row(
         "window (publish start → last delivery)",
         format!("{window_secs:.3} s"),
@@ -859,6 +876,14 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         "open": open_json(&open, open_secs),
         "ready_per_topic": open.ready_per_topic,
         "hold_secs": a.hold_secs,
+        "slow_consumers": {
+            "every": a.slow_every,
+            "rcvbuf": a.slow_rcvbuf,
+            "count": drain.slow,
+            "closed_by_server": drain.slow_closed,
+            "close_causes": drain.slow_close_causes,
+            "messages_read": drain.slow_received,
+        },
         "memory_before_publish": {
             "gateway_rss_bytes_per_conn": gw_rss_per_conn,
             "kernel_slab_bytes_per_conn": slab_per_conn,

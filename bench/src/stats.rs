@@ -154,6 +154,12 @@ pub struct DrainReport {
     pub peer_close_causes: BTreeMap<String, u64>,
     /// CPU seconds the client process(es) had used when the drain ended.
     pub self_cpu_secs: f64,
+    /// Slow consumers (subscribed, then not reading): how many, how many the server
+    /// had closed when they finally read, how, and how many of our messages they read.
+    pub slow: u64,
+    pub slow_closed: u64,
+    pub slow_close_causes: BTreeMap<String, u64>,
+    pub slow_received: u64,
 }
 
 impl DrainReport {
@@ -175,6 +181,10 @@ impl DrainReport {
         self.peer_closed += o.peer_closed;
         add_map(&mut self.peer_close_causes, &o.peer_close_causes);
         self.self_cpu_secs += o.self_cpu_secs;
+        self.slow += o.slow;
+        self.slow_closed += o.slow_closed;
+        add_map(&mut self.slow_close_causes, &o.slow_close_causes);
+        self.slow_received += o.slow_received;
     }
 }
 

@@ -127,3 +127,17 @@ def test_comparison_mode_against_the_tokio_baseline(baseline, tmp_path, mode):
     d = json.loads(out.read_text())["results"]["deliveries"]
     assert d["expected"] > 0 and d["received"] == d["expected"], d
     assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
+
+
+def test_fanout_with_slow_consumers_mixed_in(gw, tmp_path):
+    # 10 of 100 subscribers stop reading (4 KiB receive buffer) while 500 messages of
+    # 4 KiB a second go out for 3 s: about 6 MB each, more than the kernel's send buffer
+    # plus ringway's 256 KiB queue, so ringway closes them as slow consumers; the other
+    # 90 get every message.
+    r = run_bench(gw, tmp_path, "fanout", "--subs", "100", "--topics", "1", "--rate", "500",
+                  "--duration", "3", "--msg-bytes", "4096", "--slow-every", "10")
+    d, slow = r["deliveries"], r["slow_consumers"]
+    assert d["expected"] == 90 * r["publisher"]["acked_ok"] and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["subscribers_closed_by_peer"] == 0, d
+    assert slow["count"] == 10 and slow["closed_by_server"] == 10, slow
+    assert gw.metric("ringway_closes_total", reason="slow_consumer") == 10
