@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 step() { printf '\n=== %s\n' "$*"; }
 
-step "system packages: redis-server and haproxy (Debian packages)"
+step "system packages: redis-server, haproxy, systemd-analyze (Debian packages)"
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+# systemd-analyze expands the unit's system-call filter groups for the seccomp test.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""
   [ "$(id -u)" = 0 ] || SUDO=sudo

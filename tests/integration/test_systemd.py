@@ -1,13 +1,20 @@
 """systemd integration: the notify protocol over a real NOTIFY_SOCKET (READY=1 once
 every shard listens, STOPPING=1 on drain, WATCHDOG=1 pings), and `ringway doctor`."""
 
+import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from harness import run_cli
+from harness import (REPO, Client, arun, binary, clean_env, free_port, http_request, run_cli,
+                     wait_until)
 
 
 def notify_socket(tmp_path, abstract: bool):
@@ -95,3 +102,58 @@ def test_doctor_fails_on_invalid_configuration():
     p = run_cli("doctor", "--ping-interval-secs", "30", "--idle-timeout-secs", "10")
     assert p.returncode == 2, p.stdout
     assert p.stdout.startswith("FAIL") and "idle_timeout_secs" in p.stdout
+
+
+def test_the_gateway_runs_under_the_units_system_call_filter(redis_server, tmp_path):
+    """systemd/ringway.service's SystemCallFilter=, applied with libseccomp outside
+    systemd (tests/seccomp/filtered.py): the gateway starts on the driver it would use
+    anyway (io_uring where the host allows it), joins Redis by host name (a resolver
+    thread), serves a client and drains on SIGTERM."""
+    port, admin = free_port(), free_port()
+    log = tmp_path / "stderr.log"
+    wrapper = REPO / "tests" / "seccomp" / "filtered.py"
+    cmd = [sys.executable, str(wrapper), str(binary()), "serve", "--listen", f"127.0.0.1:{port}",
+           "--admin", f"127.0.0.1:{admin}", "--shards", "2",
+           "--redis", f"redis://localhost:{redis_server.port}"]
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                env=clean_env())
+    try:
+        wait_until(lambda: _ready(admin) or proc.poll() is not None, 20, what="the filtered gateway")
+        assert proc.poll() is None, log.read_text()
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        assert re.search(r"^Seccomp:\s+2$", status, re.M), "no seccomp filter on the process"
+        metrics = http_request(admin, "GET", "/metrics").body.decode()
+        driver = re.search(r'ringway_info\{[^}]*driver="(\w+)"', metrics).group(1)
+        expected = "io_uring" if _uring_available() else "epoll"
+        assert driver == expected, (driver, log.read_text())
+
+        async def body():
+            gw = type("Addr", (), {"port": port})
+            async with Client(gw) as c:
+                await c.subscribe("filtered")
+                r = http_request(admin, "POST", "/v1/publish", json.dumps({"topic": "filtered", "data": 1}))
+                assert r.status == 200, r.body
+                assert (await c.recv())["data"] == 1
+
+        arun(body())
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()
+        assert "panicked" not in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def _ready(admin: int) -> bool:
+    try:
+        return http_request(admin, "GET", "/readyz", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def _uring_available() -> bool:
+    """What the unfiltered binary reports (`ringway doctor`)."""
+    out = run_cli("doctor").stdout
+    return bool(re.search(r"io_uring available", out))
