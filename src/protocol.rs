@@ -299,22 +299,21 @@ pub fn error(code: ErrorCode, message: &str, reference: Option<&RawValue>) -> By
 
 /// A topic `message` frame: built once, written to every subscriber.
 pub fn message(topic: &str, id: &str, data: &RawValue) -> Bytes {
-    let mut s = String::with_capacity(48 + topic.len() + id.len() + data.get().len());
-    s.push_str("{\"type\":\"message\",\"topic\":");
-    push_json_str(&mut s, topic);
-    s.push_str(",\"id\":");
-    push_json_str(&mut s, id);
-    s.push_str(",\"data\":");
-    s.push_str(data.get());
-    s.push('}');
-    text(s)
+    message_to("topic", topic, id, data)
 }
 
 /// A direct `message` frame for one user: built once per user per shard.
 pub fn direct(user: &str, id: &str, data: &RawValue) -> Bytes {
-    let mut s = String::with_capacity(48 + user.len() + id.len() + data.get().len());
-    s.push_str("{\"type\":\"message\",\"user\":");
-    push_json_str(&mut s, user);
+    message_to("user", user, id, data)
+}
+
+/// `{"type":"message","<field>":<name>,"id":<id>,"data":<data>}`.
+fn message_to(field: &str, name: &str, id: &str, data: &RawValue) -> Bytes {
+    let mut s = String::with_capacity(48 + name.len() + id.len() + data.get().len());
+    s.push_str("{\"type\":\"message\",\"");
+    s.push_str(field);
+    s.push_str("\":");
+    push_json_str(&mut s, name);
     s.push_str(",\"id\":");
     push_json_str(&mut s, id);
     s.push_str(",\"data\":");

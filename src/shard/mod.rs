@@ -199,22 +199,8 @@ impl Shard {
         let Some(subs) = registry.subscribers(topic) else {
             return 0;
         };
-        let conns = self.conns.borrow();
-        let cfg = self.cfg();
-        let limit = cfg.outbound_queue_bytes;
-        let drop_when_full = cfg.slow_consumer == SlowConsumer::Drop;
-        let (mut queued, mut dropped) = (0, 0);
-        for key in subs {
-            let Some(conn) = conns.get(*key) else {
-                continue;
-            };
-            match conn.push(frame.clone(), limit, drop_when_full, &self.metrics) {
-                Push::Sent | Push::Queued => queued += 1,
-                Push::Dropped | Push::Closing => dropped += 1,
-            }
-        }
+        let queued = self.push_to(subs.iter().copied(), frame);
         self.metrics.deliveries.add(queued);
-        self.metrics.dropped.add(dropped);
         queued
     }
 
@@ -225,13 +211,21 @@ impl Shard {
             return 0;
         };
         let frame = crate::protocol::direct(user, id, data);
+        let queued = self.push_to(keys.iter().copied(), &frame);
+        self.metrics.direct_deliveries.add(queued);
+        queued
+    }
+
+    /// Queues `frame` on each connection under the slow-consumer policy; returns how
+    /// many took it (the others are counted as dropped).
+    fn push_to(&self, keys: impl Iterator<Item = ConnKey>, frame: &Bytes) -> u64 {
         let conns = self.conns.borrow();
         let cfg = self.cfg();
         let limit = cfg.outbound_queue_bytes;
         let drop_when_full = cfg.slow_consumer == SlowConsumer::Drop;
         let (mut queued, mut dropped) = (0, 0);
         for key in keys {
-            let Some(conn) = conns.get(*key) else {
+            let Some(conn) = conns.get(key) else {
                 continue;
             };
             match conn.push(frame.clone(), limit, drop_when_full, &self.metrics) {
@@ -239,7 +233,6 @@ impl Shard {
                 Push::Dropped | Push::Closing => dropped += 1,
             }
         }
-        self.metrics.direct_deliveries.add(queued);
         self.metrics.dropped.add(dropped);
         queued
     }
