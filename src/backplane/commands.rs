@@ -47,10 +47,8 @@ pub async fn run(shard: Rc<Shard>) {
                         "redis command connection restored; re-registering presence"
                     );
                 }
-                bp.cmd_up.set(true);
                 m.redis_commands_up.set(1);
                 let end = serve(&shard, bp, link, &mut in_flight).await;
-                bp.cmd_up.set(false);
                 m.redis_commands_up.set(0);
                 fail_all(bp, &mut in_flight);
                 match end {

@@ -115,8 +115,6 @@ pub struct Backplane {
     /// Presence entries (user, connection id) to add or remove at the next write.
     presence_added: RefCell<Vec<(Rc<str>, u64)>>,
     presence_removed: RefCell<Vec<(Rc<str>, u64)>>,
-    cmd_up: Cell<bool>,
-    sub_up: Cell<bool>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
     last_warn: Cell<Option<std::time::Instant>>,
@@ -151,8 +149,6 @@ impl Backplane {
             cmd_wake: Wake::default(),
             presence_added: RefCell::default(),
             presence_removed: RefCell::default(),
-            cmd_up: Cell::new(false),
-            sub_up: Cell::new(false),
             stopping: Cell::new(false),
             finished: Cell::new(false),
             last_warn: Cell::new(None),
@@ -178,11 +174,21 @@ impl Backplane {
         None
     }
 
+    /// The command connection is up (its gauge is the one record of that).
+    fn cmd_up(&self) -> bool {
+        self.metrics.redis_commands_up.get() == 1
+    }
+
+    /// The subscriber connection is up.
+    fn sub_up(&self) -> bool {
+        self.metrics.redis_subscriber_up.get() == 1
+    }
+
     /// A topic gained its first or lost its last local subscriber. While the
     /// subscriber connection is down nothing is recorded: the reconnect subscribes the
     /// whole topic table anyway.
     pub fn topic_changed(&self, topic: Rc<str>) {
-        if self.sub_up.get() {
+        if self.sub_up() {
             self.dirty.borrow_mut().push(topic);
             self.sub_wake.wake();
         }
@@ -221,7 +227,7 @@ impl Backplane {
 
     /// Queues one command; fails it at once while Redis is unreachable.
     pub fn command(&self, args: &[&[u8]], reply: Reply) {
-        if !self.cmd_up.get() {
+        if !self.cmd_up() {
             self.complete(reply, Err("redis unavailable".into()));
             return;
         }
@@ -245,7 +251,7 @@ impl Backplane {
     /// A connection of `user` opened on this shard. While Redis is away nothing is
     /// recorded: the reconnect registers every connection anyway.
     pub fn user_online(&self, user: &Rc<str>, conn: u64) {
-        if self.cmd_up.get() {
+        if self.cmd_up() {
             self.presence_added.borrow_mut().push((user.clone(), conn));
             self.cmd_wake.wake();
         }
@@ -270,7 +276,7 @@ impl Backplane {
         self.stopping.set(true);
         self.cmd_wake.wake();
         let deadline = std::time::Instant::now() + limit;
-        while self.cmd_up.get() && !self.finished.get() && std::time::Instant::now() < deadline {
+        while self.cmd_up() && !self.finished.get() && std::time::Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -18,10 +18,14 @@ local function new_id()
   return string.format('%d-%d', tonumber(t[1]) * 1000 + math.floor(us / 1000), us % 1000)
 end
 
-local function check_json(data)
-  if data == nil or not pcall(cjson.decode, data) then
-    return redis.error_reply('ERR ringway: data must be one valid JSON value')
+-- ARGV[1] (id, '' = generate) and ARGV[2] (data, one JSON value) of ringway_send and
+-- ringway_publish: the id to use, or nil and the error reply.
+local function id_and_data(args)
+  if args[2] == nil or not pcall(cjson.decode, args[2]) then
+    return nil, redis.error_reply('ERR ringway: data must be one valid JSON value')
   end
+  if args[1] == nil or args[1] == '' then return new_id() end
+  return args[1]
 end
 
 -- KEYS: ringway:user:<U>...; ARGV: ttl_ms, member for each key (same order).
@@ -49,10 +53,8 @@ end
 -- Publishes once to each shard that holds any of the users.
 -- Returns {users online, shards published to, id}.
 local function send(keys, args)
-  local bad = check_json(args[2])
-  if bad then return bad end
-  local id = args[1]
-  if id == nil or id == '' then id = new_id() end
+  local id, bad = id_and_data(args)
+  if not id then return bad end
   local now = now_ms()
   local routes, order, done, online = {}, {}, {}, 0
   for _, key in ipairs(keys) do
@@ -87,10 +89,8 @@ end
 -- KEYS: ringway:topic:<T>; ARGV: id ('' = generate), data (JSON).
 -- Returns {id, receivers (shards subscribed)}.
 local function publish(keys, args)
-  local bad = check_json(args[2])
-  if bad then return bad end
-  local id = args[1]
-  if id == nil or id == '' then id = new_id() end
+  local id, bad = id_and_data(args)
+  if not id then return bad end
   local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
   return {id, n}
 end

@@ -38,14 +38,12 @@ pub async fn run(shard: Rc<Shard>) {
                     );
                 }
                 m.redis_subscriber_up.set(1);
-                bp.sub_up.set(true);
                 let err = serve(&shard, bp, link).await;
-                bp.sub_up.set(false);
                 // Until the next connection confirms them, no topic counts as subscribed:
                 // a subscribe made meanwhile waits for the reconnect.
+                m.redis_subscriber_up.set(0);
                 bp.topics.borrow_mut().clear();
                 bp.unanswered.borrow_mut().clear();
-                m.redis_subscriber_up.set(0);
                 m.redis_reconnects.inc();
                 tracing::warn!(shard = shard.index, error = %err, "redis subscriber connection lost");
                 outage = Some(Instant::now());
@@ -65,7 +63,6 @@ pub async fn run(shard: Rc<Shard>) {
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     // Everything this shard wants, from scratch.
     bp.dirty.borrow_mut().clear();
-    bp.unanswered.borrow_mut().clear();
     let topics: Vec<Rc<str>> = shard.registry.borrow().topic_names().cloned().collect();
     {
         let mut state = bp.topics.borrow_mut();
