@@ -39,6 +39,8 @@ use crate::ws::{self, Kind, Rng, UpgradeError};
 const SCRATCH_BYTES: usize = 64 * 1024;
 /// Reads a slow consumer makes when the drain ends, at most.
 const SLOW_READS: usize = 100_000;
+/// How long a slow consumer's socket must stay empty before its final read ends.
+const SLOW_QUIET_MS: i32 = 500;
 /// Reads per readiness event before the connection goes to the back of the line.
 const READS_PER_EVENT: usize = 16;
 /// Seqs beyond this are not counted per seq (bounds the counts vector: 4 bytes each).
@@ -701,9 +703,11 @@ impl Worker {
     }
 
     /// The drain ended: every slow consumer reads what reached it, to learn whether
-    /// the server closed it (and how) and how many messages it got. Reads until the
-    /// socket has nothing more (a small receive buffer refills from the server's send
-    /// buffer as it is read), EOF or an error; bounded.
+    /// the server closed it (and how) and how many messages it got. Reads until EOF, an
+    /// error, or the socket stays empty for [`SLOW_QUIET_MS`]: a small receive buffer
+    /// refills from the server's kernel buffers only as it is read, so an empty read
+    /// does not mean the end (the server's close may still be queued behind megabytes).
+    /// Bounded by [`SLOW_READS`].
     fn read_slow(&mut self) {
         for slot in 0..self.conns.len() {
             if self.conns[slot].state != State::Slow {
@@ -728,7 +732,11 @@ impl Worker {
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        if !matches!(crate::sys::wait_readable(sock, SLOW_QUIET_MS), Ok(true)) {
+                            break;
+                        }
+                    }
                     Err(_) => {
                         self.peer_gone(slot, "reset");
                         break;
