@@ -6,12 +6,41 @@
 # `websockets`), the Autobahn|Testsuite conformance run, and the load generator's
 # small correctness scenarios.
 #
+# It runs from a fresh copy of the project's files (what git tracks, plus new files it does
+# not ignore) in an empty temporary folder, so a test that leans on anything beside the
+# checkout fails here as it would in a user's clone. The build folder and the venv of the
+# checkout are reused to save time (RINGWAY_TEST_IN_PLACE=1 skips the copy).
+#
 #   bash tests/run.sh            # everything
 #   SKIP_AUTOBAHN=1 bash tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 step() { printf '\n=== %s\n' "$*"; }
+
+if [ "${RINGWAY_TEST_IN_PLACE:-0}" != 1 ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  step "copy of the project alone into an empty folder"
+  work=$(mktemp -d "${TMPDIR:-/tmp}/ringway-tests.XXXXXX")
+  trap 'rm -rf "$work"' EXIT
+  # Files git knows or would add; deleted-but-unstaged files are skipped.
+  git ls-files -z --cached --others --exclude-standard |
+    while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done |
+    xargs -0 cp --parents -t "$work" --
+  echo "running from $work (nothing beside it)"
+  set +e
+  CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}" RINGWAY_TEST_VENV="$ROOT/.venv" \
+    RINGWAY_TEST_IN_PLACE=1 bash "$work/tests/run.sh" "$@"
+  rc=$?
+  exit $rc
+fi
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+VENV=${RINGWAY_TEST_VENV:-$ROOT/.venv}
+
+step "the project stands alone: nothing refers to files outside the repository"
+if grep -rIl --exclude-dir=target --exclude-dir=.venv --exclude-dir=.git -e '\.\./shared' . ; then
+  echo "these files refer to a folder beside the checkout, which a user's clone does not have" >&2
+  exit 1
+fi
 
 step "system packages: redis-server, haproxy, systemd-analyze (Debian packages)"
 need=()
@@ -31,8 +60,8 @@ redis-server --version
 
 step "test clients (Python venv: tests/requirements.txt)"
 PY=${PYTHON3:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -45,12 +74,12 @@ cargo test --workspace
 
 step "build the gateway and the load generator"
 cargo build --workspace
-export RINGWAY_BIN="$ROOT/target/debug/ringway"
-export RINGWAY_BENCH_BIN="$ROOT/target/debug/ringway-bench"
-export RINGWAY_BASELINE_BIN="$ROOT/target/debug/ringway-baseline"
+export RINGWAY_BIN="$TARGET/debug/ringway"
+export RINGWAY_BENCH_BIN="$TARGET/debug/ringway-bench"
+export RINGWAY_BASELINE_BIN="$TARGET/debug/ringway-baseline"
 
 step "integration tests (real gateway processes, Python websockets client)"
-.venv/bin/python -m pytest tests/integration -q -p no:cacheprovider
+"$VENV/bin/python" -m pytest tests/integration -q -p no:cacheprovider
 
 if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
   step "Autobahn|Testsuite against /echo"
