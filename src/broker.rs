@@ -15,49 +15,61 @@ use serde_json::value::RawValue;
 use crate::protocol;
 use crate::shard::{Inbox, Node, Shard};
 
-/// A publish that did not reach every shard.
+/// A publish or send that no shard took, because one it had to reach was full.
 #[derive(Debug, thiserror::Error)]
-#[error("gateway overloaded: {missed} of {total} shards could not take the message; retry")]
+#[error("gateway overloaded: shard {shard}'s inbox is full; nothing was delivered; retry")]
 pub struct Overloaded {
-    pub missed: usize,
-    pub total: usize,
+    pub shard: usize,
 }
 
-/// Publishes `data` on `topic`; returns the message id. `local` is the calling shard,
-/// which delivers directly instead of through its own inbox.
+/// Holds inbox room in every shard of `targets`, or in none of them.
+fn reserve_all(node: &Node, targets: &[usize]) -> Result<(), Overloaded> {
+    for (n, &i) in targets.iter().enumerate() {
+        if !node.shards[i].reserve() {
+            for &held in &targets[..n] {
+                node.shards[held].release();
+            }
+            return Err(Overloaded { shard: i });
+        }
+    }
+    Ok(())
+}
+
+/// Sends a message whose room `reserve_all` holds; a shard that has stopped gives the
+/// room back.
+fn send_reserved(node: &Node, shard: usize, msg: Inbox) {
+    if node.shards[shard].tx.send(msg).is_err() {
+        node.shards[shard].release();
+    }
+}
+
+/// Publishes `data` on `topic` to every shard or to none; returns the message id.
+/// `local` is the calling shard, which delivers directly instead of through its own
+/// inbox.
 pub fn publish(
     node: &Node,
     local: Option<&Shard>,
     topic: &str,
     data: &RawValue,
 ) -> Result<String, Overloaded> {
+    let others: Vec<usize> = (0..node.shards.len())
+        .filter(|i| local.is_none_or(|s| s.index != *i))
+        .collect();
+    reserve_all(node, &others)?;
     let id = node.next_message_id();
     let frame = protocol::message(topic, &id, data);
     let shared_topic: Arc<str> = Arc::from(topic);
-    let mut missed = 0;
-    for (i, link) in node.shards.iter().enumerate() {
-        if local.is_some_and(|s| s.index == i) {
-            continue;
-        }
+    for i in others {
         let msg = Inbox::Publish {
             topic: shared_topic.clone(),
             frame: frame.clone(),
         };
-        if link.tx.try_send(msg).is_err() {
-            link.metrics.inbox_full.inc();
-            missed += 1;
-        }
+        send_reserved(node, i, msg);
     }
     if let Some(shard) = local {
         shard.deliver(topic, &frame);
     }
     node.published.inc();
-    if missed > 0 {
-        return Err(Overloaded {
-            missed,
-            total: node.shards.len(),
-        });
-    }
     Ok(id)
 }
 
@@ -92,31 +104,24 @@ pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Over
             routes[s].push(user.clone());
         }
     }
+    let targets: Vec<usize> = (0..routes.len())
+        .filter(|i| !routes[*i].is_empty())
+        .collect();
+    reserve_all(node, &targets)?;
     let shared_id: Arc<str> = Arc::from(id.as_str());
     let data: Arc<RawValue> = Arc::from(data.to_owned());
-    let (mut shards, mut missed) = (0, 0);
+    let shards = targets.len();
     for (i, users) in routes.into_iter().enumerate() {
         if users.is_empty() {
             continue;
         }
-        shards += 1;
-        let link = &node.shards[i];
         let msg = Inbox::Direct {
             users,
             id: shared_id.clone(),
             data: data.clone(),
         };
-        if link.tx.try_send(msg).is_err() {
-            link.metrics.inbox_full.inc();
-            missed += 1;
-        }
+        send_reserved(node, i, msg);
     }
     node.published.inc();
-    if missed > 0 {
-        return Err(Overloaded {
-            missed,
-            total: shards,
-        });
-    }
     Ok(Sent { id, online, shards })
 }

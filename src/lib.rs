@@ -13,6 +13,7 @@ pub mod auth;
 pub mod backplane;
 pub mod broker;
 pub mod cli;
+pub mod close;
 pub mod config;
 pub mod doctor;
 pub mod metrics;

@@ -105,6 +105,10 @@ pub struct ShardMetrics {
     pub error_frames: Counter,
     /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
     pub sweeps: Counter,
+    /// Delivery ticks: passes of the flush task over the connections owed a write.
+    pub ticks: Counter,
+    /// Connection writes the ticks started (one `sendmsg` each, more for over 64 frames).
+    pub tick_writes: Counter,
     /// Direct messages that reached this shard (its Redis channel or its inbox).
     pub direct_received: Counter,
     /// Direct messages queued to this shard's connections.

@@ -4,8 +4,9 @@
 //! Why: an idle connection must not pin a read buffer. Connections wait for readiness
 //! (io_uring PollAdd or epoll) and then read with `recv(MSG_DONTWAIT)` into the shard's
 //! scratch buffer; monoio's owned-buffer reads would pin one buffer per idle socket.
-//! And a delivery to a client whose socket has room is one `send(MSG_DONTWAIT)`, with
-//! no task wake-up, allocation or ring round trip (BENCHMARKS.md measures both).
+//! And everything a connection is owed in one shard tick leaves in one
+//! `sendmsg(MSG_DONTWAIT)`, with no task wake-up or ring round trip (BENCHMARKS.md
+//! measures both).
 #![allow(unsafe_code)]
 
 use std::io;
@@ -60,6 +61,27 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
             buf.len(),
             libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
         )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Writes what `fd` takes of `bufs`, in order, with one `sendmsg` that neither blocks
+/// nor raises SIGPIPE (`writev` has no flags); returns the bytes written. This is how a
+/// shard gives a connection everything it is owed in one system call.
+pub fn send_vectored_nonblocking(fd: RawFd, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no control data). `IoSlice` is
+    // guaranteed ABI-compatible with `struct iovec` on Unix, and `bufs` outlives the
+    // call; sendmsg only reads the slices. A stale fd yields EBADF, not undefined
+    // behaviour; callers pass the fd of a socket they hold open.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len() as _;
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
     };
     if n < 0 {
         Err(io::Error::last_os_error())

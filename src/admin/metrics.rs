@@ -15,6 +15,8 @@
 //! | `ringway_dropped_total` | counter | shard | deliveries not queued (slow consumer) |
 //! | `ringway_inbox_full_total` | counter | shard | publishes a full shard inbox refused |
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
+//! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
+//! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
 //! | `ringway_published_total` | counter | — | messages accepted for publishing |
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
@@ -79,7 +81,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 17] = [
+        let counters: [ShardFamily; 19] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -123,6 +125,16 @@ impl Collector for NodeCollector {
                 "ringway_error_frames",
                 "Protocol error frames sent to clients",
                 |m| m.error_frames.get(),
+            ),
+            (
+                "ringway_ticks",
+                "Delivery ticks: passes over the connections owed a write",
+                |m| m.ticks.get(),
+            ),
+            (
+                "ringway_tick_writes",
+                "Connections written by delivery ticks",
+                |m| m.tick_writes.get(),
             ),
             (
                 "ringway_handshake_timeouts",

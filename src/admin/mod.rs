@@ -6,7 +6,7 @@
 //! | `GET /healthz` | 200 while the process runs |
 //! | `GET /readyz` | 200 when every shard listens; 503 while starting or draining |
 //! | `GET /metrics` | Prometheus text format (`admin::metrics`) |
-//! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded or Redis unavailable |
+//! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded (nothing delivered, `Retry-After`) or Redis unavailable |
 //! | `POST /v1/send` | body `{"user":"U","data":…}` or `{"users":["U",…],"data":…}` → 200 `{"id":"…","online":N,"shards":K}` |
 //! | `GET /v1/nodes` | with Redis: the live nodes of the cluster, `{"nodes":[…]}` |
 //!
@@ -93,6 +93,8 @@ struct Response {
     status: u16,
     content_type: &'static str,
     body: String,
+    /// Seconds for a `Retry-After` header (an overloaded node).
+    retry_after: Option<u32>,
 }
 
 impl Response {
@@ -101,6 +103,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
+            retry_after: None,
         }
     }
     fn json(status: u16, body: String) -> Self {
@@ -108,7 +111,14 @@ impl Response {
             status,
             content_type: "application/json",
             body,
+            retry_after: None,
         }
+    }
+    /// 503 for a publish or send that no shard took: retrying is safe.
+    fn overloaded(e: &broker::Overloaded) -> Self {
+        let mut r = Self::error(503, "overloaded", &e.to_string());
+        r.retry_after = Some(1);
+        r
     }
     fn error(status: u16, code: &str, message: &str) -> Self {
         let body = serde_json::json!({"error": code, "message": message}).to_string();
@@ -129,8 +139,12 @@ impl Response {
             _ => "",
         };
         let conn = if keep_alive { "keep-alive" } else { "close" };
+        let retry = match self.retry_after {
+            Some(secs) => format!("Retry-After: {secs}\r\n"),
+            None => String::new(),
+        };
         let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {conn}\r\n\r\n",
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {conn}\r\n{retry}\r\n",
             self.status,
             self.content_type,
             self.body.len()
@@ -297,7 +311,7 @@ async fn publish(ctx: &Ctx, body: &[u8]) -> Response {
     if !ctx.node.backplane {
         return match broker::publish(&ctx.node, None, &req.topic, data) {
             Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
-            Err(e) => Response::error(503, "overloaded", &e.to_string()),
+            Err(e) => Response::overloaded(&e),
         };
     }
     let id = ctx.node.next_message_id();
@@ -361,7 +375,7 @@ async fn send(ctx: &Ctx, body: &[u8]) -> Response {
     if !ctx.node.backplane {
         return match broker::send(&ctx.node, &users, data) {
             Ok(sent) => sent_response(&sent),
-            Err(e) => Response::error(503, "overloaded", &e.to_string()),
+            Err(e) => Response::overloaded(&e),
         };
     }
     let id = ctx.node.next_message_id();

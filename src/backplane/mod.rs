@@ -39,7 +39,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode};
-use crate::ws::outbound::ConnHandle;
+use crate::shard::outbound::ConnHandle;
 
 /// Time allowed for connecting to Redis (and AUTH/SELECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -332,7 +332,7 @@ impl Backplane {
     }
 
     /// Queues a reply to a client, bounded like every other reply.
-    fn reply(&self, conn: &ConnHandle, frame: Bytes) {
+    fn reply(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
         conn.push(frame, self.reply_limit.get(), false, &self.metrics);
     }
 

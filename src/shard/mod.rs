@@ -8,6 +8,7 @@
 //! second instead of giving each one a timer.
 
 mod node;
+pub mod outbound;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -28,7 +29,7 @@ use crate::config::{Config, SlowConsumer};
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::registry::{ConnKey, Registry};
 use crate::ws::frame::{self, OpCode};
-use crate::ws::outbound::{CloseRequest, ConnHandle, Push};
+use outbound::{CloseRequest, ConnHandle, Push};
 
 /// Size of the per-shard read buffer every connection reads into.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -179,7 +180,9 @@ impl Shard {
                 (None, _) => self.node.directory.remove(user, self.index),
             }
         }
-        self.conns.borrow_mut().try_remove(key);
+        if let Some(conn) = self.conns.borrow_mut().try_remove(key) {
+            conn.detach();
+        }
         self.metrics
             .connections
             .set(self.conns.borrow().len() as u64);
@@ -229,7 +232,7 @@ impl Shard {
                 continue;
             };
             match conn.push(frame.clone(), limit, drop_when_full, &self.metrics) {
-                Push::Sent | Push::Queued => queued += 1,
+                Push::Queued => queued += 1,
                 Push::Dropped | Push::Closing => dropped += 1,
             }
         }
@@ -241,9 +244,11 @@ impl Shard {
     fn handle(&self, msg: Inbox) -> bool {
         match msg {
             Inbox::Publish { topic, frame } => {
+                self.node.shards[self.index].release();
                 self.deliver(&topic, &frame);
             }
             Inbox::Direct { users, id, data } => {
+                self.node.shards[self.index].release();
                 self.metrics.direct_received.inc();
                 for user in &users {
                     self.deliver_direct(user, &id, &data);
@@ -291,14 +296,10 @@ impl Shard {
             }
             let idle = now.saturating_sub(conn.last_rx.get());
             if idle > idle_after {
-                conn.request_close(CloseRequest {
-                    code: 1001,
-                    reason: "idle timeout",
-                    why: CloseReason::IdleTimeout,
-                });
+                conn.request_close(CloseRequest::IDLE_TIMEOUT);
             } else if idle > ping_after && !conn.ping_sent.get() {
                 conn.ping_sent.set(true);
-                conn.push_unbounded(self.ping.clone(), &self.metrics);
+                conn.push_unbounded(self.ping.clone());
             }
         }
     }
@@ -313,11 +314,7 @@ impl Shard {
     /// Asks connection `key` (if still open) to close with 1001 so it reconnects elsewhere.
     fn close_for_drain(&self, key: ConnKey) {
         if let Some(conn) = self.conns.borrow().get(key) {
-            conn.request_close(CloseRequest {
-                code: 1001,
-                reason: "server shutting down",
-                why: CloseReason::Shutdown,
-            });
+            conn.request_close(CloseRequest::SHUTDOWN);
         }
     }
 }
@@ -342,6 +339,7 @@ async fn run(
         }
     };
     monoio::spawn(accept_loop(shard.clone(), listener));
+    monoio::spawn(outbound::flush_loop(shard.metrics.clone()));
     monoio::spawn(sweeper(shard.clone()));
     if shard.backplane.is_some() {
         monoio::spawn(backplane::run_subscriber(shard.clone()));
@@ -353,9 +351,9 @@ async fn run(
         if !shard.handle(msg) {
             break;
         }
-        // Every batch, let connection tasks write (and the runtime reap their
-        // completions), so a burst of publishes does not pile up in subscribers' queues
-        // while the inbox is emptied.
+        // Every batch, let the tick write what the batch queued (and connection tasks
+        // and the runtime run), so a burst of publishes does not pile up in subscribers'
+        // queues while the inbox is emptied. An inbox that runs dry yields by itself.
         handled = handled.wrapping_add(1);
         if handled.is_multiple_of(INBOX_BATCH) {
             yield_now().await;
@@ -474,8 +472,10 @@ async fn sweeper(shard: Rc<Shard>) {
 /// close at once, and beyond about 500 × drain_spread_secs per shard the window governs.
 const MIN_DRAIN_CLOSES_PER_TICK: usize = 10;
 
-/// Inbox messages handled before the inbox task lets connection tasks run.
-const INBOX_BATCH: usize = 32;
+/// Inbox messages handled before the inbox task lets the others run: the delivery tick
+/// (one write per owed connection, carrying up to this many messages of a topic),
+/// connection tasks and the runtime's completions.
+const INBOX_BATCH: usize = 64;
 
 /// Lets every other ready task run, and the runtime submit and reap I/O, once.
 pub(crate) async fn yield_now() {

@@ -42,11 +42,37 @@ pub enum Inbox {
 }
 
 /// How other threads reach one shard.
+///
+/// The inbox channel itself is unbounded; what bounds it is `reserved`: a publish or a
+/// direct send first holds room in every shard it goes to (`inbox_capacity` messages
+/// each), and goes to none of them if one is full. So a message is taken by every shard
+/// or by none, and an `overloaded` answer means nothing was delivered. The other
+/// messages (Redis commands of the admin API, the drain) are bounded by their senders.
 #[derive(Debug)]
 pub struct ShardLink {
     pub tx: flume::Sender<Inbox>,
     pub metrics: Arc<ShardMetrics>,
     pub cpu: usize,
+    reserved: AtomicUsize,
+    capacity: usize,
+}
+
+impl ShardLink {
+    /// Holds room for one delivery in this shard's inbox; false when it is full.
+    pub fn reserve(&self) -> bool {
+        if self.reserved.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.reserved.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.inbox_full.inc();
+            return false;
+        }
+        true
+    }
+
+    /// Gives back room held by `reserve`: the shard took the message out of its inbox,
+    /// or it was never sent.
+    pub fn release(&self) {
+        self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// State shared by every shard of this process.
@@ -290,12 +316,14 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
     let mut receivers = Vec::with_capacity(count);
     let mut links = Vec::with_capacity(count);
     for i in 0..count {
-        let (tx, rx) = flume::bounded(cfg.inbox_capacity);
+        let (tx, rx) = flume::unbounded();
         receivers.push(rx);
         links.push(ShardLink {
             tx,
             metrics: Arc::new(ShardMetrics::default()),
             cpu: cpus[i % cpus.len()],
+            reserved: AtomicUsize::new(0),
+            capacity: cfg.inbox_capacity,
         });
     }
     let node = Arc::new(Node {

@@ -1,42 +1,39 @@
-//! A connection's shared half: its send path, bounded send queue, wake-up signal and
-//! the timestamps the shard's sweeper reads. The fan-out path, the sweeper and the
-//! connection's own task all hold an `Rc<ConnHandle>`.
+//! A connection's shared half: its bounded send queue, the shard tick that writes it,
+//! its wake-up signal and the timestamps the shard's sweeper reads. The fan-out path,
+//! the sweeper and the connection's own task all hold an `Rc<ConnHandle>`.
 //!
-//! Sending: while nothing is queued or being written, a frame is sent at once with a
-//! non-blocking `send` (the common case: the socket has room). Only what the socket
-//! does not take is queued, and the connection's task writes the queue through the
-//! runtime (io_uring) as the socket drains. So a delivery to a keeping-up client costs
-//! one system call, no task wake-up and no allocation; the queue holds `Bytes` handles
-//! to the one frame built per node.
+//! Sending is by tick. Every frame for a connection (a delivery, a reply, a ping, a
+//! close) is queued as a `Bytes` handle to the one frame built per node. The first frame
+//! queued for a connection with no write in flight puts it on its shard's owed list and
+//! wakes the shard's flush task ([`flush_loop`]). That task runs after every task that
+//! was already ready (the inbox batch, the connections' reads, the Redis subscriber), so
+//! everything that reached the shard since the last tick is applied first; then each
+//! owed connection gets one `sendmsg` carrying all it is owed (`sys`). A delivery
+//! therefore costs a queue push, and a connection owed many messages costs one system
+//! call, not one per message: the cost per delivery falls as the rate rises. What the
+//! socket does not take stays queued, and the connection's own task writes it through
+//! the runtime (io_uring) as the socket drains.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::io::{ErrorKind, IoSlice};
+use std::os::fd::RawFd;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Bytes, BytesMut};
 
-use std::io::ErrorKind;
-use std::os::fd::RawFd;
-
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::sys;
 
-/// A close the connection's task should perform.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CloseRequest {
-    pub code: u16,
-    pub reason: &'static str,
-    pub why: CloseReason,
-}
+pub use crate::close::CloseRequest;
 
-/// Result of sending or queueing a frame.
+/// Result of queueing a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
-    /// Written to the socket at once.
-    Sent,
-    /// (Partly) queued for the connection's task to write.
+    /// Queued; it leaves at the shard's next tick, or behind a write in progress.
     Queued,
     /// The queue was full and the policy dropped this frame.
     Dropped,
@@ -44,23 +41,27 @@ pub enum Push {
     Closing,
 }
 
-/// Queued frames are coalesced into one write of up to this many bytes: one io_uring
-/// round trip per write, so a write must carry at least what one inbox batch
-/// (`shard::INBOX_BATCH` messages) can queue, or a burst outruns a reading client.
+/// Queued frames are coalesced into one write of up to this many bytes when the
+/// connection's task writes through the runtime (a socket that was full).
 const COALESCE_BYTES: usize = 64 * 1024;
+
+/// Frames handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
+const IOV_BATCH: usize = 64;
 
 pub struct ConnHandle {
     /// Node-unique connection number (shown as `<shard>-<id>` to clients).
     pub id: u64,
-    /// The socket, for direct sends; valid while the connection is registered (its task
-    /// unregisters before closing it). Negative: queue only (unit tests).
-    fd: RawFd,
+    /// The socket, for the tick's writes; -1 once the connection is unregistered (its
+    /// task unregisters before closing it), and in unit tests (queue only).
+    fd: Cell<RawFd>,
     queue: RefCell<VecDeque<Bytes>>,
     queued: Cell<usize>,
+    /// On the shard's owed list: the next tick writes the queue.
+    owed: Cell<bool>,
     waker: Cell<Option<Waker>>,
     /// Shard clock (seconds) of the last byte received.
     pub last_rx: Cell<u32>,
-    /// Shard clock when the current write started; 0 when not writing.
+    /// Shard clock when the task's current write started; 0 when not writing.
     pub writing_since: Cell<u32>,
     /// Shard clock when our close frame was queued; 0 while open.
     pub closing_since: Cell<u32>,
@@ -75,10 +76,11 @@ impl ConnHandle {
     pub fn new(id: u64, fd: RawFd, now: u32, user: Option<std::rc::Rc<str>>) -> Self {
         Self {
             id,
-            fd,
+            fd: Cell::new(fd),
             user,
             queue: RefCell::new(VecDeque::new()),
             queued: Cell::new(0),
+            owed: Cell::new(false),
             waker: Cell::new(None),
             last_rx: Cell::new(now),
             writing_since: Cell::new(0),
@@ -89,79 +91,137 @@ impl ConnHandle {
         }
     }
 
-    /// Sends or queues a frame if the queue stays within `limit` bytes (an empty queue
-    /// takes one frame of any size); otherwise applies the policy: `drop_when_full` drops
-    /// this frame, else the connection is closed as a slow consumer: its queue is
-    /// discarded, and if a write is stuck on a full socket the connection is aborted at
-    /// once, since no close frame could get through.
-    pub fn push(&self, frame: Bytes, limit: usize, drop_when_full: bool, m: &ShardMetrics) -> Push {
+    /// Queues a frame if the queue stays within `limit` bytes (an empty queue takes one
+    /// frame of any size); otherwise applies the policy: `drop_when_full` drops this
+    /// frame, else the connection is closed as a slow consumer: its queue is discarded,
+    /// and if a write is stuck on a full socket the connection is aborted at once, since
+    /// no close frame could get through. Before judging, a connection whose queue only
+    /// waits for this tick is written now: a client is slow when its socket refuses
+    /// bytes, not when one tick owes it much.
+    pub fn push(
+        self: &Rc<Self>,
+        frame: Bytes,
+        limit: usize,
+        drop_when_full: bool,
+        m: &ShardMetrics,
+    ) -> Push {
         if self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some() {
             return Push::Closing;
         }
-        let queued = self.queued.get();
-        if queued > 0 && queued + frame.len() > limit {
-            if drop_when_full {
-                return Push::Dropped;
+        if self.queued.get() > 0 && self.queued.get() + frame.len() > limit {
+            if self.owed.get() {
+                self.flush_owed(m);
             }
-            self.queue.borrow_mut().clear();
-            self.request_close(CloseRequest {
-                code: 1008,
-                reason: "slow consumer",
-                why: CloseReason::SlowConsumer,
-            });
-            if self.writing_since.get() != 0 {
-                self.abort(CloseReason::SlowConsumer);
+            let queued = self.queued.get();
+            if queued > 0 && queued + frame.len() > limit {
+                if drop_when_full {
+                    return Push::Dropped;
+                }
+                self.queue.borrow_mut().clear();
+                self.queued.set(0);
+                self.request_close(CloseRequest::SLOW_CONSUMER);
+                if self.writing_since.get() != 0 {
+                    self.abort(CloseReason::SlowConsumer);
+                }
+                return Push::Closing;
             }
-            return Push::Closing;
         }
-        self.push_unbounded(frame, m)
+        self.push_unbounded(frame)
     }
 
-    /// Sends or queues a frame regardless of the limit: only for frames bounded in
-    /// number by the gateway itself (the welcome, one close, one ping per interval).
-    pub fn push_unbounded(&self, frame: Bytes, m: &ShardMetrics) -> Push {
-        let rest = if self.queued.get() == 0 && self.writing_since.get() == 0 {
-            match self.send_now(&frame, m) {
-                Some(rest) => rest,
-                None => return Push::Sent,
-            }
+    /// Queues a frame regardless of the limit: only for frames bounded in number by the
+    /// gateway itself (the welcome's remainder, one close, one ping per interval).
+    pub fn push_unbounded(self: &Rc<Self>, frame: Bytes) -> Push {
+        let was_empty = self.queue.borrow().is_empty();
+        self.queued.set(self.queued.get() + frame.len());
+        self.queue.borrow_mut().push_back(frame);
+        if self.owed.get() {
+            // The tick already owes this connection its queue.
+        } else if was_empty && self.writing_since.get() == 0 {
+            self.owed.set(true);
+            OWED.with(|o| o.add(self.clone()));
         } else {
-            frame
-        };
-        self.queued.set(self.queued.get() + rest.len());
-        self.queue.borrow_mut().push_back(rest);
-        self.wake();
+            // The task is writing (or about to): it takes this frame behind the others.
+            self.wake();
+        }
         Push::Queued
     }
 
-    /// Writes `frame` with one non-blocking send; returns what the socket did not take
-    /// (`None`: all of it went, or the socket failed and the task was told to abort).
-    fn send_now(&self, frame: &Bytes, m: &ShardMetrics) -> Option<Bytes> {
-        if self.fd < 0 {
-            return Some(frame.clone());
+    /// The tick's write: everything queued, in order, with as few `sendmsg` calls as
+    /// `IOV_BATCH` allows. What the socket does not take stays queued for the
+    /// connection's task, which is woken to write it as the socket drains.
+    pub fn flush_owed(&self, m: &ShardMetrics) {
+        if !self.owed.replace(false) {
+            return;
         }
-        match sys::send_nonblocking(self.fd, frame) {
-            Ok(n) if n == frame.len() => {
-                m.frames_out.inc();
-                m.bytes_out.add(n as u64);
-                None
+        let fd = self.fd.get();
+        if fd < 0 || self.abort.get().is_some() {
+            return;
+        }
+        if self.writing_since.get() != 0 {
+            self.wake();
+            return;
+        }
+        loop {
+            let q = self.queue.borrow();
+            if q.is_empty() {
+                break;
             }
-            Ok(n) => {
-                m.bytes_out.add(n as u64);
-                Some(frame.slice(n..))
+            let mut iov = [IoSlice::new(&[]); IOV_BATCH];
+            let mut n = 0;
+            let mut total = 0;
+            for (slot, frame) in iov.iter_mut().zip(q.iter()) {
+                *slot = IoSlice::new(frame);
+                total += frame.len();
+                n += 1;
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                Some(frame.clone())
+            let sent = sys::send_vectored_nonblocking(fd, &iov[..n]);
+            drop(q);
+            match sent {
+                Ok(written) => {
+                    self.consume(written, m);
+                    if written < total {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.abort(CloseReason::IoError);
+                    return;
+                }
             }
-            Err(_) => {
-                self.abort(CloseReason::IoError);
-                None
-            }
+        }
+        if self.queue.borrow().is_empty() {
+            // Idle connections keep no queue storage.
+            *self.queue.borrow_mut() = VecDeque::new();
+        } else {
+            self.wake();
         }
     }
 
-    /// Takes the next write: one frame, or several small ones coalesced. Returns the
-    /// buffer and how many frames it holds.
+    /// Drops the `written` bytes at the front of the queue, counting whole frames.
+    fn consume(&self, mut written: usize, m: &ShardMetrics) {
+        m.bytes_out.add(written as u64);
+        self.queued.set(self.queued.get().saturating_sub(written));
+        let mut q = self.queue.borrow_mut();
+        let mut frames = 0;
+        while written > 0 {
+            let Some(front) = q.front_mut() else { break };
+            if front.len() <= written {
+                written -= front.len();
+                q.pop_front();
+                frames += 1;
+            } else {
+                *front = front.slice(written..);
+                written = 0;
+            }
+        }
+        m.frames_out.add(frames);
+    }
+
+    /// Takes the next write for the connection's task: one frame, or several small ones
+    /// coalesced. Returns the buffer and how many frames it holds.
     pub fn take_batch(&self) -> Option<(Bytes, u64)> {
         let mut q = self.queue.borrow_mut();
         let Some(first) = q.pop_front() else {
@@ -191,7 +251,7 @@ impl ConnHandle {
         Some((buf.freeze(), frames))
     }
 
-    /// Accounts for `n` bytes written to the socket.
+    /// Accounts for `n` bytes the task wrote to the socket.
     pub fn written(&self, n: usize) {
         self.queued.set(self.queued.get().saturating_sub(n));
     }
@@ -201,9 +261,24 @@ impl ConnHandle {
         !self.queue.borrow().is_empty()
     }
 
+    /// Whether the connection's task should write the queue itself: frames wait and no
+    /// tick is about to write them (the socket was full), or `finishing` (the task is
+    /// about to close the socket and must not leave frames behind).
+    pub fn task_owes(&self, finishing: bool) -> bool {
+        self.has_queued() && (finishing || !self.owed.get())
+    }
+
     /// Bytes queued and not yet written.
     pub fn queued(&self) -> usize {
         self.queued.get()
+    }
+
+    /// The connection is gone from its shard: its socket is about to close, so no tick
+    /// may write to that descriptor number again.
+    pub fn detach(&self) {
+        self.fd.set(-1);
+        self.queue.borrow_mut().clear();
+        self.queued.set(0);
     }
 
     /// Asks the task to send a close frame (first request wins).
@@ -241,7 +316,7 @@ impl ConnHandle {
         }
     }
 
-    /// Resolves when there is something to write, a close to start, or an abort.
+    /// Resolves when the task has something to write, a close to start, or an abort.
     pub fn work(&self) -> Signal<'_> {
         Signal {
             handle: self,
@@ -269,7 +344,7 @@ impl Future for Signal<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let h = self.handle;
         let ready = h.abort.get().is_some()
-            || (!self.abort_only && (h.close_pending() || !h.queue.borrow().is_empty()));
+            || (!self.abort_only && (h.close_pending() || h.task_owes(false)));
         if ready {
             Poll::Ready(())
         } else {
@@ -279,15 +354,91 @@ impl Future for Signal<'_> {
     }
 }
 
+/// The connections of this thread's shard owed a write at the next tick.
+#[derive(Default)]
+struct Owed {
+    conns: RefCell<Vec<Rc<ConnHandle>>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Owed {
+    fn add(&self, conn: Rc<ConnHandle>) {
+        let mut conns = self.conns.borrow_mut();
+        conns.push(conn);
+        if conns.len() == 1 {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// One per shard thread: shards share nothing.
+    static OWED: Owed = Owed::default();
+}
+
+/// The tick: writes every owed connection's queue (see the module comment). Returns
+/// how many connections were written.
+pub fn flush_all(m: &ShardMetrics) -> usize {
+    let mut batch = OWED.with(|o| std::mem::take(&mut *o.conns.borrow_mut()));
+    let n = batch.len();
+    for conn in batch.drain(..) {
+        conn.flush_owed(m);
+    }
+    // Keep the list's storage for the next tick unless one was started meanwhile.
+    OWED.with(|o| {
+        let mut conns = o.conns.borrow_mut();
+        if conns.is_empty() {
+            *conns = batch;
+        }
+    });
+    n
+}
+
+/// The shard's flush task: waits until a connection is owed a write, lets every task
+/// that is ready run first (the runtime's queue is first in, first out), then ticks.
+pub async fn flush_loop(m: std::sync::Arc<ShardMetrics>) {
+    loop {
+        std::future::poll_fn(|cx| {
+            OWED.with(|o| {
+                if o.conns.borrow().is_empty() {
+                    o.waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+        })
+        .await;
+        let writes = flush_all(&m);
+        m.ticks.inc();
+        m.tick_writes.add(writes as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     static M: std::sync::LazyLock<ShardMetrics> = std::sync::LazyLock::new(ShardMetrics::default);
 
+    fn handle(fd: RawFd) -> Rc<ConnHandle> {
+        Rc::new(ConnHandle::new(1, fd, 0, None))
+    }
+
+    /// A connected pair: the server end's handle and the client socket.
+    fn pair() -> (Rc<ConnHandle>, std::net::TcpStream, std::net::TcpStream) {
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (handle(server.as_raw_fd()), server, peer)
+    }
+
     #[test]
     fn limit_closes_slow_consumer_and_discards_queue() {
-        let h = ConnHandle::new(1, -1, 0, None);
+        let h = handle(-1);
         assert_eq!(
             h.push(Bytes::from(vec![0; 600]), 1000, false, &M),
             Push::Queued
@@ -299,35 +450,67 @@ mod tests {
         assert!(h.take_batch().is_none());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
+        flush_all(&M);
     }
 
     #[test]
-    fn sends_directly_until_the_socket_is_full_then_queues_in_order() {
+    fn one_tick_writes_everything_owed_in_one_call_in_order() {
         use std::io::Read;
-        use std::os::fd::AsRawFd;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (server, _) = listener.accept().unwrap();
+        let (h, _server, mut peer) = pair();
         let m = ShardMetrics::default();
-        let h = ConnHandle::new(1, server.as_raw_fd(), 0, None);
+        for i in 0..10u8 {
+            assert_eq!(
+                h.push(Bytes::from(vec![i; 100]), 1 << 20, false, &m),
+                Push::Queued
+            );
+        }
+        // Nothing is written before the tick, and the task is not asked to write.
+        assert_eq!((m.bytes_out.get(), h.queued()), (0, 1000));
+        assert!(!h.task_owes(false));
+        assert_eq!(flush_all(&m), 1);
         assert_eq!(
-            h.push(Bytes::from_static(b"first"), 1 << 30, false, &m),
-            Push::Sent
+            (m.frames_out.get(), m.bytes_out.get(), h.queued()),
+            (10, 1000, 0)
         );
-        assert_eq!((m.frames_out.get(), h.queued()), (1, 0));
-        // Nobody reads: the socket fills, and the rest is queued, not lost.
+        let mut got = vec![0u8; 1000];
+        peer.read_exact(&mut got).unwrap();
+        for (i, chunk) in got.chunks(100).enumerate() {
+            assert!(chunk.iter().all(|b| *b as usize == i));
+        }
+        // The next frame starts a new tick.
+        h.push(Bytes::from_static(b"next"), 1 << 20, false, &m);
+        assert_eq!(flush_all(&m), 1);
+        assert_eq!(m.frames_out.get(), 11);
+    }
+
+    #[test]
+    fn what_the_socket_refuses_stays_queued_for_the_task_in_order() {
+        use std::io::Read;
+        let (h, _server, mut peer) = pair();
+        let m = ShardMetrics::default();
+        h.push(Bytes::from_static(b"first"), 1 << 30, false, &m);
+        // Nobody reads: tick after tick the socket fills, and the rest stays queued.
         let chunk = Bytes::from(vec![7u8; 64 * 1024]);
         let mut pushed = 5;
-        while h.push(chunk.clone(), 1 << 30, false, &m) == Push::Sent {
+        loop {
+            h.push(chunk.clone(), 1 << 30, false, &m);
             pushed += chunk.len();
+            flush_all(&m);
+            if h.queued() > 0 {
+                break;
+            }
             assert!(pushed < 64 << 20, "socket never filled");
         }
-        pushed += chunk.len();
-        assert!(h.queued() > 0 && h.has_queued());
-        // Later frames go behind the queue, never around it.
+        // The task owes the rest now, and a later frame goes behind it, never around it.
+        assert!(h.task_owes(false));
         assert_eq!(
             h.push(Bytes::from_static(b"last"), 1 << 30, false, &m),
             Push::Queued
+        );
+        assert_eq!(
+            flush_all(&m),
+            0,
+            "a connection the task is writing is not owed to the tick"
         );
         let sent_directly = m.bytes_out.get() as usize;
         let mut rest = Vec::new();
@@ -344,8 +527,25 @@ mod tests {
     }
 
     #[test]
+    fn a_tick_owing_more_than_the_limit_is_not_a_slow_consumer_if_the_socket_takes_it() {
+        let (h, _server, _peer) = pair();
+        let m = ShardMetrics::default();
+        // 40 frames of 1 KiB against a 4 KiB limit, all in one tick: the socket has room,
+        // so each overflow writes what is owed instead of closing the connection.
+        for _ in 0..40 {
+            assert_eq!(
+                h.push(Bytes::from(vec![1; 1024]), 4096, false, &m),
+                Push::Queued
+            );
+        }
+        flush_all(&m);
+        assert_eq!((m.bytes_out.get(), h.queued()), (40 * 1024, 0));
+        assert!(h.take_close_request().is_none());
+    }
+
+    #[test]
     fn an_empty_queue_takes_one_frame_of_any_size() {
-        let h = ConnHandle::new(1, -1, 0, None);
+        let h = handle(-1);
         assert_eq!(
             h.push(Bytes::from(vec![0; 5000]), 1000, false, &M),
             Push::Queued
@@ -354,13 +554,14 @@ mod tests {
             h.push(Bytes::from(vec![0; 10]), 1000, false, &M),
             Push::Closing
         );
+        flush_all(&M);
     }
 
     #[test]
     fn overflow_during_a_stuck_write_aborts() {
-        let h = ConnHandle::new(1, -1, 0, None);
-        h.push(Bytes::from(vec![0; 600]), 1000, false, &M);
+        let h = handle(-1);
         h.writing_since.set(5);
+        h.push(Bytes::from(vec![0; 600]), 1000, false, &M);
         assert_eq!(
             h.push(Bytes::from(vec![0; 600]), 1000, false, &M),
             Push::Closing
@@ -370,7 +571,7 @@ mod tests {
 
     #[test]
     fn drop_policy_keeps_the_connection() {
-        let h = ConnHandle::new(1, -1, 0, None);
+        let h = handle(-1);
         assert_eq!(
             h.push(Bytes::from(vec![0; 600]), 1000, true, &M),
             Push::Queued
@@ -381,11 +582,24 @@ mod tests {
         );
         assert!(h.take_close_request().is_none());
         assert_eq!(h.take_batch().unwrap().1, 1);
+        flush_all(&M);
     }
 
     #[test]
-    fn small_frames_coalesce_and_accounting_balances() {
-        let h = ConnHandle::new(1, -1, 0, None);
+    fn a_detached_connection_is_never_written() {
+        let (h, server, _peer) = pair();
+        let m = ShardMetrics::default();
+        h.push(Bytes::from_static(b"late"), 1 << 20, false, &m);
+        h.detach();
+        drop(server);
+        assert_eq!(flush_all(&m), 1);
+        assert_eq!(m.bytes_out.get(), 0);
+    }
+
+    #[test]
+    fn small_frames_coalesce_for_the_task_and_accounting_balances() {
+        let h = handle(-1);
+        h.writing_since.set(1);
         for _ in 0..10 {
             h.push(Bytes::from_static(b"0123456789"), 1 << 20, false, &M);
         }

@@ -20,7 +20,6 @@ use monoio::net::TcpStream;
 
 use super::frame::{self, OpCode};
 use super::handshake::{self, Endpoint, Parsed, Refusal};
-use super::outbound::{CloseRequest, ConnHandle};
 use super::reader::{Event, Flow, ReadError, Reader};
 use crate::auth::Identity;
 use crate::backplane::Reply;
@@ -28,6 +27,7 @@ use crate::broker;
 use crate::metrics::CloseReason;
 use crate::protocol::{self, ErrorCode, Op};
 use crate::registry::{Change, ConnKey, SubscribeError};
+use crate::shard::outbound::{CloseRequest, ConnHandle};
 use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
@@ -96,7 +96,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         m.bytes_out.add(sent as u64);
         if sent < out.len() {
             // Counted as a frame when the connection task writes it.
-            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]), m);
+            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]));
         } else if welcome {
             m.frames_out.inc();
         }
@@ -104,11 +104,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     // Accepted just before the drain began: upgrade it and ask it, like every other
     // client, to reconnect elsewhere, rather than refuse the handshake.
     if shard.draining() {
-        handle.request_close(CloseRequest {
-            code: 1001,
-            reason: "server shutting down",
-            why: CloseReason::Shutdown,
-        });
+        handle.request_close(CloseRequest::SHUTDOWN);
     }
     Some(Conn {
         stream,
@@ -229,7 +225,8 @@ impl Conn {
             if let Some(why) = self.s.handle.aborted() {
                 return self.s.why.unwrap_or(why);
             }
-            if self.s.handle.has_queued() || self.needs_shutdown() {
+            let finishing = self.s.state != State::Open;
+            if self.s.handle.task_owes(finishing) || self.needs_shutdown() {
                 // Boxed: the write path's state exists only while writing, not in every
                 // idle connection's task.
                 if let Err(why) = Box::pin(self.flush()).await {
@@ -390,7 +387,7 @@ impl Session {
                     Some(c) => frame::close_frame(c, ""),
                     None => frame::server_frame(OpCode::Close, b""),
                 };
-                self.handle.push_unbounded(reply, &self.shard.metrics);
+                self.handle.push_unbounded(reply);
                 self.handle.closing_since.set(self.shard.now());
                 self.why = Some(CloseReason::Client);
                 self.state = State::Done;
@@ -403,12 +400,7 @@ impl Session {
             Event::Binary(data) => match self.endpoint {
                 Endpoint::Echo => self.reply(frame::server_frame(OpCode::Binary, data)),
                 Endpoint::Gateway => {
-                    let req = CloseRequest {
-                        code: 1003,
-                        reason: "binary frames are not supported",
-                        why: CloseReason::ProtocolError,
-                    };
-                    self.send_close(req, true);
+                    self.send_close(CloseRequest::BINARY_FRAME, true);
                     return Flow::Stop;
                 }
             },
@@ -527,10 +519,8 @@ impl Session {
         if self.state != State::Open {
             return;
         }
-        self.handle.push_unbounded(
-            frame::close_frame(req.code, req.reason),
-            &self.shard.metrics,
-        );
+        self.handle
+            .push_unbounded(frame::close_frame(req.code, req.reason));
         self.handle.closing_since.set(self.shard.now());
         self.why = Some(req.why);
         self.state = State::Closing { discard };

@@ -1,9 +1,9 @@
 //! WebSocket: the upgrade (`handshake`), the frame codec (`frame`), message reassembly
-//! (`reader`), the per-connection send queue (`outbound`) and the connection task that
-//! ties them to a socket (`conn`). Everything but `conn` is pure.
+//! (`reader`) and the connection task that ties them to a socket (`conn`). Everything
+//! but `conn` is pure. What a connection is sent lives with the shard
+//! (`shard::outbound`), so fan-out never reaches into this module.
 
 pub mod conn;
 pub mod frame;
 pub mod handshake;
-pub mod outbound;
 pub mod reader;

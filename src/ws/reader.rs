@@ -36,9 +36,9 @@ impl ReadError {
     /// The close code that tells the peer what it did wrong.
     pub fn close_code(self) -> u16 {
         match self {
-            Self::Protocol(_) => 1002,
-            Self::InvalidUtf8 => 1007,
-            Self::TooBig => 1009,
+            Self::Protocol(_) => crate::close::PROTOCOL_ERROR,
+            Self::InvalidUtf8 => crate::close::INVALID_PAYLOAD,
+            Self::TooBig => crate::close::MESSAGE_TOO_BIG,
         }
     }
 

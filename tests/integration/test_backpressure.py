@@ -4,13 +4,14 @@ and drops messages for it (counted in ringway_dropped_total). Either way a subsc
 that reads gets every message."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
 
 import pytest
 
-from harness import HOST, Client, Collector, arun
+from harness import HOST, Client, Collector, arun, open_on_every_shard
 
 QUEUE = 4096
 PAYLOAD = "x" * 1024
@@ -248,3 +249,60 @@ def test_ping_flood_without_reading_is_a_slow_consumer(gateway):
             r.close()
 
     arun(body(), timeout=40)
+
+
+def pipelined_publish_answers(port: int, topic: str, n: int) -> list[tuple[int, dict, bytes]]:
+    """`n` publishes written back to back on one keep-alive connection; returns each
+    answer as (status, JSON body, raw head), in order."""
+    reqs = b"".join(
+        b"POST /v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(b), b)
+        for b in (json.dumps({"topic": topic, "data": {"n": i}}).encode() for i in range(n)))
+    answers = []
+    with socket.create_connection((HOST, port), timeout=10) as s:
+        s.sendall(reqs)
+        buf = b""
+        deadline = time.monotonic() + 20
+        while len(answers) < n and time.monotonic() < deadline:
+            head, sep, rest = buf.partition(b"\r\n\r\n")
+            if sep:
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                if len(rest) >= length:
+                    answers.append((int(head.split()[1]), json.loads(rest[:length]), head))
+                    buf = rest[length:]
+                    continue
+            chunk = s.recv(65536)
+            assert chunk, "admin API closed the connection"
+            buf += chunk
+    assert len(answers) == n, f"{len(answers)} of {n} publishes answered"
+    return answers
+
+
+def test_an_overloaded_publish_reaches_no_one_and_says_retry(gateway):
+    """With one-message inboxes, a pipelined burst overruns the shards: each publish is
+    taken by every shard or by none. A 503 carries Retry-After and reached no subscriber
+    on any shard; every 200 reached every subscriber, once and in order."""
+    gw = gateway(shards=2, inbox_capacity=1)
+    t = "overload"
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_on_every_shard(stack, gw, 16)
+            for c in clients:
+                await c.subscribe(t)
+            cols = [Collector(c) for c in clients]
+            answers = await asyncio.to_thread(pipelined_publish_answers, gw.admin_port, t, 2000)
+            ok = [a[1]["id"] for a in answers if a[0] == 200]
+            refused = [a for a in answers if a[0] != 200]
+            assert refused, "no publish was refused: the burst did not overrun a one-message inbox"
+            for status, body, head in refused:
+                assert status == 503 and body["error"] == "overloaded", (status, body)
+                assert b"\r\nretry-after: 1" in head.lower(), head
+            assert gw.metric("ringway_inbox_full_total") >= len(refused)
+            for col in cols:
+                await col.wait_for(len(ok), 15)
+                await asyncio.sleep(0.2)  # anything beyond the 200s would arrive now
+                assert [g["id"] for g in col.messages] == ok, \
+                    f"a subscriber got {len(col.messages)} messages; {len(ok)} publishes answered 200"
+                col.stop()
+
+    arun(body(), timeout=60)
