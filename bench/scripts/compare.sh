@@ -9,13 +9,19 @@
 #   bash bench/uws/build.sh                 # optional: uWebSockets
 #   bash bench/scripts/compare.sh           # ONLY=, RUNS=, SERVERS= to narrow
 #
+# Scenarios (ONLY=…): idle (19,000 idle connections), idlesub (10,000, each subscribed),
+# fanout1k10 and fanout10k (1,000 / 10,000 subscribers × 10 msg/s), fanout10k100
+# (10,000 × 100 msg/s: 1M deliveries/s offered, above this host's capacity; what is not
+# delivered within 15 s counts as lost), sat10k and sat1k (publishes as fast as the
+# server acknowledges them, 256 in flight), churn (10,000 upgrades, 64 in flight).
+#
 # Every server gets two threads on this 2-CPU host: ringway --shards 2, the baseline
 # --threads 2, uws-server 2 threads (one uWS App per thread, SO_REUSEPORT).
 # Results: bench/results/compare-<timestamp>/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-idle,fanout1k10,fanout10k,churn}
+ONLY=${ONLY:-idle,idlesub,fanout1k10,fanout10k,fanout10k100,sat10k,sat1k,churn}
 SERVERS=${SERVERS:-ringway,baseline,uws}
 OUT=${OUT:-bench/results/compare-$(date -u +%Y%m%d-%H%M%S)}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -37,6 +43,10 @@ start() {
     baseline) target/release/ringway-baseline --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
                --threads "$THREADS" 2>>"$OUT/baseline.log" & ;;
     uws) bench/uws/uws-server "$PORT" "$APORT" "$THREADS" 2>>"$OUT/uws.log" & ;;
+    # Another ringway build (an earlier commit) for a before/after in the same run:
+    # SERVERS=ringway,before,uws RINGWAY_BEFORE_BIN=/path/to/that/ringway
+    before) "${RINGWAY_BEFORE_BIN:?set RINGWAY_BEFORE_BIN}" serve --listen "127.0.0.1:$PORT" \
+               --admin "127.0.0.1:$APORT" --shards "$THREADS" 2>>"$OUT/before.log" & ;;
   esac
   SRV=$!
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$APORT/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -59,6 +69,24 @@ for i in $(seq "$RUNS"); do
       start "$s"; "$B" fanout $(C) --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2 \
         --json "$OUT/fanout10k-$s-$i.json"; stop
     fi
+    if want idlesub; then
+      # Idle, but each connection subscribed (one topic): memory per subscribed connection.
+      start "$s"; "$B" fanout $(C) --subs 10000 --topics 1 --hold-secs 30 --rate 1 --duration 1 \
+        --source-ips 2 --json "$OUT/idlesub-$s-$i.json"; stop
+    fi
+    if want fanout10k100; then
+      # 1M deliveries/s offered, above what this host can do: what is not delivered within
+      # 15 s of the last publish counts as lost.
+      start "$s"; "$B" fanout $(C) --subs 10000 --topics 1 --rate 100 --duration 20 --drain-secs 15 \
+        --source-ips 2 --json "$OUT/fanout10k100-$s-$i.json"; stop
+    fi
+    for n in 10k 1k; do
+      if want "sat$n"; then
+        # Saturation: publishes as fast as the server acknowledges them (256 in flight).
+        start "$s"; "$B" fanout $(C) --subs "$n" --topics 1 --rate 0 --duration 10 --drain-secs 15 \
+          --source-ips 2 --json "$OUT/sat$n-$s-$i.json"; stop
+      fi
+    done
     if want churn; then
       start "$s"; "$B" churn $(C) --conns 10000 --concurrency 64 --source-ips 2 --json "$OUT/churn-$s-$i.json"; stop
     fi
@@ -94,12 +122,22 @@ def figure(label, scenario, get, f="{:,.0f}", higher_is_better=True):
 print("idle: 19,000 connections held 30 s")
 figure("server RSS per connection (B)", "idle", lambda r: r["gateway"]["rss_bytes_per_conn"])
 figure("connections lost during the hold", "idle", lambda r: r["hold"]["closed_by_peer"])
+print("idlesub: 10,000 connections, each subscribed, held 30 s")
+figure("server RSS per subscribed connection (B)", "idlesub", lambda r: r["gateway"]["rss_bytes_per_conn"])
 for sc, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s for 10 s"),
-                  ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s")):
+                  ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s"),
+                  ("fanout10k100", "fanout: 1 topic, 10,000 subscribers, 100 msg/s for 20 s (1M/s offered)"),
+                  ("sat10k", "saturation: 1 topic, 10,000 subscribers, 256 publishes in flight for 10 s"),
+                  ("sat1k", "saturation: 1 topic, 1,000 subscribers, 256 publishes in flight for 10 s")):
     print(label)
+    figure("publishes acknowledged", sc, lambda r: r["publisher"]["acked_ok"])
     figure("deliveries/s", sc, lambda r: r["deliveries"]["per_sec"])
     figure("deliveries per server CPU-second", sc, lambda r: r["gateway"]["deliveries_per_cpu_sec_schedstat"])
+    figure("not delivered within the drain (% of expected)", sc,
+           lambda r: 100.0 * r["deliveries"]["lost"] / r["deliveries"]["expected"] if r["deliveries"]["expected"] else None,
+           "{:,.1f}", higher_is_better=False)
     figure("lost + duplicates", sc, lambda r: r["deliveries"]["lost"] + r["deliveries"]["duplicates"])
+    figure("subscribers closed by the server", sc, lambda r: r["deliveries"]["subscribers_closed_by_peer"])
     figure("latency p50 (ms)", sc, lambda r: r["latency_us"]["p50"] / 1000, "{:,.1f}")
     figure("latency p99 (ms)", sc, lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
     figure("latency p99.9 (ms)", sc, lambda r: r["latency_us"]["p999"] / 1000, "{:,.1f}")
