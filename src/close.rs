@@ -54,6 +54,25 @@ impl CloseRequest {
     };
 }
 
+/// A close the shard asks a connection to make: one byte in every connection's handle,
+/// where a whole `CloseRequest` would take 32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardClose {
+    SlowConsumer,
+    IdleTimeout,
+    Shutdown,
+}
+
+impl ShardClose {
+    pub fn request(self) -> CloseRequest {
+        match self {
+            Self::SlowConsumer => CloseRequest::SLOW_CONSUMER,
+            Self::IdleTimeout => CloseRequest::IDLE_TIMEOUT,
+            Self::Shutdown => CloseRequest::SHUTDOWN,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,7 +44,11 @@ impl Registry {
         topic: &str,
         max_per_conn: usize,
     ) -> Result<Change, SubscribeError> {
-        let topics = self.by_conn.entry(conn).or_default();
+        // Most connections hold one topic: start the list at one slot, not four.
+        let topics = self
+            .by_conn
+            .entry(conn)
+            .or_insert_with(|| Vec::with_capacity(1));
         if topics.iter().any(|t| &**t == topic) {
             return Ok(Change::None);
         }

@@ -10,8 +10,9 @@
 //! | `POST /v1/send` | body `{"user":"U","data":…}` or `{"users":["U",…],"data":…}` → 200 `{"id":"…","online":N,"shards":K}` |
 //! | `GET /v1/nodes` | with Redis: the live nodes of the cluster, `{"nodes":[…]}` |
 //!
-//! With a backplane, publish and send go to Redis through a shard's command connection
-//! (one `PUBLISH`, or one `FCALL ringway_send` for any number of users).
+//! Publish, send and the node list go through `shard::fanout`: the shards' inboxes on a
+//! single node, or Redis through a shard's command connection (one `PUBLISH`, or one
+//! `FCALL ringway_send` for any number of users) in a cluster.
 //!
 //! HTTP/1.1 with keep-alive; request bodies up to [`MAX_BODY`], with `Content-Length`
 //! (411 without it on POST, 501 for `Transfer-Encoding`).
@@ -31,13 +32,11 @@ use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use bytes::Bytes;
-use redis_protocol::resp2::types::BytesFrame;
-
-use crate::backplane::schema;
+use crate::backplane::remote::RemoteError;
 use crate::broker;
 use crate::config::Config;
 use crate::protocol;
+use crate::shard::fanout::{self, FanoutError};
 use crate::shard::Node;
 
 /// Largest request body accepted (413 beyond).
@@ -114,11 +113,23 @@ impl Response {
             retry_after: None,
         }
     }
-    /// 503 for a publish or send that no shard took: retrying is safe.
-    fn overloaded(e: &broker::Overloaded) -> Self {
-        let mut r = Self::error(503, "overloaded", &e.to_string());
-        r.retry_after = Some(1);
-        r
+    /// A publish, send or lookup that did not go out. 503 `overloaded` means no shard
+    /// took it (retrying is safe, `Retry-After`); 503 `unavailable` means Redis cannot
+    /// be reached; 502 means Redis answered outside the schema.
+    fn fanout_error(e: &FanoutError) -> Self {
+        match e {
+            FanoutError::Overloaded(_) => {
+                let mut r = Self::error(503, "overloaded", &e.to_string());
+                r.retry_after = Some(1);
+                r
+            }
+            FanoutError::Remote(RemoteError::Unavailable(_)) => {
+                Self::error(503, "unavailable", &e.to_string())
+            }
+            FanoutError::Remote(RemoteError::BadReply(_)) => {
+                Self::error(502, "bad_gateway", &e.to_string())
+            }
+        }
     }
     fn error(status: u16, code: &str, message: &str) -> Self {
         let body = serde_json::json!({"error": code, "message": message}).to_string();
@@ -308,31 +319,14 @@ async fn publish(ctx: &Ctx, body: &[u8]) -> Response {
         return Response::error(400, "bad_topic", &m);
     }
     let data = req.data.unwrap_or(RawValue::NULL);
-    if !ctx.node.backplane {
-        return match broker::publish(&ctx.node, None, &req.topic, data) {
-            Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
-            Err(e) => Response::overloaded(&e),
-        };
-    }
-    let id = ctx.node.next_message_id();
-    let args = vec![
-        Bytes::from_static(b"PUBLISH"),
-        Bytes::from(schema::topic_channel(&req.topic)),
-        Bytes::from(schema::topic_envelope(&id, data)),
-    ];
-    match ctx.node.redis(args, REDIS_TIMEOUT).await {
-        Ok(_) => {
-            ctx.node.published.inc();
-            Response::json(200, serde_json::json!({ "id": id }).to_string())
-        }
-        Err(e) => Response::error(503, "unavailable", &e),
+    match fanout::publish(&ctx.node, &req.topic, data).await {
+        Ok(id) => Response::json(200, serde_json::json!({ "id": id }).to_string()),
+        Err(e) => Response::fanout_error(&e),
     }
 }
 
 /// Longest list of users one send may name.
 pub const MAX_SEND_USERS: usize = 1000;
-/// How long an API request waits for Redis.
-const REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -372,34 +366,9 @@ async fn send(ctx: &Ctx, body: &[u8]) -> Response {
         return Response::error(400, "bad_request", &m);
     }
     let data = req.data.unwrap_or(RawValue::NULL);
-    if !ctx.node.backplane {
-        return match broker::send(&ctx.node, &users, data) {
-            Ok(sent) => sent_response(&sent),
-            Err(e) => Response::overloaded(&e),
-        };
-    }
-    let id = ctx.node.next_message_id();
-    let mut args = Vec::with_capacity(users.len() + 5);
-    args.push(Bytes::from_static(b"FCALL"));
-    args.push(Bytes::from_static(b"ringway_send"));
-    args.push(Bytes::from(users.len().to_string()));
-    args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
-    args.push(Bytes::from(id.clone()));
-    args.push(Bytes::copy_from_slice(data.get().as_bytes()));
-    match ctx.node.redis(args, REDIS_TIMEOUT).await {
-        Ok(BytesFrame::Array(parts)) => match parts.as_slice() {
-            [BytesFrame::Integer(online), BytesFrame::Integer(shards), ..] => {
-                ctx.node.published.inc();
-                sent_response(&broker::Sent {
-                    id,
-                    online: *online as usize,
-                    shards: *shards as usize,
-                })
-            }
-            _ => Response::error(502, "bad_gateway", "unexpected reply from ringway_send"),
-        },
-        Ok(_) => Response::error(502, "bad_gateway", "unexpected reply from ringway_send"),
-        Err(e) => Response::error(503, "unavailable", &e),
+    match fanout::send(&ctx.node, &users, data).await {
+        Ok(sent) => sent_response(&sent),
+        Err(e) => Response::fanout_error(&e),
     }
 }
 
@@ -408,34 +377,10 @@ fn sent_response(sent: &broker::Sent) -> Response {
     Response::json(200, body.to_string())
 }
 
-/// The cluster's live nodes (by the registry in Redis, read with this host's clock).
+/// The cluster's live nodes.
 async fn nodes(ctx: &Ctx) -> Response {
-    if !ctx.node.backplane {
-        let body = serde_json::json!({ "nodes": [ctx.node.id] });
-        return Response::json(200, body.to_string());
-    }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis());
-    let args = vec![
-        Bytes::from_static(b"ZRANGE"),
-        Bytes::from_static(schema::NODES_KEY.as_bytes()),
-        Bytes::from(format!("({now_ms}")),
-        Bytes::from_static(b"+inf"),
-        Bytes::from_static(b"BYSCORE"),
-    ];
-    match ctx.node.redis(args, REDIS_TIMEOUT).await {
-        Ok(BytesFrame::Array(parts)) => {
-            let nodes: Vec<String> = parts
-                .iter()
-                .filter_map(|p| match p {
-                    BytesFrame::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-                    _ => None,
-                })
-                .collect();
-            Response::json(200, serde_json::json!({ "nodes": nodes }).to_string())
-        }
-        Ok(_) => Response::error(502, "bad_gateway", "unexpected reply from ZRANGE"),
-        Err(e) => Response::error(503, "unavailable", &e),
+    match fanout::nodes(&ctx.node).await {
+        Ok(nodes) => Response::json(200, serde_json::json!({ "nodes": nodes }).to_string()),
+        Err(e) => Response::fanout_error(&e),
     }
 }

@@ -26,7 +26,7 @@ use crate::shard::Shard;
 
 /// Runs for the life of the shard, or until `Backplane::finish` has been served.
 pub async fn run(shard: Rc<Shard>) {
-    let Some(bp) = shard.backplane.as_ref() else {
+    let Some(bp) = shard.backplane() else {
         return;
     };
     let m = &shard.metrics;
@@ -120,7 +120,7 @@ async fn serve(
                 // Just (re)connected: Redis may have restarted empty.
                 refresh_presence(shard, bp, 0, usize::MAX);
             } else {
-                let slots = shard.conns.borrow().capacity();
+                let slots = shard.conn_slots();
                 let step = slots.div_ceil(period_ticks).max(1);
                 refresh_presence(shard, bp, cursor, step);
                 cursor += step;
@@ -130,8 +130,10 @@ async fn serve(
             }
             if tick.is_multiple_of(period_ticks) {
                 node_alive(shard, bp);
-                let entries: usize = shard.users.borrow().values().map(Vec::len).sum();
-                shard.metrics.presence_entries.set(entries as u64);
+                shard
+                    .metrics
+                    .presence_entries
+                    .set(shard.identified_count() as u64);
             }
             tick += 1;
             next_heartbeat = now + Duration::from_secs(1);
@@ -208,14 +210,7 @@ async fn serve(
 /// Refreshes the presence of the identified connections in slots `from .. from + len`
 /// of the connection table, in calls of `PRESENCE_BATCH` entries.
 fn refresh_presence(shard: &Shard, bp: &Backplane, from: usize, len: usize) {
-    let entries: Vec<(Rc<str>, u64)> = {
-        let conns = shard.conns.borrow();
-        let end = from.saturating_add(len).min(conns.capacity());
-        (from..end)
-            .filter_map(|k| conns.get(k))
-            .filter_map(|c| c.user.as_ref().map(|u| (u.clone(), c.id)))
-            .collect()
-    };
+    let entries = shard.identified_conns(from, len);
     if entries.is_empty() {
         return;
     }

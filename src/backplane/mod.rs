@@ -16,6 +16,7 @@
 
 mod commands;
 pub mod link;
+pub mod remote;
 pub mod schema;
 mod subscriber;
 mod url;

@@ -20,7 +20,7 @@ use crate::shard::Shard;
 
 /// Runs for the life of the shard.
 pub async fn run(shard: Rc<Shard>) {
-    let Some(bp) = shard.backplane.as_ref() else {
+    let Some(bp) = shard.backplane() else {
         return;
     };
     let m = &shard.metrics;
@@ -63,7 +63,7 @@ pub async fn run(shard: Rc<Shard>) {
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     // Everything this shard wants, from scratch.
     bp.dirty.borrow_mut().clear();
-    let topics: Vec<Rc<str>> = shard.registry.borrow().topic_names().cloned().collect();
+    let topics: Vec<Rc<str>> = shard.topic_names();
     {
         let mut state = bp.topics.borrow_mut();
         state.clear();
@@ -74,10 +74,9 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     {
         // Replies waiting for topics nobody holds any more (their clients left during
         // the outage) are dropped, not kept for a confirmation that will never come.
-        let registry = shard.registry.borrow();
         bp.acks.borrow_mut().retain(|topic, waiting| {
             waiting.retain(|a| a.conn.strong_count() > 0);
-            !waiting.is_empty() && registry.subscribers(topic).is_some()
+            !waiting.is_empty() && shard.has_subscribers(topic)
         });
     }
     count_subscribes(bp, &topics);
@@ -162,10 +161,9 @@ fn take_changes(shard: &Shard, bp: &Backplane) -> (Vec<Rc<str>>, Vec<Rc<str>>) {
     if dirty.is_empty() {
         return (subscribe, unsubscribe);
     }
-    let registry = shard.registry.borrow();
     let mut state = bp.topics.borrow_mut();
     for topic in dirty {
-        let wanted = registry.subscribers(&topic).is_some();
+        let wanted = shard.has_subscribers(&topic);
         let have = state.contains_key(&topic);
         if wanted && !have {
             state.insert(topic.clone(), SubState::Sent);

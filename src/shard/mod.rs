@@ -7,6 +7,7 @@
 //! idle and stalled-write timeouts, close deadlines), which walks every connection once a
 //! second instead of giving each one a timer.
 
+pub mod fanout;
 mod node;
 pub mod outbound;
 
@@ -27,9 +28,13 @@ pub use node::{start, Inbox, Node, RunningNode, ShardLink, StartError};
 use crate::backplane::{self, Backplane, RedisUrl};
 use crate::config::{Config, SlowConsumer};
 use crate::metrics::{CloseReason, ShardMetrics};
+use crate::protocol::{self, ErrorCode};
+use crate::registry::{Change, SubscribeError};
 use crate::registry::{ConnKey, Registry};
 use crate::ws::frame::{self, OpCode};
-use outbound::{CloseRequest, ConnHandle, Push};
+use fanout::Fanout;
+use outbound::{ConnHandle, Push, ShardClose};
+use serde_json::value::RawValue;
 
 /// Size of the per-shard read buffer every connection reads into.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
@@ -42,8 +47,8 @@ pub struct Shard {
     cfg_epoch: Cell<u64>,
     pub node: Arc<Node>,
     pub metrics: Arc<ShardMetrics>,
-    pub conns: RefCell<Slab<Rc<ConnHandle>>>,
-    pub registry: RefCell<Registry>,
+    conns: RefCell<Slab<Rc<ConnHandle>>>,
+    registry: RefCell<Registry>,
     /// Shared read buffer; borrowed only between two awaits.
     pub scratch: RefCell<Box<[u8]>>,
     /// Shared buffer for building handshake responses; borrowed only between two awaits.
@@ -54,15 +59,15 @@ pub struct Shard {
     clock: Cell<u32>,
     /// Accepted sockets still in their upgrade (not yet in `conns`); the drain waits
     /// for them too, so none is cut off by the process exiting.
-    pub handshaking: Cell<usize>,
+    handshaking: Cell<usize>,
     next_conn: Cell<u64>,
     draining: Cell<bool>,
     stop_accepting: StopSignal,
     ping: Bytes,
     /// Connections of each identified user on this shard.
-    pub users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
-    /// The Redis backplane, when configured.
-    pub backplane: Option<Backplane>,
+    users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
+    /// The rest of the node (in-process) or of the cluster (Redis).
+    fanout: Fanout,
 }
 
 impl Shard {
@@ -70,11 +75,17 @@ impl Shard {
         let metrics = node.shards[index].metrics.clone();
         let welcome = crate::protocol::WelcomeTemplate::new(&node.id);
         // The URL was checked by `Config::validate`.
-        let backplane = cfg
-            .redis
-            .as_deref()
-            .and_then(|u| RedisUrl::parse(u).ok())
-            .map(|url| Backplane::new(url, &node.id, index, &cfg, metrics.clone()));
+        // The URL was checked by `Config::validate`.
+        let fanout = match cfg.redis.as_deref().and_then(|u| RedisUrl::parse(u).ok()) {
+            Some(url) => Fanout::Redis(Box::new(Backplane::new(
+                url,
+                &node.id,
+                index,
+                &cfg,
+                metrics.clone(),
+            ))),
+            None => Fanout::Local,
+        };
         Self {
             index,
             cfg: RefCell::new(cfg),
@@ -95,7 +106,7 @@ impl Shard {
             stop_accepting: StopSignal::default(),
             ping: frame::server_frame(OpCode::Ping, b""),
             users: RefCell::default(),
-            backplane,
+            fanout,
         }
     }
 
@@ -111,9 +122,7 @@ impl Shard {
         if epoch != self.cfg_epoch.get() {
             self.cfg_epoch.set(epoch);
             let cfg = self.node.config();
-            if let Some(bp) = &self.backplane {
-                bp.set_reply_limit(cfg.outbound_queue_bytes);
-            }
+            self.fanout.set_reply_limit(cfg.outbound_queue_bytes);
             *self.cfg.borrow_mut() = cfg;
         }
     }
@@ -147,10 +156,7 @@ impl Shard {
                 .entry(user.clone())
                 .or_default()
                 .push(key);
-            match &self.backplane {
-                Some(bp) => bp.user_online(user, id),
-                None => self.node.directory.add(user, self.index),
-            }
+            self.fanout.user_online(&self.node, self.index, user, id);
         }
         (key, handle)
     }
@@ -160,11 +166,8 @@ impl Shard {
     pub fn unregister(&self, key: ConnKey, why: CloseReason) {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
-        let emptied = self.registry.borrow_mut().remove_conn(key);
-        if let Some(bp) = &self.backplane {
-            for topic in emptied {
-                bp.topic_changed(topic);
-            }
+        for topic in self.registry.borrow_mut().remove_conn(key) {
+            self.fanout.topic_changed(topic);
         }
         if let Some(user) = user {
             let mut users = self.users.borrow_mut();
@@ -174,10 +177,9 @@ impl Shard {
                     users.remove(user);
                 }
             }
-            match (&self.backplane, self.conns.borrow().get(key)) {
-                (Some(bp), Some(conn)) => bp.user_offline(user, conn.id),
-                (Some(_), None) => {}
-                (None, _) => self.node.directory.remove(user, self.index),
+            if let Some(conn) = self.conns.borrow().get(key) {
+                self.fanout
+                    .user_offline(&self.node, self.index, user, conn.id);
             }
         }
         if let Some(conn) = self.conns.borrow_mut().try_remove(key) {
@@ -194,6 +196,129 @@ impl Shard {
         let r = self.registry.borrow();
         self.metrics.topics.set(r.topics() as u64);
         self.metrics.subscriptions.set(r.subscriptions() as u64);
+    }
+
+    /// An accepted socket finished its upgrade (or gave up): the drain stops waiting
+    /// for it.
+    pub fn handshake_ended(&self) {
+        self.handshaking.set(self.handshaking.get() - 1);
+    }
+
+    /// The Redis backplane, when this shard has one (for its Redis tasks).
+    pub fn backplane(&self) -> Option<&Backplane> {
+        self.fanout.backplane()
+    }
+
+    /// Connection `key` subscribes to `topic` (at most `max_subscriptions` topics per
+    /// connection). The `subscribed` reply `ack` goes out now, or once Redis has the
+    /// subscription, so nothing published after it is missed.
+    pub fn subscribe(
+        &self,
+        key: ConnKey,
+        conn: &Rc<ConnHandle>,
+        topic: &str,
+        ack: Bytes,
+    ) -> Result<(), SubscribeError> {
+        self.registry
+            .borrow_mut()
+            .subscribe(key, topic, self.cfg().max_subscriptions)?;
+        self.update_registry_gauges();
+        // With Redis, a topic not yet confirmed there is (re)marked for the subscriber
+        // connection here.
+        if let Some(ack) = self.fanout.subscribed(topic, conn, ack) {
+            self.reply(conn, ack);
+        }
+        Ok(())
+    }
+
+    /// Connection `key` unsubscribes from `topic`; a `subscribed` reply still waiting
+    /// for Redis goes out first.
+    pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
+        let change = self.registry.borrow_mut().unsubscribe(key, topic);
+        self.fanout.unsubscribing(topic, conn);
+        if change == Change::TopicEdge {
+            self.fanout.topic_changed(Rc::from(topic));
+        }
+        self.update_registry_gauges();
+    }
+
+    /// A client on this shard publishes `data` on `topic`. With `reference`, it is
+    /// answered `published` (or an error) once the message is out.
+    pub fn publish(
+        &self,
+        conn: &Rc<ConnHandle>,
+        topic: &str,
+        data: &RawValue,
+        reference: Option<&RawValue>,
+    ) {
+        if let Some(bp) = self.fanout.backplane() {
+            let id = self.node.next_message_id();
+            self.node.published.inc();
+            let reply = backplane::Reply::Publish {
+                conn: Rc::downgrade(conn),
+                ok: reference.map(|r| protocol::published(topic, &id, Some(r))),
+                reference: reference.map(|r| r.to_owned()),
+            };
+            bp.publish(topic, &id, data, reply);
+            return;
+        }
+        match crate::broker::publish(&self.node, Some(self), topic, data) {
+            Ok(id) => {
+                if reference.is_some() {
+                    self.reply(conn, protocol::published(topic, &id, reference));
+                }
+            }
+            Err(e) => self.reply_error(conn, ErrorCode::Overloaded, &e.to_string(), reference),
+        }
+    }
+
+    /// Queues a reply to a client, bounded like any other frame (a client that sends
+    /// requests and never reads is a slow consumer).
+    pub fn reply(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
+        conn.push(frame, self.cfg().outbound_queue_bytes, false, &self.metrics);
+    }
+
+    /// Queues an error frame for a refused request.
+    pub fn reply_error(
+        &self,
+        conn: &Rc<ConnHandle>,
+        code: ErrorCode,
+        message: &str,
+        reference: Option<&RawValue>,
+    ) {
+        self.metrics.error_frames.inc();
+        self.reply(conn, protocol::error(code, message, reference));
+    }
+
+    /// Every topic with a subscriber on this shard.
+    pub fn topic_names(&self) -> Vec<Rc<str>> {
+        self.registry.borrow().topic_names().cloned().collect()
+    }
+
+    /// Whether `topic` has a subscriber on this shard.
+    pub fn has_subscribers(&self, topic: &str) -> bool {
+        self.registry.borrow().subscribers(topic).is_some()
+    }
+
+    /// Slots of the connection table (for walking it in slices).
+    pub fn conn_slots(&self) -> usize {
+        self.conns.borrow().capacity()
+    }
+
+    /// The identified connections among slots `from .. from + len`: (user, connection
+    /// number).
+    pub fn identified_conns(&self, from: usize, len: usize) -> Vec<(Rc<str>, u64)> {
+        let conns = self.conns.borrow();
+        let end = from.saturating_add(len).min(conns.capacity());
+        (from..end)
+            .filter_map(|k| conns.get(k))
+            .filter_map(|c| c.user.as_ref().map(|u| (u.clone(), c.id)))
+            .collect()
+    }
+
+    /// Connections with a user id on this shard.
+    pub fn identified_count(&self) -> usize {
+        self.users.borrow().values().map(Vec::len).sum()
     }
 
     /// Queues `frame` for every local subscriber of `topic`; returns deliveries queued.
@@ -254,7 +379,7 @@ impl Shard {
                     self.deliver_direct(user, &id, &data);
                 }
             }
-            Inbox::Redis { args, reply } => match &self.backplane {
+            Inbox::Redis { args, reply } => match self.fanout.backplane() {
                 Some(bp) => {
                     let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
                     bp.command(&args, backplane::Reply::Remote(reply));
@@ -296,7 +421,7 @@ impl Shard {
             }
             let idle = now.saturating_sub(conn.last_rx.get());
             if idle > idle_after {
-                conn.request_close(CloseRequest::IDLE_TIMEOUT);
+                conn.request_close(ShardClose::IdleTimeout);
             } else if idle > ping_after && !conn.ping_sent.get() {
                 conn.ping_sent.set(true);
                 conn.push_unbounded(self.ping.clone());
@@ -314,7 +439,7 @@ impl Shard {
     /// Asks connection `key` (if still open) to close with 1001 so it reconnects elsewhere.
     fn close_for_drain(&self, key: ConnKey) {
         if let Some(conn) = self.conns.borrow().get(key) {
-            conn.request_close(CloseRequest::SHUTDOWN);
+            conn.request_close(ShardClose::Shutdown);
         }
     }
 }
@@ -341,7 +466,7 @@ async fn run(
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(outbound::flush_loop(shard.metrics.clone()));
     monoio::spawn(sweeper(shard.clone()));
-    if shard.backplane.is_some() {
+    if shard.fanout.backplane().is_some() {
         monoio::spawn(backplane::run_subscriber(shard.clone()));
         monoio::spawn(backplane::run_commands(shard.clone()));
     }
@@ -402,7 +527,7 @@ async fn run(
             "drain timeout: dropping remaining connections"
         );
     }
-    if let Some(bp) = &shard.backplane {
+    if let Some(bp) = shard.fanout.backplane() {
         // Presence removals of the closed connections, and the node's deregistration.
         bp.finish(Duration::from_secs(2)).await;
     }

@@ -211,28 +211,14 @@ impl Node {
         (!down.is_empty()).then(|| format!("redis unreachable from shard(s) {}", down.join(",")))
     }
 
-    /// Sends a Redis command through a shard whose command connection is up and waits
-    /// for the reply (at most `limit`).
-    pub async fn redis(
-        &self,
-        args: Vec<RawBytes>,
-        limit: std::time::Duration,
-    ) -> Result<redis_protocol::resp2::types::BytesFrame, String> {
+    /// A shard whose Redis command connection is up (round robin), for the admin
+    /// API's calls to Redis (`backplane::remote`).
+    pub fn shard_with_redis(&self) -> Option<&ShardLink> {
         let n = self.shards.len();
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
-        let link = (0..n)
+        (0..n)
             .map(|i| &self.shards[(start + i) % n])
             .find(|l| l.metrics.redis_commands_up.get() == 1)
-            .ok_or("redis unavailable")?;
-        let (tx, rx) = flume::bounded(1);
-        link.tx
-            .try_send(Inbox::Redis { args, reply: tx })
-            .map_err(|_| "gateway overloaded: shard inbox full")?;
-        match monoio::time::timeout(limit, rx.recv_async()).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Err("shard stopped".into()),
-            Err(_) => Err("redis did not answer in time".into()),
-        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! The connection task: the I/O shell around the handshake parser, the frame reader
-//! and protocol v1. One task per connection; it alone reads and writes the socket.
+//! and the protocol state machine (`session`), whose effects it carries out against the
+//! shard. One task per connection; it alone reads the socket, and writes what a tick
+//! could not.
 //!
 //! Memory: an idle connection owns no read buffer. The task waits for readiness
 //! (io_uring PollAdd or epoll), then reads with `recv(MSG_DONTWAIT)` into the shard's
@@ -18,33 +20,33 @@ use std::time::Duration;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 
-use super::frame::{self, OpCode};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
 use super::handshake::{self, Endpoint, Parsed, Refusal};
-use super::reader::{Event, Flow, ReadError, Reader};
+use super::reader::{Event, Flow, Reader};
+use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
-use crate::backplane::Reply;
-use crate::broker;
 use crate::metrics::CloseReason;
-use crate::protocol::{self, ErrorCode, Op};
-use crate::registry::{Change, ConnKey, SubscribeError};
-use crate::shard::outbound::{CloseRequest, ConnHandle};
+use crate::registry::{ConnKey, SubscribeError};
+use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
 /// Serves one accepted socket until it closes. The caller has counted it in
-/// `shard.handshaking`; this lowers the count when the upgrade ends.
+/// the shard's handshakes in progress; this lowers the count when the upgrade ends.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     // Everything the upgrade needs lives in this boxed future and is freed when it
     // ends: an established connection's task holds only its `Conn` and the read loop.
     // `handshaking` was raised by the accept loop when it spawned this task.
     let upgraded = Box::pin(upgrade(shard.clone(), stream)).await;
-    shard.handshaking.set(shard.handshaking.get() - 1);
+    shard.handshake_ended();
     drop(shard); // the connection holds its own reference from here on
     let Some(mut conn) = upgraded else {
         return;
     };
     let why = conn.run().await;
-    conn.s.shard.unregister(conn.s.key, why);
+    conn.io.shard.unregister(conn.io.key, why);
 }
 
 /// Runs the handshake under its timeout, registers the connection and sends the 101
@@ -104,7 +106,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     // Accepted just before the drain began: upgrade it and ask it, like every other
     // client, to reconnect elsewhere, rather than refuse the handshake.
     if shard.draining() {
-        handle.request_close(CloseRequest::SHUTDOWN);
+        handle.request_close(ShardClose::Shutdown);
     }
     Some(Conn {
         stream,
@@ -112,14 +114,8 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         reader: Reader::default(),
         pending: leftover,
         write_shut: false,
-        s: Session {
-            shard,
-            handle,
-            key,
-            endpoint,
-            state: State::Open,
-            why: None,
-        },
+        session: Session::new(endpoint),
+        io: Io { shard, handle, key },
     })
 }
 
@@ -180,18 +176,6 @@ async fn handshake(
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    Open,
-    /// Our close frame is queued or sent. `discard`: input after a protocol error is
-    /// not parsed any more.
-    Closing {
-        discard: bool,
-    },
-    /// Nothing more to read: flush and drop the socket.
-    Done,
-}
-
 struct Conn {
     stream: TcpStream,
     fd: RawFd,
@@ -199,18 +183,39 @@ struct Conn {
     /// Bytes of a frame cut by the end of a read; empty (no allocation) otherwise.
     pending: Vec<u8>,
     write_shut: bool,
-    s: Session,
+    session: Session,
+    io: Io,
 }
 
-/// Everything the frame handler touches (split from `Conn` so the reader can borrow
-/// the pending buffer while the handler runs).
-struct Session {
+/// The session's effects, carried out against the shard (split from `Conn` so the
+/// reader can borrow the pending buffer while the session runs).
+struct Io {
     shard: Rc<Shard>,
     handle: Rc<ConnHandle>,
     key: ConnKey,
-    endpoint: Endpoint,
-    state: State,
-    why: Option<CloseReason>,
+}
+
+impl Effects for Io {
+    fn send(&mut self, frame: Bytes) {
+        self.shard.reply(&self.handle, frame);
+    }
+    fn send_error(&mut self, frame: Bytes) {
+        self.shard.metrics.error_frames.inc();
+        self.shard.reply(&self.handle, frame);
+    }
+    fn closing(&mut self, frame: Bytes, _why: CloseReason) {
+        self.handle.push_unbounded(frame);
+        self.handle.closing_since.set(self.shard.now());
+    }
+    fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError> {
+        self.shard.subscribe(self.key, &self.handle, topic, ack)
+    }
+    fn unsubscribe(&mut self, topic: &str) {
+        self.shard.unsubscribe(self.key, &self.handle, topic);
+    }
+    fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>) {
+        self.shard.publish(&self.handle, topic, data, reference);
+    }
 }
 
 // === impl Conn ===
@@ -222,27 +227,27 @@ impl Conn {
             self.on_data(&mut first);
         }
         loop {
-            if let Some(why) = self.s.handle.aborted() {
-                return self.s.why.unwrap_or(why);
+            if let Some(why) = self.io.handle.aborted() {
+                return self.session.why().unwrap_or(why);
             }
-            let finishing = self.s.state != State::Open;
-            if self.s.handle.task_owes(finishing) || self.needs_shutdown() {
+            let finishing = self.session.state() != State::Open;
+            if self.io.handle.task_owes(finishing) || self.needs_shutdown() {
                 // Boxed: the write path's state exists only while writing, not in every
                 // idle connection's task.
                 if let Err(why) = Box::pin(self.flush()).await {
                     return why;
                 }
             }
-            if self.s.state == State::Done {
-                return self.s.why.unwrap_or(CloseReason::Client);
+            if self.session.state() == State::Done {
+                return self.session.why().unwrap_or(CloseReason::Client);
             }
-            if let Some(req) = self.s.handle.take_close_request() {
-                self.s.send_close(req, false);
+            if let Some(req) = self.io.handle.take_close_request() {
+                self.session.on_close_request(req, &mut self.io);
                 continue;
             }
             let readable = monoio::select! {
                 r = self.stream.readable(false) => Some(r.is_ok()),
-                _ = self.s.handle.work() => None,
+                _ = self.io.handle.work() => None,
             };
             match readable {
                 Some(false) => return CloseReason::IoError,
@@ -258,19 +263,19 @@ impl Conn {
 
     /// Reads what the socket has (bounded per wake-up for fairness) and handles it.
     fn read_ready(&mut self) -> Result<(), CloseReason> {
-        let shard = self.s.shard.clone();
+        let shard = self.io.shard.clone();
         let mut scratch = shard.scratch.borrow_mut();
         let mut total = 0;
         loop {
             match sys::recv_nonblocking(self.fd, &mut scratch) {
-                Ok(0) => return Err(self.s.why.unwrap_or(CloseReason::Client)),
+                Ok(0) => return Err(self.session.why().unwrap_or(CloseReason::Client)),
                 Ok(n) => {
                     total += n;
                     shard.metrics.bytes_in.add(n as u64);
-                    self.s.handle.last_rx.set(shard.now());
-                    self.s.handle.ping_sent.set(false);
+                    self.io.handle.last_rx.set(shard.now());
+                    self.io.handle.ping_sent.set(false);
                     self.on_data(&mut scratch[..n]);
-                    if self.s.state == State::Done
+                    if self.session.state() == State::Done
                         || n < scratch.len()
                         || total >= 4 * SCRATCH_BYTES
                     {
@@ -279,19 +284,28 @@ impl Conn {
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => return Err(self.s.why.unwrap_or(CloseReason::IoError)),
+                Err(_) => return Err(self.session.why().unwrap_or(CloseReason::IoError)),
             }
         }
     }
 
     /// Feeds received bytes to the frame reader, keeping a cut frame for later.
     fn on_data(&mut self, data: &mut [u8]) {
-        if matches!(self.s.state, State::Closing { discard: true } | State::Done) {
+        if !self.session.reads_input() {
             return;
         }
-        let max = self.s.shard.cfg().max_message_bytes;
-        let session = &mut self.s;
-        let mut handler = |ev: Event<'_>| session.on_event(ev);
+        let cfg = self.io.shard.cfg();
+        let max = cfg.max_message_bytes;
+        let limits = Limits {
+            max_topic_bytes: cfg.max_topic_bytes,
+            max_subscriptions: cfg.max_subscriptions,
+            client_publish: cfg.client_publish,
+        };
+        let (session, io) = (&mut self.session, &mut self.io);
+        let mut handler = |ev: Event<'_>| {
+            io.shard.metrics.frames_in.inc();
+            session.on_event(ev, &limits, io)
+        };
         let result = if self.pending.is_empty() {
             let r = self.reader.feed(data, max, &mut handler);
             if let Ok(fed) = &r {
@@ -317,22 +331,22 @@ impl Conn {
             r.map(|_| ())
         };
         if let Err(e) = result {
-            self.s.protocol_error(e);
+            self.session.on_read_error(e, &mut self.io);
         }
     }
 
     /// Our close frame is queued or out and the write side is still open.
     fn needs_shutdown(&self) -> bool {
-        matches!(self.s.state, State::Closing { .. }) && !self.write_shut
+        matches!(self.session.state(), State::Closing { .. }) && !self.write_shut
     }
 
     /// Writes everything queued. After our close frame is out, shuts the write side.
     async fn flush(&mut self) -> Result<(), CloseReason> {
-        let handle = self.s.handle.clone();
-        let metrics = &self.s.shard.metrics;
+        let handle = self.io.handle.clone();
+        let metrics = &self.io.shard.metrics;
         while let Some((buf, frames)) = handle.take_batch() {
             let len = buf.len();
-            handle.writing_since.set(self.s.shard.now());
+            handle.writing_since.set(self.io.shard.now());
             let written = monoio::select! {
                 r = self.stream.write_all(buf) => Some(r.0),
                 _ = handle.aborted_signal() => None,
@@ -340,11 +354,11 @@ impl Conn {
             handle.writing_since.set(0);
             match written {
                 Some(Ok(_)) => {}
-                Some(Err(_)) => return Err(self.s.why.unwrap_or(CloseReason::IoError)),
+                Some(Err(_)) => return Err(self.session.why().unwrap_or(CloseReason::IoError)),
                 None => {
                     return Err(self
-                        .s
-                        .why
+                        .session
+                        .why()
                         .or(handle.aborted())
                         .unwrap_or(CloseReason::IoError))
                 }
@@ -358,171 +372,5 @@ impl Conn {
             let _ = monoio::io::AsyncWriteRent::shutdown(&mut self.stream).await;
         }
         Ok(())
-    }
-}
-
-// === impl Session ===
-
-impl Session {
-    fn on_event(&mut self, ev: Event<'_>) -> Flow {
-        self.shard.metrics.frames_in.inc();
-        match self.state {
-            State::Open => {}
-            State::Closing { .. } => {
-                if let Event::Close(..) = ev {
-                    self.state = State::Done;
-                    return Flow::Stop;
-                }
-                return Flow::Continue;
-            }
-            State::Done => return Flow::Stop,
-        }
-        match ev {
-            // Bounded like any reply: a client that floods pings and never reads is a
-            // slow consumer.
-            Event::Ping(payload) => self.reply(frame::server_frame(OpCode::Pong, payload)),
-            Event::Pong(_) => {}
-            Event::Close(code, _) => {
-                let reply = match code {
-                    Some(c) => frame::close_frame(c, ""),
-                    None => frame::server_frame(OpCode::Close, b""),
-                };
-                self.handle.push_unbounded(reply);
-                self.handle.closing_since.set(self.shard.now());
-                self.why = Some(CloseReason::Client);
-                self.state = State::Done;
-                return Flow::Stop;
-            }
-            Event::Text(text) => match self.endpoint {
-                Endpoint::Echo => self.reply(frame::server_frame(OpCode::Text, text.as_bytes())),
-                Endpoint::Gateway => self.on_request(text),
-            },
-            Event::Binary(data) => match self.endpoint {
-                Endpoint::Echo => self.reply(frame::server_frame(OpCode::Binary, data)),
-                Endpoint::Gateway => {
-                    self.send_close(CloseRequest::BINARY_FRAME, true);
-                    return Flow::Stop;
-                }
-            },
-        }
-        Flow::Continue
-    }
-
-    /// Handles one protocol v1 request.
-    fn on_request(&mut self, text: &str) {
-        let shard = self.shard.clone();
-        let cfg = shard.cfg();
-        let req = match protocol::parse(text, cfg.max_topic_bytes) {
-            Ok(r) => r,
-            Err(rej) => return self.error(rej.error, &rej.message, rej.reference),
-        };
-        let reference = req.reference;
-        match req.op {
-            Op::Subscribe { topic, since: _ } => {
-                let added =
-                    shard
-                        .registry
-                        .borrow_mut()
-                        .subscribe(self.key, &topic, cfg.max_subscriptions);
-                shard.update_registry_gauges();
-                match added {
-                    Ok(_) => {
-                        let ack = protocol::ack("subscribed", &topic, reference);
-                        // With a backplane, the reply waits until Redis has the
-                        // subscription, so nothing published after it is missed.
-                        let ack = match &shard.backplane {
-                            Some(bp) => bp.subscribed(&topic, &self.handle, ack),
-                            None => Some(ack),
-                        };
-                        if let Some(ack) = ack {
-                            self.reply(ack);
-                        }
-                    }
-                    Err(SubscribeError::TooMany) => {
-                        let msg = format!(
-                            "at most {} subscriptions per connection",
-                            cfg.max_subscriptions
-                        );
-                        self.error(ErrorCode::TooManySubscriptions, &msg, reference);
-                    }
-                }
-            }
-            Op::Unsubscribe { topic } => {
-                let change = shard.registry.borrow_mut().unsubscribe(self.key, &topic);
-                if let Some(bp) = &shard.backplane {
-                    bp.unsubscribing(&topic, &self.handle);
-                    if change == Change::TopicEdge {
-                        bp.topic_changed(Rc::from(&*topic));
-                    }
-                }
-                shard.update_registry_gauges();
-                self.reply(protocol::ack("unsubscribed", &topic, reference));
-            }
-            Op::Publish { topic, data } => {
-                if !cfg.client_publish {
-                    return self.error(
-                        ErrorCode::PublishForbidden,
-                        "client publishing is disabled on this gateway",
-                        reference,
-                    );
-                }
-                if let Some(bp) = &shard.backplane {
-                    let id = shard.node.next_message_id();
-                    shard.node.published.inc();
-                    let ok = reference.map(|r| protocol::published(&topic, &id, Some(r)));
-                    let reply = Reply::Publish {
-                        conn: Rc::downgrade(&self.handle),
-                        ok,
-                        reference: reference.map(|r| r.to_owned()),
-                    };
-                    bp.publish(&topic, &id, data, reply);
-                    return;
-                }
-                match broker::publish(&shard.node, Some(&shard), &topic, data) {
-                    Ok(id) => {
-                        if reference.is_some() {
-                            self.reply(protocol::published(&topic, &id, reference));
-                        }
-                    }
-                    Err(e) => self.error(ErrorCode::Overloaded, &e.to_string(), reference),
-                }
-            }
-        }
-    }
-
-    fn reply(&self, frame: bytes::Bytes) {
-        let limit = self.shard.cfg().outbound_queue_bytes;
-        self.handle.push(frame, limit, false, &self.shard.metrics);
-    }
-
-    fn error(
-        &self,
-        code: ErrorCode,
-        message: &str,
-        reference: Option<&serde_json::value::RawValue>,
-    ) {
-        self.shard.metrics.error_frames.inc();
-        self.reply(protocol::error(code, message, reference));
-    }
-
-    fn protocol_error(&mut self, e: ReadError) {
-        let req = CloseRequest {
-            code: e.close_code(),
-            reason: e.reason(),
-            why: CloseReason::ProtocolError,
-        };
-        self.send_close(req, true);
-    }
-
-    /// Queues our close frame (once) and enters the closing state.
-    fn send_close(&mut self, req: CloseRequest, discard: bool) {
-        if self.state != State::Open {
-            return;
-        }
-        self.handle
-            .push_unbounded(frame::close_frame(req.code, req.reason));
-        self.handle.closing_since.set(self.shard.now());
-        self.why = Some(req.why);
-        self.state = State::Closing { discard };
     }
 }

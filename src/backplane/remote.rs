@@ -1,0 +1,114 @@
+//! The admin API's calls to Redis, made from the admin thread through a shard whose
+//! command connection is up: a publish (`PUBLISH`), a direct send (`FCALL ringway_send`)
+//! and the live-node list. The RESP commands and replies stay in this module; callers
+//! see ids, counts and typed errors.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+use serde_json::value::RawValue;
+
+use super::schema;
+use crate::broker::Sent;
+use crate::shard::{Inbox, Node};
+
+/// How long an API request waits for Redis.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call through Redis failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// Redis cannot be reached, or did not answer in time: retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Redis answered something the schema does not allow.
+    #[error("unexpected reply from {0}")]
+    BadReply(&'static str),
+}
+
+/// Sends a command through a shard whose command connection is up and waits for the
+/// reply.
+async fn call(node: &Node, args: Vec<Bytes>) -> Result<BytesFrame, RemoteError> {
+    let link = node
+        .shard_with_redis()
+        .ok_or_else(|| RemoteError::Unavailable("redis unavailable".into()))?;
+    let (tx, rx) = flume::bounded(1);
+    link.tx
+        .send(Inbox::Redis { args, reply: tx })
+        .map_err(|_| RemoteError::Unavailable("shard stopped".into()))?;
+    match monoio::time::timeout(TIMEOUT, rx.recv_async()).await {
+        Ok(Ok(reply)) => reply.map_err(RemoteError::Unavailable),
+        Ok(Err(_)) => Err(RemoteError::Unavailable("shard stopped".into())),
+        Err(_) => Err(RemoteError::Unavailable(
+            "redis did not answer in time".into(),
+        )),
+    }
+}
+
+/// Publishes a topic message with id `id` to every node.
+pub async fn publish(
+    node: &Node,
+    topic: &str,
+    id: &str,
+    data: &RawValue,
+) -> Result<(), RemoteError> {
+    let args = vec![
+        Bytes::from_static(b"PUBLISH"),
+        Bytes::from(schema::topic_channel(topic)),
+        Bytes::from(schema::topic_envelope(id, data)),
+    ];
+    call(node, args).await.map(|_| ())
+}
+
+/// Sends a direct message with id `id` to every connection of `users`, wherever they
+/// are: one function call that looks them up and publishes once per shard holding any.
+pub async fn send(
+    node: &Node,
+    users: &[String],
+    id: String,
+    data: &RawValue,
+) -> Result<Sent, RemoteError> {
+    let mut args = Vec::with_capacity(users.len() + 5);
+    args.push(Bytes::from_static(b"FCALL"));
+    args.push(Bytes::from_static(b"ringway_send"));
+    args.push(Bytes::from(users.len().to_string()));
+    args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
+    args.push(Bytes::from(id.clone()));
+    args.push(Bytes::copy_from_slice(data.get().as_bytes()));
+    match call(node, args).await? {
+        BytesFrame::Array(parts) => match parts.as_slice() {
+            [BytesFrame::Integer(online), BytesFrame::Integer(shards), ..] => Ok(Sent {
+                id,
+                online: *online as usize,
+                shards: *shards as usize,
+            }),
+            _ => Err(RemoteError::BadReply("ringway_send")),
+        },
+        _ => Err(RemoteError::BadReply("ringway_send")),
+    }
+}
+
+/// The cluster's live nodes (by the registry in Redis, read with this host's clock).
+pub async fn live_nodes(node: &Node) -> Result<Vec<String>, RemoteError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let args = vec![
+        Bytes::from_static(b"ZRANGE"),
+        Bytes::from_static(schema::NODES_KEY.as_bytes()),
+        Bytes::from(format!("({now_ms}")),
+        Bytes::from_static(b"+inf"),
+        Bytes::from_static(b"BYSCORE"),
+    ];
+    match call(node, args).await? {
+        BytesFrame::Array(parts) => Ok(parts
+            .iter()
+            .filter_map(|p| match p {
+                BytesFrame::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            })
+            .collect()),
+        _ => Err(RemoteError::BadReply("ZRANGE")),
+    }
+}

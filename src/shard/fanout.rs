@@ -1,0 +1,121 @@
+//! Where traffic goes beyond the shard or thread it enters: the in-process broker of a
+//! single node (`Local`) or the Redis backplane (`Redis`). The shard's verbs, the
+//! connections and the admin API call these and never ask which one is in use; RESP
+//! stays in `backplane/`.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::node::Node;
+use super::outbound::ConnHandle;
+use crate::backplane::{self, remote::RemoteError, Backplane};
+use crate::broker::{self, Overloaded, Sent};
+
+/// One shard's way to the rest of the node, or of the cluster.
+pub enum Fanout {
+    /// Single node: the other shards are reached through their inboxes, and the node's
+    /// directory knows which shards hold a user.
+    Local,
+    /// A cluster: topics and users go through this shard's Redis connections.
+    Redis(Box<Backplane>),
+}
+
+impl Fanout {
+    /// The backplane, for the tasks that run its Redis connections.
+    pub fn backplane(&self) -> Option<&Backplane> {
+        match self {
+            Self::Local => None,
+            Self::Redis(bp) => Some(bp),
+        }
+    }
+
+    /// A connection of `user` (connection number `conn`) opened on shard `shard`.
+    pub fn user_online(&self, node: &Node, shard: usize, user: &Rc<str>, conn: u64) {
+        match self {
+            Self::Local => node.directory.add(user, shard),
+            Self::Redis(bp) => bp.user_online(user, conn),
+        }
+    }
+
+    /// A connection of `user` closed.
+    pub fn user_offline(&self, node: &Node, shard: usize, user: &Rc<str>, conn: u64) {
+        match self {
+            Self::Local => node.directory.remove(user, shard),
+            Self::Redis(bp) => bp.user_offline(user, conn),
+        }
+    }
+
+    /// A topic gained its first or lost its last subscriber on this shard.
+    pub fn topic_changed(&self, topic: Rc<str>) {
+        if let Self::Redis(bp) = self {
+            bp.topic_changed(topic);
+        }
+    }
+
+    /// A connection subscribed to `topic`: returns the `subscribed` reply to send now,
+    /// or `None` when it goes out later (once Redis has the subscription, so nothing
+    /// published after the reply is missed).
+    pub fn subscribed(&self, topic: &str, conn: &Rc<ConnHandle>, ack: Bytes) -> Option<Bytes> {
+        match self {
+            Self::Local => Some(ack),
+            Self::Redis(bp) => bp.subscribed(topic, conn, ack),
+        }
+    }
+
+    /// A connection unsubscribes from `topic`: a `subscribed` reply still waiting goes
+    /// out first.
+    pub fn unsubscribing(&self, topic: &str, conn: &Rc<ConnHandle>) {
+        if let Self::Redis(bp) = self {
+            bp.unsubscribing(topic, conn);
+        }
+    }
+
+    /// A reload changed `outbound_queue_bytes`.
+    pub fn set_reply_limit(&self, limit: usize) {
+        if let Self::Redis(bp) = self {
+            bp.set_reply_limit(limit);
+        }
+    }
+}
+
+/// Why a publish or send from the admin API did not go out.
+#[derive(Debug, thiserror::Error)]
+pub enum FanoutError {
+    /// A shard's inbox was full: nothing was delivered; retry.
+    #[error(transparent)]
+    Overloaded(#[from] Overloaded),
+    /// Through Redis: unavailable, or an unexpected reply.
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+}
+
+/// Publishes `data` on `topic` from outside the shards (the admin API); returns the id.
+pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, FanoutError> {
+    if !node.backplane {
+        return Ok(broker::publish(node, None, topic, data)?);
+    }
+    let id = node.next_message_id();
+    backplane::remote::publish(node, topic, &id, data).await?;
+    node.published.inc();
+    Ok(id)
+}
+
+/// Sends `data` to every connection of `users`, on this node or in the cluster.
+pub async fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, FanoutError> {
+    if !node.backplane {
+        return Ok(broker::send(node, users, data)?);
+    }
+    let sent = backplane::remote::send(node, users, node.next_message_id(), data).await?;
+    node.published.inc();
+    Ok(sent)
+}
+
+/// The live nodes: this one alone without Redis.
+pub async fn nodes(node: &Node) -> Result<Vec<String>, FanoutError> {
+    if !node.backplane {
+        return Ok(vec![node.id.clone()]);
+    }
+    Ok(backplane::remote::live_nodes(node).await?)
+}

@@ -1,0 +1,452 @@
+//! A connection's protocol state machine, without I/O: WebSocket events in (from
+//! `reader`), effects out (through [`Effects`]). It owns the connection's state (open,
+//! closing, done), answers pings and closes, turns text messages into protocol v1
+//! requests and decides every close the connection itself starts. The connection task
+//! (`conn`) feeds it and carries out its effects against the socket and the shard; the
+//! tests below drive it with bytes and read the effects back.
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+use super::frame::{self, OpCode};
+use super::handshake::Endpoint;
+use super::reader::{Event, Flow, ReadError};
+use crate::close::CloseRequest;
+use crate::metrics::CloseReason;
+use crate::protocol::{self, ErrorCode, Op};
+use crate::registry::SubscribeError;
+
+/// Where the connection stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Open,
+    /// Our close frame is queued or sent. `discard`: input after a protocol error is
+    /// not parsed any more.
+    Closing {
+        discard: bool,
+    },
+    /// Nothing more to read: flush and drop the socket.
+    Done,
+}
+
+/// What the session asks of the world. Implemented by the connection task against the
+/// shard, and by the tests as a recording.
+pub trait Effects {
+    /// Queue a frame for the client, bounded like every frame (a client that sends
+    /// requests or pings and never reads becomes a slow consumer).
+    fn send(&mut self, frame: Bytes);
+    /// Queue a frame for a refused request (counted as an error frame).
+    fn send_error(&mut self, frame: Bytes);
+    /// Queue our close frame, or the answer to the client's, whatever the queue holds;
+    /// the connection is closing from now on, counted under `why`.
+    fn closing(&mut self, frame: Bytes, why: CloseReason);
+    /// Subscribe; `ack` is the `subscribed` reply, to send once the subscription holds.
+    fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError>;
+    fn unsubscribe(&mut self, topic: &str);
+    /// Publish a client's message (allowed by configuration: checked here).
+    fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>);
+}
+
+/// The configuration a session reads (the values in force when the event arrives).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_topic_bytes: usize,
+    pub max_subscriptions: usize,
+    pub client_publish: bool,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    endpoint: Endpoint,
+    state: State,
+    why: Option<CloseReason>,
+}
+
+impl Session {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self {
+            endpoint,
+            state: State::Open,
+            why: None,
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Why the connection is closing, once it is.
+    pub fn why(&self) -> Option<CloseReason> {
+        self.why
+    }
+
+    /// Whether input is still parsed (not after a protocol error, nor once done).
+    pub fn reads_input(&self) -> bool {
+        !matches!(self.state, State::Closing { discard: true } | State::Done)
+    }
+
+    /// One WebSocket event from the client.
+    pub fn on_event(&mut self, ev: Event<'_>, limits: &Limits, fx: &mut impl Effects) -> Flow {
+        match self.state {
+            State::Open => {}
+            State::Closing { .. } => {
+                if let Event::Close(..) = ev {
+                    self.state = State::Done;
+                    return Flow::Stop;
+                }
+                return Flow::Continue;
+            }
+            State::Done => return Flow::Stop,
+        }
+        match ev {
+            Event::Ping(payload) => fx.send(frame::server_frame(OpCode::Pong, payload)),
+            Event::Pong(_) => {}
+            Event::Close(code, _) => {
+                let reply = match code {
+                    Some(c) => frame::close_frame(c, ""),
+                    None => frame::server_frame(OpCode::Close, b""),
+                };
+                fx.closing(reply, CloseReason::Client);
+                self.why = Some(CloseReason::Client);
+                self.state = State::Done;
+                return Flow::Stop;
+            }
+            Event::Text(text) => match self.endpoint {
+                Endpoint::Echo => fx.send(frame::server_frame(OpCode::Text, text.as_bytes())),
+                Endpoint::Gateway => self.on_request(text, limits, fx),
+            },
+            Event::Binary(data) => match self.endpoint {
+                Endpoint::Echo => fx.send(frame::server_frame(OpCode::Binary, data)),
+                Endpoint::Gateway => {
+                    self.close(CloseRequest::BINARY_FRAME, true, fx);
+                    return Flow::Stop;
+                }
+            },
+        }
+        Flow::Continue
+    }
+
+    /// The frame reader gave up: close with the code that says why, and read no more.
+    pub fn on_read_error(&mut self, e: ReadError, fx: &mut impl Effects) {
+        let req = CloseRequest {
+            code: e.close_code(),
+            reason: e.reason(),
+            why: CloseReason::ProtocolError,
+        };
+        self.close(req, true, fx);
+    }
+
+    /// A close the shard asked for (idle timeout, slow consumer, drain).
+    pub fn on_close_request(&mut self, req: CloseRequest, fx: &mut impl Effects) {
+        self.close(req, false, fx);
+    }
+
+    /// Queues our close frame (once) and enters the closing state.
+    fn close(&mut self, req: CloseRequest, discard: bool, fx: &mut impl Effects) {
+        if self.state != State::Open {
+            return;
+        }
+        fx.closing(frame::close_frame(req.code, req.reason), req.why);
+        self.why = Some(req.why);
+        self.state = State::Closing { discard };
+    }
+
+    /// One protocol v1 request.
+    fn on_request(&mut self, text: &str, limits: &Limits, fx: &mut impl Effects) {
+        let req = match protocol::parse(text, limits.max_topic_bytes) {
+            Ok(r) => r,
+            Err(rej) => {
+                return fx.send_error(protocol::error(rej.error, &rej.message, rej.reference))
+            }
+        };
+        let reference = req.reference;
+        match req.op {
+            Op::Subscribe { topic, since: _ } => {
+                let ack = protocol::ack("subscribed", &topic, reference);
+                if let Err(SubscribeError::TooMany) = fx.subscribe(&topic, ack) {
+                    let msg = format!(
+                        "at most {} subscriptions per connection",
+                        limits.max_subscriptions
+                    );
+                    fx.send_error(protocol::error(
+                        ErrorCode::TooManySubscriptions,
+                        &msg,
+                        reference,
+                    ));
+                }
+            }
+            Op::Unsubscribe { topic } => {
+                fx.unsubscribe(&topic);
+                fx.send(protocol::ack("unsubscribed", &topic, reference));
+            }
+            Op::Publish { topic, data } => {
+                if !limits.client_publish {
+                    return fx.send_error(protocol::error(
+                        ErrorCode::PublishForbidden,
+                        "client publishing is disabled on this gateway",
+                        reference,
+                    ));
+                }
+                fx.publish(&topic, data, reference);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ws::reader::Reader;
+
+    /// What a session asked for, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Did {
+        Send(String),
+        Error(String),
+        Closing(Vec<u8>, CloseReason),
+        Subscribe(String),
+        Unsubscribe(String),
+        Publish(String, String),
+    }
+
+    #[derive(Default)]
+    struct Recording {
+        did: Vec<Did>,
+        max: usize,
+        topics: Vec<String>,
+    }
+
+    /// The payload of one server frame (unmasked, under 64 KiB).
+    fn payload(frame: &Bytes) -> Vec<u8> {
+        match frame[1] & 0x7f {
+            126 => frame[4..4 + u16::from_be_bytes([frame[2], frame[3]]) as usize].to_vec(),
+            len => frame[2..2 + len as usize].to_vec(),
+        }
+    }
+
+    fn text(frame: &Bytes) -> String {
+        String::from_utf8(payload(frame)).unwrap()
+    }
+
+    impl Effects for Recording {
+        fn send(&mut self, frame: Bytes) {
+            self.did.push(Did::Send(text(&frame)));
+        }
+        fn send_error(&mut self, frame: Bytes) {
+            let v: serde_json::Value = serde_json::from_str(&text(&frame)).unwrap();
+            self.did
+                .push(Did::Error(v["code"].as_str().unwrap().to_owned()));
+        }
+        fn closing(&mut self, frame: Bytes, why: CloseReason) {
+            self.did.push(Did::Closing(payload(&frame), why));
+        }
+        fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError> {
+            if self.topics.len() >= self.max {
+                return Err(SubscribeError::TooMany);
+            }
+            self.topics.push(topic.to_owned());
+            self.did.push(Did::Subscribe(topic.to_owned()));
+            self.send(ack);
+            Ok(())
+        }
+        fn unsubscribe(&mut self, topic: &str) {
+            self.did.push(Did::Unsubscribe(topic.to_owned()));
+        }
+        fn publish(&mut self, topic: &str, data: &RawValue, _: Option<&RawValue>) {
+            self.did
+                .push(Did::Publish(topic.to_owned(), data.get().to_owned()));
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        max_topic_bytes: 64,
+        max_subscriptions: 2,
+        client_publish: false,
+    };
+
+    /// Feeds raw client bytes through a reader into `session`, as the connection does.
+    fn feed(session: &mut Session, limits: &Limits, bytes: &[u8]) -> Recording {
+        let mut fx = Recording {
+            max: limits.max_subscriptions,
+            ..Recording::default()
+        };
+        let mut buf = bytes.to_vec();
+        let mut reader = Reader::default();
+        let result = reader.feed(&mut buf, 1 << 20, &mut |ev| {
+            session.on_event(ev, limits, &mut fx)
+        });
+        if let Err(e) = result {
+            session.on_read_error(e, &mut fx);
+        }
+        fx
+    }
+
+    fn client(op: OpCode, payload: &[u8]) -> Vec<u8> {
+        frame::client_frame(op, true, payload, [1, 2, 3, 4]).to_vec()
+    }
+
+    #[test]
+    fn subscribe_then_unsubscribe_reply_in_order_with_ref() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Text, br#"{"op":"subscribe","topic":"a","ref":7}"#);
+        bytes.extend(client(OpCode::Text, br#"{"op":"unsubscribe","topic":"a"}"#));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(
+            fx.did,
+            vec![
+                Did::Subscribe("a".into()),
+                Did::Send(r#"{"type":"subscribed","topic":"a","ref":7}"#.into()),
+                Did::Unsubscribe("a".into()),
+                Did::Send(r#"{"type":"unsubscribed","topic":"a"}"#.into()),
+            ]
+        );
+        assert_eq!(s.state(), State::Open);
+    }
+
+    #[test]
+    fn too_many_subscriptions_is_an_error_frame_and_the_connection_stays() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = Vec::new();
+        for t in ["a", "b", "c"] {
+            let req = format!(r#"{{"op":"subscribe","topic":"{t}"}}"#);
+            bytes.extend(client(OpCode::Text, req.as_bytes()));
+        }
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(
+            fx.did.last(),
+            Some(&Did::Error("too_many_subscriptions".into()))
+        );
+        assert_eq!(s.state(), State::Open);
+    }
+
+    #[test]
+    fn bad_requests_get_error_frames_not_closes() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Text, b"not json");
+        bytes.extend(client(OpCode::Text, br#"{"op":"dance"}"#));
+        bytes.extend(client(
+            OpCode::Text,
+            br#"{"op":"publish","topic":"a","data":1}"#,
+        ));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(
+            fx.did,
+            vec![
+                Did::Error("bad_json".into()),
+                Did::Error("unknown_op".into()),
+                Did::Error("publish_forbidden".into()),
+            ]
+        );
+        assert_eq!(s.state(), State::Open);
+    }
+
+    #[test]
+    fn publish_passes_data_through_when_allowed() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let limits = Limits {
+            client_publish: true,
+            ..LIMITS
+        };
+        let fx = feed(
+            &mut s,
+            &limits,
+            &client(
+                OpCode::Text,
+                br#"{"op":"publish","topic":"a","data":{"x": [1,2]}}"#,
+            ),
+        );
+        assert_eq!(
+            fx.did,
+            vec![Did::Publish("a".into(), r#"{"x": [1,2]}"#.into())]
+        );
+    }
+
+    #[test]
+    fn ping_is_answered_with_its_payload() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let fx = feed(&mut s, &LIMITS, &client(OpCode::Ping, b"hi"));
+        assert_eq!(fx.did, vec![Did::Send("hi".into())]);
+    }
+
+    #[test]
+    fn client_close_is_echoed_and_ends_the_session() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Close, &[0x03, 0xe8, b'b', b'y', b'e']);
+        bytes.extend(client(
+            OpCode::Text,
+            br#"{"op":"subscribe","topic":"late"}"#,
+        ));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(
+            fx.did,
+            vec![Did::Closing(vec![0x03, 0xe8], CloseReason::Client)]
+        );
+        assert_eq!(
+            (s.state(), s.why()),
+            (State::Done, Some(CloseReason::Client))
+        );
+    }
+
+    #[test]
+    fn binary_on_the_gateway_closes_1003_and_discards_what_follows() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Binary, b"\x00\x01");
+        bytes.extend(client(
+            OpCode::Text,
+            br#"{"op":"subscribe","topic":"late"}"#,
+        ));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(fx.did.len(), 1);
+        assert!(
+            matches!(&fx.did[0], Did::Closing(p, CloseReason::ProtocolError) if p[..2] == [0x03, 0xeb])
+        );
+        assert_eq!(s.state(), State::Closing { discard: true });
+        assert!(!s.reads_input());
+    }
+
+    #[test]
+    fn framing_errors_close_with_their_code() {
+        // An unmasked client frame: 1002.
+        let mut s = Session::new(Endpoint::Gateway);
+        let fx = feed(&mut s, &LIMITS, &frame::server_frame(OpCode::Text, b"x"));
+        assert!(
+            matches!(&fx.did[..], [Did::Closing(p, CloseReason::ProtocolError)] if p[..2] == [0x03, 0xea])
+        );
+        // Invalid UTF-8: 1007.
+        let mut s = Session::new(Endpoint::Gateway);
+        let fx = feed(&mut s, &LIMITS, &client(OpCode::Text, &[0xff, 0xfe]));
+        assert!(matches!(&fx.did[..], [Did::Closing(p, _)] if p[..2] == [0x03, 0xef]));
+    }
+
+    #[test]
+    fn after_our_close_only_the_clients_close_matters() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut fx = Recording::default();
+        s.on_close_request(CloseRequest::IDLE_TIMEOUT, &mut fx);
+        assert_eq!(s.state(), State::Closing { discard: false });
+        // A second request is ignored: one close frame per connection.
+        s.on_close_request(CloseRequest::SHUTDOWN, &mut fx);
+        assert_eq!(fx.did.len(), 1);
+        let mut bytes = client(OpCode::Text, br#"{"op":"subscribe","topic":"a"}"#);
+        bytes.extend(client(OpCode::Close, &[0x03, 0xe9]));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert!(fx.did.is_empty(), "{:?}", fx.did);
+        assert_eq!(
+            (s.state(), s.why()),
+            (State::Done, Some(CloseReason::IdleTimeout))
+        );
+    }
+
+    #[test]
+    fn echo_endpoint_echoes_text_and_binary() {
+        let mut s = Session::new(Endpoint::Echo);
+        let mut bytes = client(OpCode::Text, b"hello");
+        bytes.extend(client(OpCode::Binary, b"bin"));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(
+            fx.did,
+            vec![Did::Send("hello".into()), Did::Send("bin".into())]
+        );
+    }
+}
