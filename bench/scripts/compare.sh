@@ -57,6 +57,8 @@ trap stop EXIT
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 C() { echo --url "ws://127.0.0.1:$PORT/ws" --admin "127.0.0.1:$APORT" --gateway-pid "$SRV"; }
 
+# SUMMARY_ONLY=1 OUT=bench/results/compare-… prints the summary of earlier runs again.
+[ "${SUMMARY_ONLY:-0}" = 1 ] && RUNS=0
 for i in $(seq "$RUNS"); do
   for s in ${SERVERS//,/ }; do
     if want idle; then
@@ -123,7 +125,8 @@ print("idle: 19,000 connections held 30 s")
 figure("server RSS per connection (B)", "idle", lambda r: r["gateway"]["rss_bytes_per_conn"])
 figure("connections lost during the hold", "idle", lambda r: r["hold"]["closed_by_peer"])
 print("idlesub: 10,000 connections, each subscribed, held 30 s")
-figure("server RSS per subscribed connection (B)", "idlesub", lambda r: r["gateway"]["rss_bytes_per_conn"])
+figure("server RSS per subscribed connection (B)", "idlesub",
+       lambda r: r["memory_before_publish"]["gateway_rss_bytes_per_conn"])
 for sc, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s for 10 s"),
                   ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s"),
                   ("fanout10k100", "fanout: 1 topic, 10,000 subscribers, 100 msg/s for 20 s (1M/s offered)"),
