@@ -112,9 +112,12 @@ pub struct ServeArgs {
     /// io_uring submission queue entries per shard [default: 4096].
     #[arg(long, env = "RINGWAY_URING_ENTRIES")]
     pub uring_entries: Option<u32>,
-    /// Messages a shard's inbox holds before publishers get `overloaded` [default: 65536].
+    /// Messages a shard's inbox holds; a publish goes to every shard or none [default: 1024].
     #[arg(long, env = "RINGWAY_INBOX_CAPACITY")]
     pub inbox_capacity: Option<usize>,
+    /// How long an admin API publish waits for inbox room before `overloaded`; 0 refuses at once [default: 1000].
+    #[arg(long, env = "RINGWAY_PUBLISH_WAIT_MS")]
+    pub publish_wait_ms: Option<u64>,
     /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
     #[arg(long, env = "RINGWAY_LOG")]
     pub log: Option<String>,
@@ -209,6 +212,7 @@ impl ServeArgs {
             backlog,
             uring_entries,
             inbox_capacity,
+            publish_wait_ms,
             log,
             log_format,
             allow_anonymous,

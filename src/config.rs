@@ -91,8 +91,14 @@ pub struct Config {
     pub backlog: u32,
     /// io_uring submission queue entries per shard.
     pub uring_entries: u32,
-    /// Messages one shard's inbox holds before publishers get `overloaded`.
+    /// Messages one shard's inbox holds; a publish goes to every shard or, if one is
+    /// full, to none. Each message may fan out to thousands of subscribers, so this is
+    /// a backlog of work: 1024 messages to 5,000 subscribers a shard is about two
+    /// seconds of it on our 2-core hosts.
     pub inbox_capacity: usize,
+    /// How long an admin API publish or send waits for room in full inboxes before it
+    /// is refused with `overloaded`; 0 refuses at once.
+    pub publish_wait_ms: u64,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log: String,
     /// Log format: text or json.
@@ -156,7 +162,8 @@ impl Default for Config {
             drain_spread_secs: 5,
             backlog: 4096,
             uring_entries: 4096,
-            inbox_capacity: 65_536,
+            inbox_capacity: 1024,
+            publish_wait_ms: 1000,
             log: "info".into(),
             log_format: LogFormat::Text,
             redis: None,
@@ -219,6 +226,7 @@ impl Config {
             close_timeout_ms,
             drain_timeout_secs,
             drain_spread_secs,
+            publish_wait_ms,
         );
         differ!(
             self,
@@ -321,6 +329,9 @@ impl Config {
         }
         if self.inbox_capacity == 0 {
             return bad("inbox_capacity", "must be at least 1");
+        }
+        if self.publish_wait_ms > 60_000 {
+            return bad("publish_wait_ms", "must be at most 60000 (one minute)");
         }
         if !(2..=32768).contains(&self.uring_entries) || !self.uring_entries.is_power_of_two() {
             return bad("uring_entries", "must be a power of two from 2 to 32768");

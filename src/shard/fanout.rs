@@ -4,6 +4,7 @@
 //! stays in `backplane/`.
 
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -91,10 +92,31 @@ pub enum FanoutError {
     Remote(#[from] RemoteError),
 }
 
+/// Retries `attempt` while the shards are full, backing off from 100 µs to 5 ms, for up
+/// to `publish_wait_ms`: a publisher from the admin API feels the backpressure as a
+/// slower answer first, and as `overloaded` only when the shards stay full. Each attempt
+/// is all or none, so retrying cannot duplicate.
+async fn with_room<T>(
+    node: &Node,
+    mut attempt: impl FnMut() -> Result<T, Overloaded>,
+) -> Result<T, Overloaded> {
+    let deadline = Instant::now() + Duration::from_millis(node.config().publish_wait_ms);
+    let mut pause = Duration::from_micros(100);
+    loop {
+        match attempt() {
+            Err(_) if Instant::now() + pause < deadline => {
+                monoio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Publishes `data` on `topic` from outside the shards (the admin API); returns the id.
 pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, FanoutError> {
     if !node.backplane {
-        return Ok(broker::publish(node, None, topic, data)?);
+        return Ok(with_room(node, || broker::publish(node, None, topic, data)).await?);
     }
     let id = node.next_message_id();
     backplane::remote::publish(node, topic, &id, data).await?;
@@ -105,7 +127,7 @@ pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String
 /// Sends `data` to every connection of `users`, on this node or in the cluster.
 pub async fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, FanoutError> {
     if !node.backplane {
-        return Ok(broker::send(node, users, data)?);
+        return Ok(with_room(node, || broker::send(node, users, data)).await?);
     }
     let sent = backplane::remote::send(node, users, node.next_message_id(), data).await?;
     node.published.inc();

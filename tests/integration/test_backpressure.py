@@ -278,10 +278,11 @@ def pipelined_publish_answers(port: int, topic: str, n: int) -> list[tuple[int, 
 
 
 def test_an_overloaded_publish_reaches_no_one_and_says_retry(gateway):
-    """With one-message inboxes, a pipelined burst overruns the shards: each publish is
-    taken by every shard or by none. A 503 carries Retry-After and reached no subscriber
-    on any shard; every 200 reached every subscriber, once and in order."""
-    gw = gateway(shards=2, inbox_capacity=1)
+    """With one-message inboxes and no waiting for room, a pipelined burst overruns the
+    shards: each publish is taken by every shard or by none. A 503 carries Retry-After
+    and reached no subscriber on any shard; every 200 reached every subscriber, once and
+    in order."""
+    gw = gateway(shards=2, inbox_capacity=1, publish_wait_ms=0)
     t = "overload"
 
     async def body():
@@ -303,6 +304,32 @@ def test_an_overloaded_publish_reaches_no_one_and_says_retry(gateway):
                 await asyncio.sleep(0.2)  # anything beyond the 200s would arrive now
                 assert [g["id"] for g in col.messages] == ok, \
                     f"a subscriber got {len(col.messages)} messages; {len(ok)} publishes answered 200"
+                col.stop()
+
+    arun(body(), timeout=60)
+
+
+def test_a_publisher_waits_for_room_instead_of_being_refused(gateway):
+    """With one-message inboxes and the default wait for room, the same burst is slowed
+    down instead of refused: every publish is answered 200 and reaches every subscriber
+    on both shards, in order."""
+    gw = gateway(shards=2, inbox_capacity=1)
+    t = "wait"
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_on_every_shard(stack, gw, 16)
+            for c in clients:
+                await c.subscribe(t)
+            cols = [Collector(c) for c in clients]
+            answers = await asyncio.to_thread(pipelined_publish_answers, gw.admin_port, t, 2000)
+            assert [a[0] for a in answers] == [200] * len(answers), \
+                {a[0] for a in answers}
+            ids = [a[1]["id"] for a in answers]
+            assert gw.metric("ringway_inbox_full_total") > 0, "the inboxes were never full"
+            for col in cols:
+                await col.wait_for(len(ids), 15)
+                assert [g["id"] for g in col.messages] == ids
                 col.stop()
 
     arun(body(), timeout=60)

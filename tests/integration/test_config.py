@@ -162,6 +162,7 @@ INVALID = {
     "max-topic-zero": (["--max-topic-bytes", "0"], "max_topic_bytes"),
     "queue-tiny": (["--outbound-queue-bytes", "100"], "outbound_queue_bytes"),
     "inbox-zero": (["--inbox-capacity", "0"], "inbox_capacity"),
+    "publish-wait-too-long": (["--publish-wait-ms", "60001"], "publish_wait_ms"),
     "uring-entries-not-power-of-two": (["--uring-entries", "3"], "uring_entries"),
     "handshake-timeout-zero": (["--handshake-timeout-ms", "0"], "handshake_timeout_ms"),
     "node-id-with-space": (["--node-id", "a b"], "node_id"),
