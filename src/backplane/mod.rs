@@ -334,7 +334,7 @@ impl Backplane {
 
     /// Queues a reply to a client, bounded like every other reply.
     fn reply(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
-        conn.push(frame, self.reply_limit.get(), false, &self.metrics);
+        conn.reply(frame, self.reply_limit.get(), &self.metrics);
     }
 
     /// Runs a command's reply handler.

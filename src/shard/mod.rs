@@ -275,7 +275,7 @@ impl Shard {
     /// Queues a reply to a client, bounded like any other frame (a client that sends
     /// requests and never reads is a slow consumer).
     pub fn reply(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
-        conn.push(frame, self.cfg().outbound_queue_bytes, false, &self.metrics);
+        conn.reply(frame, self.cfg().outbound_queue_bytes, &self.metrics);
     }
 
     /// Queues an error frame for a refused request.
@@ -424,7 +424,7 @@ impl Shard {
                 conn.request_close(ShardClose::IdleTimeout);
             } else if idle > ping_after && !conn.ping_sent.get() {
                 conn.ping_sent.set(true);
-                conn.push_unbounded(self.ping.clone());
+                conn.push_unbounded(self.ping.clone(), &self.metrics);
             }
         }
     }

@@ -91,13 +91,9 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a frame if the queue stays within `limit` bytes (an empty queue takes one
-    /// frame of any size); otherwise applies the policy: `drop_when_full` drops this
-    /// frame, else the connection is closed as a slow consumer: its queue is discarded,
-    /// and if a write is stuck on a full socket the connection is aborted at once, since
-    /// no close frame could get through. Before judging, a connection whose queue only
-    /// waits for this tick is written now: a client is slow when its socket refuses
-    /// bytes, not when one tick owes it much.
+    /// Queues a delivery for the next tick if the queue stays within `limit` bytes (an
+    /// empty queue takes one frame of any size); otherwise applies the slow-consumer
+    /// policy (see [`ConnHandle::admit`]).
     pub fn push(
         self: &Rc<Self>,
         frame: Bytes,
@@ -105,33 +101,96 @@ impl ConnHandle {
         drop_when_full: bool,
         m: &ShardMetrics,
     ) -> Push {
-        if self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some() {
-            return Push::Closing;
+        if let Some(refused) = self.admit(frame.len(), limit, drop_when_full, m) {
+            return refused;
         }
-        if self.queued.get() > 0 && self.queued.get() + frame.len() > limit {
-            if self.owed.get() {
-                self.flush_owed(m);
-            }
-            let queued = self.queued.get();
-            if queued > 0 && queued + frame.len() > limit {
-                if drop_when_full {
-                    return Push::Dropped;
-                }
-                release_queue(&mut self.queue.borrow_mut());
-                self.queued.set(0);
-                self.request_close(ShardClose::SlowConsumer);
-                if self.writing_since.get() != 0 {
-                    self.abort(CloseReason::SlowConsumer);
-                }
-                return Push::Closing;
-            }
-        }
-        self.push_unbounded(frame)
+        self.enqueue(frame);
+        Push::Queued
     }
 
-    /// Queues a frame regardless of the limit: only for frames bounded in number by the
-    /// gateway itself (the welcome's remainder, one close, one ping per interval).
-    pub fn push_unbounded(self: &Rc<Self>, frame: Bytes) -> Push {
+    /// A reply to the client (or a pong), bounded like a delivery under the `close`
+    /// policy. Replies come one per request, so there is nothing to batch: when nothing
+    /// waits for this connection it is sent at once, and an idle connection that is
+    /// answered or pinged never needs queue storage.
+    pub fn reply(self: &Rc<Self>, frame: Bytes, limit: usize, m: &ShardMetrics) -> Push {
+        if let Some(refused) = self.admit(frame.len(), limit, false, m) {
+            return refused;
+        }
+        self.send_or_enqueue(frame, m)
+    }
+
+    /// Sends or queues a frame regardless of the limit: only for frames bounded in
+    /// number by the gateway itself (the welcome's remainder, one close, one ping per
+    /// interval).
+    pub fn push_unbounded(self: &Rc<Self>, frame: Bytes, m: &ShardMetrics) -> Push {
+        self.send_or_enqueue(frame, m)
+    }
+
+    /// Whether `len` more bytes may be queued; if not, what the policy did. Before
+    /// judging, a connection whose queue only waits for this tick is written now: a
+    /// client is slow when its socket refuses bytes, not when one tick owes it much.
+    /// Under `close` the queue is discarded and the connection closed (aborted at once
+    /// if a write is stuck on a full socket, since no close frame could get through);
+    /// under `drop` (`drop_when_full`) this frame is skipped.
+    fn admit(
+        &self,
+        len: usize,
+        limit: usize,
+        drop_when_full: bool,
+        m: &ShardMetrics,
+    ) -> Option<Push> {
+        if self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some() {
+            return Some(Push::Closing);
+        }
+        if self.queued.get() > 0 && self.queued.get() + len > limit && self.owed.get() {
+            self.flush_owed(m);
+        }
+        let queued = self.queued.get();
+        if queued == 0 || queued + len <= limit {
+            return None;
+        }
+        if drop_when_full {
+            return Some(Push::Dropped);
+        }
+        release_queue(&mut self.queue.borrow_mut());
+        self.queued.set(0);
+        self.request_close(ShardClose::SlowConsumer);
+        if self.writing_since.get() != 0 {
+            self.abort(CloseReason::SlowConsumer);
+        }
+        Some(Push::Closing)
+    }
+
+    /// Sends `frame` with one non-blocking `send` when nothing waits for this
+    /// connection; queues what the socket does not take.
+    fn send_or_enqueue(self: &Rc<Self>, frame: Bytes, m: &ShardMetrics) -> Push {
+        let fd = self.fd.get();
+        let idle =
+            self.queue.borrow().is_empty() && !self.owed.get() && self.writing_since.get() == 0;
+        if !idle || fd < 0 {
+            self.enqueue(frame);
+            return Push::Queued;
+        }
+        match sys::send_nonblocking(fd, &frame) {
+            Ok(n) if n == frame.len() => {
+                m.frames_out.inc();
+                m.bytes_out.add(n as u64);
+            }
+            Ok(n) => {
+                m.bytes_out.add(n as u64);
+                self.enqueue(frame.slice(n..));
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                self.enqueue(frame);
+            }
+            Err(_) => self.abort(CloseReason::IoError),
+        }
+        Push::Queued
+    }
+
+    /// Appends a frame; the first one owed by an idle connection puts it on the tick's
+    /// list, one behind a write in progress wakes the task.
+    fn enqueue(self: &Rc<Self>, frame: Bytes) {
         let was_empty = self.queue.borrow().is_empty();
         self.queued.set(self.queued.get() + frame.len());
         {
@@ -150,7 +209,6 @@ impl ConnHandle {
             // The task is writing (or about to): it takes this frame behind the others.
             self.wake();
         }
-        Push::Queued
     }
 
     /// The tick's write: everything queued, in order, with as few `sendmsg` calls as
@@ -565,6 +623,29 @@ mod tests {
         assert_eq!(&got[..5], b"first");
         assert_eq!(&got[got.len() - 4..], b"last");
         assert!(got[5..got.len() - 4].iter().all(|b| *b == 7));
+    }
+
+    #[test]
+    fn a_reply_to_an_idle_connection_goes_at_once_and_behind_what_is_owed_otherwise() {
+        use std::io::Read;
+        let (h, _server, mut peer) = pair();
+        let m = ShardMetrics::default();
+        assert_eq!(
+            h.reply(Bytes::from_static(b"pong"), 1 << 20, &m),
+            Push::Queued
+        );
+        assert_eq!(
+            (m.frames_out.get(), h.queued(), h.queue.borrow().capacity()),
+            (1, 0, 0)
+        );
+        // Owed a delivery: the reply waits behind it, for the same tick.
+        h.push(Bytes::from_static(b"msg"), 1 << 20, false, &m);
+        h.reply(Bytes::from_static(b"ack"), 1 << 20, &m);
+        assert_eq!(m.frames_out.get(), 1);
+        flush_all(&m);
+        let mut got = [0u8; 10];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pongmsgack");
     }
 
     #[test]

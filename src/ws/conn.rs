@@ -98,7 +98,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         m.bytes_out.add(sent as u64);
         if sent < out.len() {
             // Counted as a frame when the connection task writes it.
-            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]));
+            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]), m);
         } else if welcome {
             m.frames_out.inc();
         }
@@ -204,7 +204,7 @@ impl Effects for Io {
         self.shard.reply(&self.handle, frame);
     }
     fn closing(&mut self, frame: Bytes, _why: CloseReason) {
-        self.handle.push_unbounded(frame);
+        self.handle.push_unbounded(frame, &self.shard.metrics);
         self.handle.closing_since.set(self.shard.now());
     }
     fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError> {
