@@ -13,7 +13,9 @@
 # fanout1k10 and fanout10k (1,000 / 10,000 subscribers × 10 msg/s), fanout10k100
 # (10,000 × 100 msg/s: 1M deliveries/s offered, above this host's capacity; what is not
 # delivered within 15 s counts as lost), sat10k and sat1k (publishes as fast as the
-# server acknowledges them, 256 in flight), churn (10,000 upgrades, 64 in flight).
+# server acknowledges them, 256 in flight), closed10k and closed1k (closed loop: message n
+# is published once message n-8 reached every subscriber), churn (10,000 upgrades, 64 in
+# flight).
 #
 # Every server gets two threads on this 2-CPU host: ringway --shards 2, the baseline
 # --threads 2, uws-server 2 threads (one uWS App per thread, SO_REUSEPORT).
@@ -83,6 +85,11 @@ for i in $(seq "$RUNS"); do
         --source-ips 2 --json "$OUT/fanout10k100-$s-$i.json"; stop
     fi
     for n in 10k 1k; do
+      if want "closed$n"; then
+        # Closed loop: message n is published once message n-8 reached every subscriber.
+        start "$s"; "$B" fanout $(C) --subs "$n" --topics 1 --rate 0 --window 8 --duration 10 \
+          --drain-secs 15 --source-ips 2 --json "$OUT/closed$n-$s-$i.json"; stop
+      fi
       if want "sat$n"; then
         # Saturation: publishes as fast as the server acknowledges them (256 in flight).
         start "$s"; "$B" fanout $(C) --subs "$n" --topics 1 --rate 0 --duration 10 --drain-secs 15 \
@@ -131,7 +138,9 @@ for sc, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s f
                   ("fanout10k", "fanout: 1 topic, 10,000 subscribers, 10 msg/s for 10 s"),
                   ("fanout10k100", "fanout: 1 topic, 10,000 subscribers, 100 msg/s for 20 s (1M/s offered)"),
                   ("sat10k", "saturation: 1 topic, 10,000 subscribers, 256 publishes in flight for 10 s"),
-                  ("sat1k", "saturation: 1 topic, 1,000 subscribers, 256 publishes in flight for 10 s")):
+                  ("sat1k", "saturation: 1 topic, 1,000 subscribers, 256 publishes in flight for 10 s"),
+                  ("closed10k", "closed loop: 1 topic, 10,000 subscribers, next message once n-8 reached everyone, 10 s"),
+                  ("closed1k", "closed loop: 1 topic, 1,000 subscribers, next message once n-8 reached everyone, 10 s")):
     print(label)
     figure("publishes acknowledged", sc, lambda r: r["publisher"]["acked_ok"])
     figure("deliveries/s", sc, lambda r: r["deliveries"]["per_sec"])

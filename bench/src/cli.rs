@@ -131,6 +131,10 @@ pub struct FanoutArgs {
     /// Unacknowledged publishes allowed at once.
     #[arg(long, default_value = "256", value_parser = parse_si)]
     pub max_inflight: u64,
+    /// Closed loop (with `--rate 0`): publish message n only once message n − K reached
+    /// every subscriber of its topic; 0 = off (open loop: as fast as acknowledged).
+    #[arg(long, default_value_t = 0)]
+    pub window: u64,
     /// Mix in slow consumers: every K-th subscriber (0 = none) gets a small receive
     /// buffer and stops reading once subscribed; it reads once when the drain ends.
     /// They are left out of expected/received/latency and reported apart.

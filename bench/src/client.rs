@@ -59,6 +59,8 @@ pub struct ClientCfg {
     pub slow_every: u64,
     /// SO_RCVBUF of a slow consumer.
     pub slow_rcvbuf: usize,
+    /// The closed-loop window's counters (`fanout --window K`): every delivery counts.
+    pub window: Option<std::sync::Arc<crate::window::Window>>,
     pub target: SocketAddr,
     /// `Host` header value.
     pub host: String,
@@ -972,6 +974,9 @@ impl Worker {
         d.last_delivery_unix_ns = now;
         let lat_us = (now.saturating_sub(t_ns) / 1000).max(1);
         self.latency.saturating_record(lat_us);
+        if let Some(w) = &self.cfg.window {
+            w.delivered(seq);
+        }
         if seq < MAX_COUNTED_SEQ {
             let i = seq as usize;
             if self.counts.len() <= i {

@@ -25,6 +25,7 @@ mod report;
 mod scenario;
 mod stats;
 mod sys;
+mod window;
 mod ws;
 
 use std::process::ExitCode;

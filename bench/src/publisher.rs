@@ -56,6 +56,30 @@ pub struct PubCfg {
     pub topics: u32,
     pub msg_bytes: usize,
     pub max_inflight: usize,
+    /// Closed loop (`--window K`): message n waits until message n − K reached every
+    /// subscriber ready on its topic (`ready_per_topic`).
+    pub window: Option<ClosedLoop>,
+}
+
+/// The closed-loop window: its counters, its size and the subscribers per topic.
+#[derive(Debug, Clone)]
+pub struct ClosedLoop {
+    pub counters: std::sync::Arc<crate::window::Window>,
+    pub size: u64,
+    pub ready_per_topic: Vec<u32>,
+}
+
+impl ClosedLoop {
+    /// Whether message `next` may be sent.
+    fn open(&self, next: u64) -> bool {
+        if next < self.size {
+            return true;
+        }
+        let seq = next - self.size;
+        let t = (seq % self.ready_per_topic.len().max(1) as u64) as usize;
+        self.counters
+            .reached(seq, self.ready_per_topic.get(t).copied().unwrap_or(0))
+    }
 }
 
 /// What the publisher did.
@@ -208,7 +232,11 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
             && inflight < cfg.max_inflight
             && (fixed || now < send_end)
             && now < hard_end
+            && cfg.window.as_ref().is_none_or(|w| w.open(next))
         {
+            if let Some(w) = &cfg.window {
+                w.counters.sending(next);
+            }
             let due_ns = (next as f64 * interval_ns) as u64;
             let due = start + Duration::from_nanos(due_ns);
             if fixed && due > now {
@@ -295,6 +323,10 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                 Duration::from_millis(wait.as_millis().min(100) as u64)
             }
         } else if !sending_done && inflight < cfg.max_inflight {
+            if cfg.window.as_ref().is_some_and(|w| !w.open(next)) {
+                // Waiting for deliveries, which no socket of ours signals.
+                std::thread::sleep(Duration::from_micros(50));
+            }
             Duration::ZERO
         } else {
             Duration::from_millis(100)
@@ -317,6 +349,7 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
             }
         }
         // Handle whatever the reads brought (and bytes left over from the upgrade).
+        let refused_before = rep.refused.len();
         for c in conns.iter_mut() {
             let acked = if ws_mode {
                 ws_replies(c, &mut ws_inflight, &mut rep, &mut rng)
@@ -331,8 +364,17 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                 // Whatever it still owed is unknown.
                 let lost: Vec<u64> = c.queue.drain(..).collect();
                 inflight -= lost.len();
+                if let Some(w) = &cfg.window {
+                    lost.iter().for_each(|k| w.counters.give_up(*k));
+                }
                 rep.unacked.extend(lost);
             }
+        }
+        if let Some(w) = &cfg.window {
+            // Refused messages reach nobody: the window must not wait for them.
+            rep.refused[refused_before..]
+                .iter()
+                .for_each(|k| w.counters.give_up(*k));
         }
     }
     for c in conns.iter_mut() {

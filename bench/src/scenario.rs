@@ -98,7 +98,9 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
         Scenario::Direct(a) => Some(std::sync::Arc::new(user_tokens(a)?)),
         _ => None,
     };
+    let window = crate::window::Window::from_env()?.map(std::sync::Arc::new);
     Ok(ClientCfg {
+        window,
         tokens,
         slow_every: match &cli.scenario {
             Scenario::Fanout(a) | Scenario::Direct(a) => a.slow_every,
@@ -604,6 +606,20 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
             path: target.path.clone(),
         },
     };
+    if a.window > 0 && (a.rate > 0.0 || a.window >= crate::window::SLOTS) {
+        return Err(Error::Usage(format!(
+            "--window needs --rate 0 and at most {} messages",
+            crate::window::SLOTS - 1
+        )));
+    }
+    // Created before the client parts, which find it through the environment.
+    let window = if a.window > 0 {
+        Some(std::sync::Arc::new(
+            crate::window::Window::create().map_err(Error::Run)?,
+        ))
+    } else {
+        None
+    };
     let gw0 = GatewaySample::take(pids);
     let slab0 = slab_bytes();
     let mut parts = make_parts(cli, a.subs, cli.common.open_concurrency)?;
@@ -654,6 +670,11 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         topics: a.topics as u32,
         msg_bytes: a.msg_bytes as usize,
         max_inflight: a.max_inflight.max(1) as usize,
+        window: window.map(|counters| publisher::ClosedLoop {
+            counters,
+            size: a.window,
+            ready_per_topic: open.ready_per_topic.iter().map(|n| *n as u32).collect(),
+        }),
     };
     let pubrep = publisher::run(&pcfg).map_err(Error::Run)?;
     let refused: HashSet<u64> = pubrep.refused.iter().copied().collect();

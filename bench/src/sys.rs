@@ -89,3 +89,67 @@ pub fn wait_readable(sock: &impl AsRawFd, timeout_ms: i32) -> io::Result<bool> {
         _ => Err(io::Error::last_os_error()),
     }
 }
+
+/// Counters in a file mapped shared by the load generator's processes (the closed-loop
+/// window: client processes count deliveries per message, the publisher reads them).
+pub struct SharedCounters {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU32>,
+    len: usize,
+}
+
+// SAFETY: the mapping is only reached through `&AtomicU32`, which is Sync; it lives until
+// drop, and nothing else frees it.
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above: every access is an atomic operation.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    /// Maps `len` counters of `file`, which must be at least `4 * len` bytes long.
+    pub fn map(file: &std::fs::File, len: usize) -> io::Result<Self> {
+        let bytes = len * std::mem::size_of::<u32>();
+        if file.metadata()?.len() < bytes as u64 || len == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "counter file too short",
+            ));
+        }
+        // SAFETY: a fresh shared read-write mapping of an open file of at least `bytes`
+        // bytes; the kernel picks the address. The result is checked before use.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(p.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Counter `i mod len`.
+    pub fn at(&self, i: u64) -> &std::sync::atomic::AtomicU32 {
+        let i = (i % self.len as u64) as usize;
+        // SAFETY: `i < len`, the mapping holds `len` properly aligned (page-aligned base)
+        // u32s for the life of `self`, and AtomicU32 has the layout of u32.
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `map`, once; no reference into it
+        // outlives `self`.
+        unsafe {
+            libc::munmap(
+                self.ptr.as_ptr().cast(),
+                self.len * std::mem::size_of::<u32>(),
+            );
+        }
+    }
+}

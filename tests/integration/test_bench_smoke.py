@@ -50,6 +50,17 @@ def test_fanout_delivers_every_message_once(gw, tmp_path, via):
     assert r["open"]["opened"] == 1000, r["open"]
 
 
+def test_closed_loop_fanout_delivers_every_message_once(gw, tmp_path):
+    # --window 8: message n is published only once message n-8 reached all 1,000
+    # subscribers (counters shared with the client processes through a mapped file).
+    r = run_bench(gw, tmp_path, "fanout", "--subs", "1000", "--topics", "1", "--rate", "0",
+                  "--window", "8", "--duration", "2", "--procs", "2")
+    d = r["deliveries"]
+    assert r["publisher"]["sent"] > 8, "the window never advanced past its first 8 messages"
+    assert d["expected"] > 0 and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
+
+
 def test_churn_upgrades_every_connection(gw, tmp_path):
     r = run_bench(gw, tmp_path, "churn", "--conns", "1000", "--concurrency", "32")
     assert r["upgraded"] == 1000 and r["failed"] == 0, r
