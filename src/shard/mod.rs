@@ -268,7 +268,10 @@ impl Shard {
                     self.reply(conn, protocol::published(topic, &id, reference));
                 }
             }
-            Err(e) => self.reply_error(conn, ErrorCode::Overloaded, &e.to_string(), reference),
+            Err(e) => self.reply_error(
+                conn,
+                protocol::error(ErrorCode::Overloaded, &e.to_string(), reference),
+            ),
         }
     }
 
@@ -278,16 +281,10 @@ impl Shard {
         conn.reply(frame, self.cfg().outbound_queue_bytes, &self.metrics);
     }
 
-    /// Queues an error frame for a refused request.
-    pub fn reply_error(
-        &self,
-        conn: &Rc<ConnHandle>,
-        code: ErrorCode,
-        message: &str,
-        reference: Option<&RawValue>,
-    ) {
+    /// Queues an error frame (`protocol::error`) for a refused request, counted.
+    pub fn reply_error(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
         self.metrics.error_frames.inc();
-        self.reply(conn, protocol::error(code, message, reference));
+        self.reply(conn, frame);
     }
 
     /// Every topic with a subscriber on this shard.

@@ -200,8 +200,7 @@ impl Effects for Io {
         self.shard.reply(&self.handle, frame);
     }
     fn send_error(&mut self, frame: Bytes) {
-        self.shard.metrics.error_frames.inc();
-        self.shard.reply(&self.handle, frame);
+        self.shard.reply_error(&self.handle, frame);
     }
     fn closing(&mut self, frame: Bytes, _why: CloseReason) {
         self.handle.push_unbounded(frame, &self.shard.metrics);

@@ -277,36 +277,46 @@ def pipelined_publish_answers(port: int, topic: str, n: int) -> list[tuple[int, 
     return answers
 
 
+def burst_into_one_message_inboxes(gw, topic: str, check) -> None:
+    """Subscribes 16+ clients spread over both shards, pipelines 2,000 publishes into
+    the admin API, hands the answers to `check` (which returns the ids every subscriber
+    must get), then checks that each subscriber got exactly those, in order."""
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_on_every_shard(stack, gw, 16)
+            for c in clients:
+                await c.subscribe(topic)
+            cols = [Collector(c) for c in clients]
+            answers = await asyncio.to_thread(pipelined_publish_answers, gw.admin_port, topic, 2000)
+            ids = check(answers)
+            for col in cols:
+                await col.wait_for(len(ids), 15)
+                await asyncio.sleep(0.2)  # anything beyond those would arrive now
+                assert [g["id"] for g in col.messages] == ids, \
+                    f"a subscriber got {len(col.messages)} messages; {len(ids)} were expected"
+                col.stop()
+
+    arun(body(), timeout=60)
+
+
 def test_an_overloaded_publish_reaches_no_one_and_says_retry(gateway):
     """With one-message inboxes and no waiting for room, a pipelined burst overruns the
     shards: each publish is taken by every shard or by none. A 503 carries Retry-After
     and reached no subscriber on any shard; every 200 reached every subscriber, once and
     in order."""
     gw = gateway(shards=2, inbox_capacity=1, publish_wait_ms=0)
-    t = "overload"
 
-    async def body():
-        async with contextlib.AsyncExitStack() as stack:
-            clients = await open_on_every_shard(stack, gw, 16)
-            for c in clients:
-                await c.subscribe(t)
-            cols = [Collector(c) for c in clients]
-            answers = await asyncio.to_thread(pipelined_publish_answers, gw.admin_port, t, 2000)
-            ok = [a[1]["id"] for a in answers if a[0] == 200]
-            refused = [a for a in answers if a[0] != 200]
-            assert refused, "no publish was refused: the burst did not overrun a one-message inbox"
-            for status, body, head in refused:
-                assert status == 503 and body["error"] == "overloaded", (status, body)
-                assert b"\r\nretry-after: 1" in head.lower(), head
-            assert gw.metric("ringway_inbox_full_total") >= len(refused)
-            for col in cols:
-                await col.wait_for(len(ok), 15)
-                await asyncio.sleep(0.2)  # anything beyond the 200s would arrive now
-                assert [g["id"] for g in col.messages] == ok, \
-                    f"a subscriber got {len(col.messages)} messages; {len(ok)} publishes answered 200"
-                col.stop()
+    def check(answers):
+        refused = [a for a in answers if a[0] != 200]
+        assert refused, "no publish was refused: the burst did not overrun a one-message inbox"
+        for status, body, head in refused:
+            assert status == 503 and body["error"] == "overloaded", (status, body)
+            assert b"\r\nretry-after: 1" in head.lower(), head
+        assert gw.metric("ringway_inbox_full_total") >= len(refused)
+        return [a[1]["id"] for a in answers if a[0] == 200]
 
-    arun(body(), timeout=60)
+    burst_into_one_message_inboxes(gw, "overload", check)
 
 
 def test_a_publisher_waits_for_room_instead_of_being_refused(gateway):
@@ -314,22 +324,10 @@ def test_a_publisher_waits_for_room_instead_of_being_refused(gateway):
     down instead of refused: every publish is answered 200 and reaches every subscriber
     on both shards, in order."""
     gw = gateway(shards=2, inbox_capacity=1)
-    t = "wait"
 
-    async def body():
-        async with contextlib.AsyncExitStack() as stack:
-            clients = await open_on_every_shard(stack, gw, 16)
-            for c in clients:
-                await c.subscribe(t)
-            cols = [Collector(c) for c in clients]
-            answers = await asyncio.to_thread(pipelined_publish_answers, gw.admin_port, t, 2000)
-            assert [a[0] for a in answers] == [200] * len(answers), \
-                {a[0] for a in answers}
-            ids = [a[1]["id"] for a in answers]
-            assert gw.metric("ringway_inbox_full_total") > 0, "the inboxes were never full"
-            for col in cols:
-                await col.wait_for(len(ids), 15)
-                assert [g["id"] for g in col.messages] == ids
-                col.stop()
+    def check(answers):
+        assert [a[0] for a in answers] == [200] * len(answers), {a[0] for a in answers}
+        assert gw.metric("ringway_inbox_full_total") > 0, "the inboxes were never full"
+        return [a[1]["id"] for a in answers]
 
-    arun(body(), timeout=60)
+    burst_into_one_message_inboxes(gw, "wait", check)
