@@ -1,8 +1,9 @@
 //! The in-process broker (single node, no Redis): a topic message published on any
 //! shard (or through the admin API) reaches subscribers on every shard of this node. The
 //! message is framed once, on the publishing thread; every shard receives the same
-//! `Bytes` through its inbox and writes it to each local subscriber. Direct messages go
-//! only to the shards that hold the user (`Directory`).
+//! `Bytes` through its inbox (the publishing shard's own included, so its message
+//! queues behind what other threads sent before it) and writes it to each local
+//! subscriber. Direct messages go only to the shards that hold the user (`Directory`).
 //!
 //! Each shard gets every message, even one with no local subscriber: with one shard
 //! per core that is a handful of inbox sends per message. A node-wide interest map is
@@ -13,64 +14,89 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::protocol;
-use crate::shard::{Inbox, Node, Shard};
+use crate::shard::{Inbox, Node};
 
-/// A publish or send that no shard took, because one it had to reach was full.
+/// A publish or send that no shard took.
 #[derive(Debug, thiserror::Error)]
-#[error("gateway overloaded: shard {shard}'s inbox is full; nothing was delivered; retry")]
-pub struct Overloaded {
-    pub shard: usize,
+pub enum Refused {
+    /// A shard it had to reach was full.
+    #[error("gateway overloaded: shard {shard}'s inbox is full; nothing was delivered; retry")]
+    Overloaded { shard: usize },
+    /// A shard it had to reach has stopped: the node is shutting down.
+    #[error("shard {shard} has stopped (the node is shutting down); nothing was delivered")]
+    Stopped { shard: usize },
+}
+
+impl Refused {
+    /// Counts a refusal the caller gives up on (`ringway_inbox_full_total`): once per
+    /// refused message, not once per retry.
+    pub fn count(&self, node: &Node) {
+        if let Self::Overloaded { shard } = self {
+            node.shards[*shard].metrics.inbox_full.inc();
+        }
+    }
 }
 
 /// Holds inbox room in every shard of `targets`, or in none of them.
-fn reserve_all(node: &Node, targets: &[usize]) -> Result<(), Overloaded> {
+fn reserve_all(node: &Node, targets: &[usize]) -> Result<(), Refused> {
     for (n, &i) in targets.iter().enumerate() {
         if !node.shards[i].reserve() {
-            for &held in &targets[..n] {
-                node.shards[held].release();
-            }
-            return Err(Overloaded { shard: i });
+            release_all(node, &targets[..n]);
+            return Err(Refused::Overloaded { shard: i });
         }
     }
     Ok(())
 }
 
-/// Sends a message whose room `reserve_all` holds; a shard that has stopped gives the
-/// room back.
-fn send_reserved(node: &Node, shard: usize, msg: Inbox) {
-    if node.shards[shard].tx.send(msg).is_err() {
-        node.shards[shard].release();
+fn release_all(node: &Node, targets: &[usize]) {
+    for &i in targets {
+        node.shards[i].release();
     }
 }
 
-/// Publishes `data` on `topic` to every shard or to none; returns the message id.
-/// `local` is the calling shard, which delivers directly instead of through its own
-/// inbox.
-pub fn publish(
+/// Reserves room in every shard of `targets`, then, holding the node's order, takes a
+/// message id and sends each shard the message `make` builds from it. So every shard
+/// receives messages in id order, and a subscriber never sees ids go backwards: not
+/// between two publishers, nor between the admin API and a client on the same shard
+/// (a shard's own clients go through its inbox too, behind what came before). A
+/// stopped shard refuses the whole message before any shard gets it.
+fn send_in_order(
     node: &Node,
-    local: Option<&Shard>,
-    topic: &str,
-    data: &RawValue,
-) -> Result<String, Overloaded> {
-    let others: Vec<usize> = (0..node.shards.len())
-        .filter(|i| local.is_none_or(|s| s.index != *i))
-        .collect();
-    reserve_all(node, &others)?;
-    let id = node.next_message_id();
-    let frame = protocol::message(topic, &id, data);
-    let shared_topic: Arc<str> = Arc::from(topic);
-    for i in others {
-        let msg = Inbox::Publish {
-            topic: shared_topic.clone(),
-            frame: frame.clone(),
-        };
-        send_reserved(node, i, msg);
+    targets: &[usize],
+    mut make: impl FnMut(usize, &str) -> Inbox,
+) -> Result<String, Refused> {
+    reserve_all(node, targets)?;
+    let _order = node.order();
+    if let Some(&shard) = targets
+        .iter()
+        .find(|&&i| node.shards[i].tx.is_disconnected())
+    {
+        release_all(node, targets);
+        return Err(Refused::Stopped { shard });
     }
-    if let Some(shard) = local {
-        shard.deliver(topic, &frame);
+    let id = node.next_message_id();
+    for &i in targets {
+        if node.shards[i].tx.send(make(i, &id)).is_err() {
+            // Stopped since the check above (only while the node shuts down).
+            node.shards[i].release();
+        }
     }
     node.published.inc();
     Ok(id)
+}
+
+/// Publishes `data` on `topic` to every shard of the node (the caller's own included),
+/// or to none; returns the message id.
+pub fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, Refused> {
+    let all: Vec<usize> = (0..node.shards.len()).collect();
+    let shared_topic: Arc<str> = Arc::from(topic);
+    let mut frame = None;
+    send_in_order(node, &all, |_, id| Inbox::Publish {
+        topic: shared_topic.clone(),
+        frame: frame
+            .get_or_insert_with(|| protocol::message(topic, id, data))
+            .clone(),
+    })
 }
 
 /// What a direct send found.
@@ -86,8 +112,7 @@ pub struct Sent {
 /// Sends `data` to every connection of `users` on this node, through the inboxes of
 /// the shards that hold them only (single-node mode; with a backplane the Redis
 /// function `ringway_send` does the same across nodes).
-pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Overloaded> {
-    let id = node.next_message_id();
+pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Refused> {
     let mut routes: Vec<Vec<Arc<str>>> = vec![Vec::new(); node.shards.len()];
     let mut online = 0;
     let mut seen = std::collections::HashSet::new();
@@ -107,21 +132,16 @@ pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Over
     let targets: Vec<usize> = (0..routes.len())
         .filter(|i| !routes[*i].is_empty())
         .collect();
-    reserve_all(node, &targets)?;
-    let shared_id: Arc<str> = Arc::from(id.as_str());
     let data: Arc<RawValue> = Arc::from(data.to_owned());
-    let shards = targets.len();
-    for (i, users) in routes.into_iter().enumerate() {
-        if users.is_empty() {
-            continue;
-        }
-        let msg = Inbox::Direct {
-            users,
-            id: shared_id.clone(),
-            data: data.clone(),
-        };
-        send_reserved(node, i, msg);
-    }
-    node.published.inc();
-    Ok(Sent { id, online, shards })
+    let mut shared_id: Option<Arc<str>> = None;
+    let id = send_in_order(node, &targets, |i, id| Inbox::Direct {
+        users: std::mem::take(&mut routes[i]),
+        id: shared_id.get_or_insert_with(|| Arc::from(id)).clone(),
+        data: data.clone(),
+    })?;
+    Ok(Sent {
+        id,
+        online,
+        shards: targets.len(),
+    })
 }

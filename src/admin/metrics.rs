@@ -13,12 +13,13 @@
 //! | `ringway_bytes_in_total` / `ringway_bytes_out_total` | counter | shard | socket bytes |
 //! | `ringway_deliveries_total` | counter | shard | topic messages queued to subscribers |
 //! | `ringway_dropped_total` | counter | shard | deliveries not queued (slow consumer) |
-//! | `ringway_inbox_full_total` | counter | shard | publishes a full shard inbox refused |
+//! | `ringway_inbox_full_total` | counter | shard | messages refused because this shard's inbox stayed full (once each) |
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
 //! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
 //! | `ringway_published_total` | counter | — | messages accepted for publishing |
+//! | `ringway_publish_waits_total` | counter | — | admin API publishes and sends that waited for inbox room (`publish_wait_ms`) |
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
 //! | `ringway_backplane_received_total` | counter | shard | topic messages received from Redis |
@@ -118,7 +119,7 @@ impl Collector for NodeCollector {
             ),
             (
                 "ringway_inbox_full",
-                "Publishes refused by a full shard inbox",
+                "Messages (publishes, direct sends) refused because this shard's inbox stayed full",
                 |m| m.inbox_full.get(),
             ),
             (
@@ -249,6 +250,13 @@ impl Collector for NodeCollector {
             "Messages accepted for publishing",
             MetricType::Counter,
             [(none.clone(), ConstCounter::new(node.published.get()))],
+        )?;
+        family(
+            &mut enc,
+            "ringway_publish_waits",
+            "Admin API publishes and sends that waited for room in a full shard inbox",
+            MetricType::Counter,
+            [(none.clone(), ConstCounter::new(node.publish_waits.get()))],
         )?;
         family(
             &mut enc,

@@ -33,7 +33,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::backplane::remote::RemoteError;
-use crate::broker;
+use crate::broker::{self, Refused};
 use crate::config::Config;
 use crate::protocol;
 use crate::shard::fanout::{self, FanoutError};
@@ -115,15 +115,16 @@ impl Response {
     }
     /// A publish, send or lookup that did not go out. 503 `overloaded` means no shard
     /// took it (retrying is safe, `Retry-After`); 503 `unavailable` means Redis cannot
-    /// be reached; 502 means Redis answered outside the schema.
+    /// be reached, or the node is shutting down; 502 means Redis answered outside the schema.
     fn fanout_error(e: &FanoutError) -> Self {
         match e {
-            FanoutError::Overloaded(_) => {
+            FanoutError::Refused(Refused::Overloaded { .. }) => {
                 let mut r = Self::error(503, "overloaded", &e.to_string());
                 r.retry_after = Some(1);
                 r
             }
-            FanoutError::Remote(RemoteError::Unavailable(_)) => {
+            FanoutError::Refused(Refused::Stopped { .. })
+            | FanoutError::Remote(RemoteError::Unavailable(_)) => {
                 Self::error(503, "unavailable", &e.to_string())
             }
             FanoutError::Remote(RemoteError::BadReply(_)) => {

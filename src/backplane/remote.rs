@@ -33,10 +33,17 @@ async fn call(node: &Node, args: Vec<Bytes>) -> Result<BytesFrame, RemoteError> 
     let link = node
         .shard_with_redis()
         .ok_or_else(|| RemoteError::Unavailable("redis unavailable".into()))?;
+    // Bounded like a publish: room in the shard's inbox, or no request.
+    if !link.reserve() {
+        return Err(RemoteError::Unavailable(
+            "gateway overloaded: the shard's inbox is full".into(),
+        ));
+    }
     let (tx, rx) = flume::bounded(1);
-    link.tx
-        .send(Inbox::Redis { args, reply: tx })
-        .map_err(|_| RemoteError::Unavailable("shard stopped".into()))?;
+    if link.tx.send(Inbox::Redis { args, reply: tx }).is_err() {
+        link.release();
+        return Err(RemoteError::Unavailable("shard stopped".into()));
+    }
     match monoio::time::timeout(TIMEOUT, rx.recv_async()).await {
         Ok(Ok(reply)) => reply.map_err(RemoteError::Unavailable),
         Ok(Err(_)) => Err(RemoteError::Unavailable("shard stopped".into())),

@@ -12,7 +12,7 @@ use serde_json::value::RawValue;
 use super::node::Node;
 use super::outbound::ConnHandle;
 use crate::backplane::{self, remote::RemoteError, Backplane};
-use crate::broker::{self, Overloaded, Sent};
+use crate::broker::{self, Refused, Sent};
 
 /// One shard's way to the rest of the node, or of the cluster.
 pub enum Fanout {
@@ -84,9 +84,9 @@ impl Fanout {
 /// Why a publish or send from the admin API did not go out.
 #[derive(Debug, thiserror::Error)]
 pub enum FanoutError {
-    /// A shard's inbox was full: nothing was delivered; retry.
+    /// A shard's inbox stayed full, or a shard has stopped: nothing was delivered.
     #[error(transparent)]
-    Overloaded(#[from] Overloaded),
+    Refused(#[from] Refused),
     /// Through Redis: unavailable, or an unexpected reply.
     #[error(transparent)]
     Remote(#[from] RemoteError),
@@ -95,20 +95,28 @@ pub enum FanoutError {
 /// Retries `attempt` while the shards are full, backing off from 100 µs to 5 ms, for up
 /// to `publish_wait_ms`: a publisher from the admin API feels the backpressure as a
 /// slower answer first, and as `overloaded` only when the shards stay full. Each attempt
-/// is all or none, so retrying cannot duplicate.
+/// is all or none, so retrying cannot duplicate. A stopped shard is not retried.
 async fn with_room<T>(
     node: &Node,
-    mut attempt: impl FnMut() -> Result<T, Overloaded>,
-) -> Result<T, Overloaded> {
+    mut attempt: impl FnMut() -> Result<T, Refused>,
+) -> Result<T, Refused> {
     let deadline = Instant::now() + Duration::from_millis(node.config().publish_wait_ms);
     let mut pause = Duration::from_micros(100);
+    let mut waited = false;
     loop {
         match attempt() {
-            Err(_) if Instant::now() + pause < deadline => {
+            Err(Refused::Overloaded { .. }) if Instant::now() + pause < deadline => {
+                if !std::mem::replace(&mut waited, true) {
+                    node.publish_waits.inc();
+                }
                 monoio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(5));
             }
-            result => return result,
+            Err(e) => {
+                e.count(node);
+                return Err(e);
+            }
+            ok => return ok,
         }
     }
 }
@@ -116,7 +124,7 @@ async fn with_room<T>(
 /// Publishes `data` on `topic` from outside the shards (the admin API); returns the id.
 pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, FanoutError> {
     if !node.backplane {
-        return Ok(with_room(node, || broker::publish(node, None, topic, data)).await?);
+        return Ok(with_room(node, || broker::publish(node, topic, data)).await?);
     }
     let id = node.next_message_id();
     backplane::remote::publish(node, topic, &id, data).await?;

@@ -26,6 +26,7 @@ use slab::Slab;
 pub use node::{start, Inbox, Node, RunningNode, ShardLink, StartError};
 
 use crate::backplane::{self, Backplane, RedisUrl};
+use crate::broker::Refused;
 use crate::config::{Config, SlowConsumer};
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::protocol::{self, ErrorCode};
@@ -166,7 +167,8 @@ impl Shard {
     pub fn unregister(&self, key: ConnKey, why: CloseReason) {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
-        for topic in self.registry.borrow_mut().remove_conn(key) {
+        let gone = self.registry.borrow_mut().remove_conn(key);
+        for topic in gone {
             self.fanout.topic_changed(topic);
         }
         if let Some(user) = user {
@@ -262,16 +264,20 @@ impl Shard {
             bp.publish(topic, &id, data, reply);
             return;
         }
-        match crate::broker::publish(&self.node, Some(self), topic, data) {
+        match crate::broker::publish(&self.node, topic, data) {
             Ok(id) => {
                 if reference.is_some() {
                     self.reply(conn, protocol::published(topic, &id, reference));
                 }
             }
-            Err(e) => self.reply_error(
-                conn,
-                protocol::error(ErrorCode::Overloaded, &e.to_string(), reference),
-            ),
+            Err(e) => {
+                e.count(&self.node);
+                let code = match e {
+                    Refused::Overloaded { .. } => ErrorCode::Overloaded,
+                    Refused::Stopped { .. } => ErrorCode::Unavailable,
+                };
+                self.reply_error(conn, protocol::error(code, &e.to_string(), reference));
+            }
         }
     }
 
@@ -362,15 +368,17 @@ impl Shard {
         queued
     }
 
-    /// Handles one inbox message; false for `Drain`.
+    /// Handles one inbox message; false for `Drain`. Every other message held room in
+    /// the inbox (`ShardLink::reserve`), given back as it is taken out.
     fn handle(&self, msg: Inbox) -> bool {
+        if !matches!(msg, Inbox::Drain) {
+            self.node.shards[self.index].release();
+        }
         match msg {
             Inbox::Publish { topic, frame } => {
-                self.node.shards[self.index].release();
                 self.deliver(&topic, &frame);
             }
             Inbox::Direct { users, id, data } => {
-                self.node.shards[self.index].release();
                 self.metrics.direct_received.inc();
                 for user in &users {
                     self.deliver_direct(user, &id, &data);

@@ -2,9 +2,11 @@
 //! its wake-up signal and the timestamps the shard's sweeper reads. The fan-out path,
 //! the sweeper and the connection's own task all hold an `Rc<ConnHandle>`.
 //!
-//! Sending is by tick. Every frame for a connection (a delivery, a reply, a ping, a
-//! close) is queued as a `Bytes` handle to the one frame built per node. The first frame
-//! queued for a connection with no write in flight puts it on its shard's owed list and
+//! Sending is by tick. A delivery is queued as a `Bytes` handle to the one frame built
+//! per node; a reply, a ping or a close goes out at once with one `send` when nothing
+//! waits for the connection, and queues behind what does otherwise (so the stream keeps
+//! its order). The first frame queued for a connection with no write in flight puts it
+//! on its shard's owed list and
 //! wakes the shard's flush task ([`flush_loop`]). That task runs after every task that
 //! was already ready (the inbox batch, the connections' reads, the Redis subscriber), so
 //! everything that reached the shard since the last tick is applied first; then each
@@ -58,6 +60,9 @@ pub struct ConnHandle {
     queued: Cell<usize>,
     /// On the shard's owed list: the next tick writes the queue.
     owed: Cell<bool>,
+    /// The queue's front frame is the rest of one partly written: nothing may go out
+    /// before it, a close frame included.
+    front_partial: Cell<bool>,
     waker: Cell<Option<Waker>>,
     /// Shard clock (seconds) of the last byte received.
     pub last_rx: Cell<u32>,
@@ -81,6 +86,7 @@ impl ConnHandle {
             queue: RefCell::new(VecDeque::new()),
             queued: Cell::new(0),
             owed: Cell::new(false),
+            front_partial: Cell::new(false),
             waker: Cell::new(None),
             last_rx: Cell::new(now),
             writing_since: Cell::new(0),
@@ -116,21 +122,27 @@ impl ConnHandle {
         if let Some(refused) = self.admit(frame.len(), limit, false, m) {
             return refused;
         }
-        self.send_or_enqueue(frame, m)
+        self.send_or_enqueue(frame, false, m)
     }
 
     /// Sends or queues a frame regardless of the limit: only for frames bounded in
-    /// number by the gateway itself (the welcome's remainder, one close, one ping per
-    /// interval).
+    /// number by the gateway itself (one close, one ping per interval).
     pub fn push_unbounded(self: &Rc<Self>, frame: Bytes, m: &ShardMetrics) -> Push {
-        self.send_or_enqueue(frame, m)
+        self.send_or_enqueue(frame, false, m)
+    }
+
+    /// Like `push_unbounded`, for the rest of a first write the socket took only part
+    /// of (the upgrade response and welcome).
+    pub fn push_remainder(self: &Rc<Self>, rest: Bytes, m: &ShardMetrics) -> Push {
+        self.send_or_enqueue(rest, true, m)
     }
 
     /// Whether `len` more bytes may be queued; if not, what the policy did. Before
     /// judging, a connection whose queue only waits for this tick is written now: a
     /// client is slow when its socket refuses bytes, not when one tick owes it much.
     /// Under `close` the queue is discarded and the connection closed (aborted at once
-    /// if a write is stuck on a full socket, since no close frame could get through);
+    /// if a write is stuck on a full socket or a frame is half written, since no close
+    /// frame could follow cleanly);
     /// under `drop` (`drop_when_full`) this frame is skipped.
     fn admit(
         &self,
@@ -152,18 +164,23 @@ impl ConnHandle {
         if drop_when_full {
             return Some(Push::Dropped);
         }
+        // A close frame can follow only whole frames: with a write stuck on the full
+        // socket, or part of a frame already on the wire, the connection is dropped.
+        let stuck = self.writing_since.get() != 0 || self.front_partial.get();
         release_queue(&mut self.queue.borrow_mut());
         self.queued.set(0);
+        self.front_partial.set(false);
         self.request_close(ShardClose::SlowConsumer);
-        if self.writing_since.get() != 0 {
+        if stuck {
             self.abort(CloseReason::SlowConsumer);
         }
         Some(Push::Closing)
     }
 
     /// Sends `frame` with one non-blocking `send` when nothing waits for this
-    /// connection; queues what the socket does not take.
-    fn send_or_enqueue(self: &Rc<Self>, frame: Bytes, m: &ShardMetrics) -> Push {
+    /// connection; queues what the socket does not take. `partial`: the frame is the
+    /// rest of one already begun.
+    fn send_or_enqueue(self: &Rc<Self>, frame: Bytes, partial: bool, m: &ShardMetrics) -> Push {
         let fd = self.fd.get();
         let idle =
             self.queue.borrow().is_empty() && !self.owed.get() && self.writing_since.get() == 0;
@@ -179,9 +196,11 @@ impl ConnHandle {
             Ok(n) => {
                 m.bytes_out.add(n as u64);
                 self.enqueue(frame.slice(n..));
+                self.front_partial.set(true);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
                 self.enqueue(frame);
+                self.front_partial.set(partial);
             }
             Err(_) => self.abort(CloseReason::IoError),
         }
@@ -213,19 +232,21 @@ impl ConnHandle {
 
     /// The tick's write: everything queued, in order, with as few `sendmsg` calls as
     /// `IOV_BATCH` allows. What the socket does not take stays queued for the
-    /// connection's task, which is woken to write it as the socket drains.
-    pub fn flush_owed(&self, m: &ShardMetrics) {
+    /// connection's task, which is woken to write it as the socket drains. Returns
+    /// whether it wrote (called the kernel).
+    pub fn flush_owed(&self, m: &ShardMetrics) -> bool {
         if !self.owed.replace(false) {
-            return;
+            return false;
         }
         let fd = self.fd.get();
         if fd < 0 || self.abort.get().is_some() {
-            return;
+            return false;
         }
         if self.writing_since.get() != 0 {
             self.wake();
-            return;
+            return false;
         }
+        let mut wrote = false;
         loop {
             let q = self.queue.borrow();
             if q.is_empty() {
@@ -240,6 +261,7 @@ impl ConnHandle {
                 n += 1;
             }
             let sent = sys::send_vectored_nonblocking(fd, &iov[..n]);
+            wrote = true;
             drop(q);
             match sent {
                 Ok(written) => {
@@ -252,7 +274,7 @@ impl ConnHandle {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(_) => {
                     self.abort(CloseReason::IoError);
-                    return;
+                    return true;
                 }
             }
         }
@@ -261,6 +283,7 @@ impl ConnHandle {
         } else {
             self.wake();
         }
+        wrote
     }
 
     /// Drops the `written` bytes at the front of the queue, counting whole frames.
@@ -275,9 +298,11 @@ impl ConnHandle {
                 written -= front.len();
                 q.pop_front();
                 frames += 1;
+                self.front_partial.set(false);
             } else {
                 *front = front.slice(written..);
                 written = 0;
+                self.front_partial.set(true);
             }
         }
         m.frames_out.add(frames);
@@ -291,6 +316,8 @@ impl ConnHandle {
             release_queue(&mut q);
             return None;
         };
+        // The task writes the whole batch (or drops the connection).
+        self.front_partial.set(false);
         if first.len() >= COALESCE_BYTES
             || q.front()
                 .is_none_or(|n| first.len() + n.len() > COALESCE_BYTES)
@@ -339,6 +366,7 @@ impl ConnHandle {
         self.fd.set(-1);
         release_queue(&mut self.queue.borrow_mut());
         self.queued.set(0);
+        self.front_partial.set(false);
     }
 
     /// Asks the task to send a close frame (first request wins).
@@ -473,12 +501,13 @@ thread_local! {
 }
 
 /// The tick: writes every owed connection's queue (see the module comment). Returns
-/// how many connections were written.
+/// how many connections were written (a connection the task writes, or one already
+/// written when a full queue flushed it early, is not).
 pub fn flush_all(m: &ShardMetrics) -> usize {
     let mut batch = OWED.with(|o| std::mem::take(&mut *o.conns.borrow_mut()));
-    let n = batch.len();
+    let mut n = 0;
     for conn in batch.drain(..) {
-        conn.flush_owed(m);
+        n += usize::from(conn.flush_owed(m));
     }
     // Keep the list's storage for the next tick unless one was started meanwhile.
     OWED.with(|o| {
@@ -666,6 +695,41 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_consumer_with_a_frame_half_written_is_dropped_not_sent_a_close_frame() {
+        let h = handle(-1);
+        h.push(Bytes::from(vec![1; 600]), 1000, false, &M);
+        h.push(Bytes::from(vec![2; 300]), 1000, false, &M);
+        // The socket took 100 bytes of the first frame, then filled: a close frame
+        // queued now would land inside that frame.
+        h.consume(100, &M);
+        assert_eq!(
+            h.push(Bytes::from(vec![3; 600]), 1000, false, &M),
+            Push::Closing
+        );
+        assert_eq!(h.aborted(), Some(CloseReason::SlowConsumer));
+        assert!(h.take_batch().is_none());
+        flush_all(&M);
+    }
+
+    #[test]
+    fn a_slow_consumer_between_frames_gets_a_close_frame() {
+        let h = handle(-1);
+        h.push(Bytes::from(vec![1; 600]), 1000, false, &M);
+        h.push(Bytes::from(vec![2; 300]), 1000, false, &M);
+        // The socket took the first frame whole, then filled.
+        h.consume(600, &M);
+        assert_eq!(
+            h.push(Bytes::from(vec![3; 800]), 1000, false, &M),
+            Push::Closing
+        );
+        assert_eq!(h.aborted(), None);
+        assert!(h.take_batch().is_none());
+        let req = h.take_close_request().unwrap();
+        assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
+        flush_all(&M);
+    }
+
+    #[test]
     fn an_empty_queue_takes_one_frame_of_any_size() {
         let h = handle(-1);
         assert_eq!(
@@ -714,7 +778,7 @@ mod tests {
         h.push(Bytes::from_static(b"late"), 1 << 20, false, &m);
         h.detach();
         drop(server);
-        assert_eq!(flush_all(&m), 1);
+        assert_eq!(flush_all(&m), 0, "a detached connection is not written");
         assert_eq!(m.bytes_out.get(), 0);
     }
 

@@ -98,7 +98,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         m.bytes_out.add(sent as u64);
         if sent < out.len() {
             // Counted as a frame when the connection task writes it.
-            handle.push_unbounded(bytes::Bytes::copy_from_slice(&out[sent..]), m);
+            handle.push_remainder(bytes::Bytes::copy_from_slice(&out[sent..]), m);
         } else if welcome {
             m.frames_out.inc();
         }

@@ -299,13 +299,16 @@ def test_data_text_is_forwarded_byte_for_byte(gw):
 
 
 def test_ids_increase(gw):
+    """Admin API and client publishes, alternated: the subscriber gets every message in
+    the order published, ids increasing (a client's publish never overtakes an admin
+    publish already answered, on the client's own shard or another)."""
     t = topic()
 
     async def body():
         async with Client(gw) as pub, Client(gw) as sub:
             await sub.subscribe(t)
             sent = []
-            for i in range(10):
+            for i in range(60):
                 sent.append(gw.publish(t, i))
                 sent.append((await pub.request({"op": "publish", "topic": t, "data": i, "ref": i}))["id"])
             got = [(await sub.recv())["id"] for _ in sent]
