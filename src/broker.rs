@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 
-use crate::protocol;
+use crate::protocol::{self, MessageId};
 use crate::shard::{Inbox, Node};
 
 /// A publish or send that no shard took.
@@ -63,10 +63,10 @@ fn release_all(node: &Node, targets: &[usize]) {
 fn send_in_order(
     node: &Node,
     targets: &[usize],
-    mut make: impl FnMut(usize, &str) -> Inbox,
+    mut make: impl FnMut(usize, MessageId, &str) -> Inbox,
 ) -> Result<String, Refused> {
     reserve_all(node, targets)?;
-    let _order = node.order();
+    let mut order = node.order();
     if let Some(&shard) = targets
         .iter()
         .find(|&&i| node.shards[i].tx.is_disconnected())
@@ -74,9 +74,11 @@ fn send_in_order(
         release_all(node, targets);
         return Err(Refused::Stopped { shard });
     }
-    let id = node.next_message_id();
+    let key = node.next_id();
+    *order = Some(key);
+    let id = key.to_string();
     for &i in targets {
-        if node.shards[i].tx.send(make(i, &id)).is_err() {
+        if node.shards[i].tx.send(make(i, key, &id)).is_err() {
             // Stopped since the check above (only while the node shuts down).
             node.shards[i].release();
         }
@@ -91,10 +93,11 @@ pub fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, Refu
     let all: Vec<usize> = (0..node.shards.len()).collect();
     let shared_topic: Arc<str> = Arc::from(topic);
     let mut frame = None;
-    send_in_order(node, &all, |_, id| Inbox::Publish {
+    send_in_order(node, &all, |_, key, id| Inbox::Publish {
         topic: shared_topic.clone(),
+        id: key,
         frame: frame
-            .get_or_insert_with(|| protocol::message(topic, id, data))
+            .get_or_insert_with(|| protocol::message(topic, id, Some(&node.epoch), data))
             .clone(),
     })
 }
@@ -134,7 +137,7 @@ pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Refu
         .collect();
     let data: Arc<RawValue> = Arc::from(data.to_owned());
     let mut shared_id: Option<Arc<str>> = None;
-    let id = send_in_order(node, &targets, |i, id| Inbox::Direct {
+    let id = send_in_order(node, &targets, |i, _, id| Inbox::Direct {
         users: std::mem::take(&mut routes[i]),
         id: shared_id.get_or_insert_with(|| Arc::from(id)).clone(),
         data: data.clone(),

@@ -118,6 +118,12 @@ pub struct ServeArgs {
     /// How long an admin API publish waits for inbox room before `overloaded`; 0 refuses at once [default: 1000].
     #[arg(long, env = "RINGWAY_PUBLISH_WAIT_MS")]
     pub publish_wait_ms: Option<u64>,
+    /// Messages of each topic kept for resume and /v1/history; 0 turns history off [default: 100].
+    #[arg(long, env = "RINGWAY_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    /// Messages older than this leave history, in seconds; 0 turns history off [default: 300].
+    #[arg(long, env = "RINGWAY_HISTORY_TTL_SECS")]
+    pub history_ttl_secs: Option<u64>,
     /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
     #[arg(long, env = "RINGWAY_LOG")]
     pub log: Option<String>,
@@ -213,6 +219,8 @@ impl ServeArgs {
             uring_entries,
             inbox_capacity,
             publish_wait_ms,
+            history_size,
+            history_ttl_secs,
             log,
             log_format,
             allow_anonymous,

@@ -99,6 +99,12 @@ pub struct Config {
     /// How long an admin API publish or send waits for room in full inboxes before it
     /// is refused with `overloaded`; 0 refuses at once.
     pub publish_wait_ms: u64,
+    /// Messages of each topic kept for resume (`subscribe` with `since`) and
+    /// `GET /v1/history`; 0 turns history off.
+    pub history_size: usize,
+    /// Messages older than this are dropped from history, in seconds; 0 turns history
+    /// off.
+    pub history_ttl_secs: u64,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log: String,
     /// Log format: text or json.
@@ -164,6 +170,8 @@ impl Default for Config {
             uring_entries: 4096,
             inbox_capacity: 1024,
             publish_wait_ms: 1000,
+            history_size: 100,
+            history_ttl_secs: 300,
             log: "info".into(),
             log_format: LogFormat::Text,
             redis: None,
@@ -227,6 +235,8 @@ impl Config {
             drain_timeout_secs,
             drain_spread_secs,
             publish_wait_ms,
+            history_size,
+            history_ttl_secs,
         );
         differ!(
             self,
@@ -332,6 +342,12 @@ impl Config {
         }
         if self.publish_wait_ms > 60_000 {
             return bad("publish_wait_ms", "must be at most 60000 (one minute)");
+        }
+        if self.history_size > 100_000 {
+            return bad("history_size", "must be at most 100000 messages per topic");
+        }
+        if self.history_ttl_secs > 7 * 86_400 {
+            return bad("history_ttl_secs", "must be at most 604800 (one week)");
         }
         if !(2..=32768).contains(&self.uring_entries) || !self.uring_entries.is_power_of_two() {
             return bad("uring_entries", "must be a power of two from 2 to 32768");

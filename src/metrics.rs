@@ -102,6 +102,10 @@ pub struct ShardMetrics {
     pub inbox_full: Counter,
     pub topics: Gauge,
     pub subscriptions: Gauge,
+    /// Topic messages held in history (`shard::history`), and resumes answered.
+    pub history_messages: Gauge,
+    pub resumes_recovered: Counter,
+    pub resumes_not_recovered: Counter,
     pub error_frames: Counter,
     /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
     pub sweeps: Counter,

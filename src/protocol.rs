@@ -1,9 +1,12 @@
 //! Client wire protocol v1: parsing client ops and building server messages. Pure.
 //!
 //! Client → gateway (JSON text frames, unknown fields ignored; any op may carry `ref`):
-//! `subscribe {topic, since?}`, `unsubscribe {topic}`, `publish {topic, data}`.
-//! Gateway → client: `welcome`, `subscribed`, `unsubscribed`, `message`, `published`
-//! (only for a publish that carried a `ref`), `error {code, message}`.
+//! `subscribe {topic, since?: {offset, epoch}}`, `unsubscribe {topic}`,
+//! `publish {topic, data}`.
+//! Gateway → client: `welcome`, `subscribed` (with `recovered`, and `reason` when
+//! false, for a subscribe that carried `since`), `unsubscribed`, `message {topic, id,
+//! epoch?, data}`, `published` (only for a publish that carried a `ref`),
+//! `error {code, message}`.
 //!
 //! Error codes (the `code` field of an error frame):
 //! | code | meaning |
@@ -37,7 +40,7 @@ pub struct Request<'a> {
 pub enum Op<'a> {
     Subscribe {
         topic: Cow<'a, str>,
-        since: Option<Cow<'a, str>>,
+        since: Option<Since<'a>>,
     },
     Unsubscribe {
         topic: Cow<'a, str>,
@@ -46,6 +49,74 @@ pub enum Op<'a> {
         topic: Cow<'a, str>,
         data: &'a RawValue,
     },
+}
+
+/// Where a resuming client left a topic: the last message it got (`offset`, a message
+/// id) in the topic's history `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    pub offset: MessageId,
+    pub epoch: Cow<'a, str>,
+}
+
+/// A message id, `<ms>-<seq>` (the shape of a Redis stream id). Ids of one topic
+/// increase in the order its messages are delivered, so they compare as offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MessageId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl std::str::FromStr for MessageId {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ms, seq) = s.split_once('-').ok_or(())?;
+        let digits = |p: &str| {
+            if p.is_empty() || p.len() > 20 || !p.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            p.parse::<u64>().map_err(|_| ())
+        };
+        Ok(Self {
+            ms: digits(ms)?,
+            seq: digits(seq)?,
+        })
+    }
+}
+
+impl std::fmt::Display for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+/// Why a resume (`subscribe` with `since`) could not replay what was missed: the
+/// `reason` of a `subscribed` answer with `"recovered":false`. The subscription itself
+/// is made; the client resyncs from its own source of truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRecovered {
+    /// History is turned off (`history_size` or `history_ttl_secs` is 0).
+    HistoryOff,
+    /// The history the offset belongs to is gone (the node restarted).
+    EpochChanged,
+    /// Messages after the offset have already left history (size or age).
+    TooOld,
+    /// The offset was never given out in this epoch.
+    UnknownOffset,
+    /// History is not available through the Redis backplane yet.
+    Unavailable,
+}
+
+impl NotRecovered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HistoryOff => "history_off",
+            Self::EpochChanged => "epoch_changed",
+            Self::TooOld => "too_old",
+            Self::UnknownOffset => "unknown_offset",
+            Self::Unavailable => "unavailable",
+        }
+    }
 }
 
 /// A request the gateway refuses, with the `ref` to echo if one could be read.
@@ -155,7 +226,10 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
     let op = match string(wire.op, "op")?.as_deref() {
         Some("subscribe") => Op::Subscribe {
             topic: topic(wire.topic)?,
-            since: string(wire.since, "since")?,
+            since: match wire.since {
+                None => None,
+                Some(raw) => Some(since(raw).map_err(|m| reject(ErrorCode::BadRequest, m.into()))?),
+            },
         },
         Some("unsubscribe") => Op::Unsubscribe {
             topic: topic(wire.topic)?,
@@ -174,6 +248,29 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
         None => return Err(reject(ErrorCode::UnknownOp, "missing \"op\"".into())),
     };
     Ok(Request { op, reference })
+}
+
+/// `since`: `{"offset":"<ms>-<seq>","epoch":"<epoch>"}`, as the last `message` a client
+/// got carried them.
+fn since(raw: &RawValue) -> Result<Since<'_>, &'static str> {
+    #[derive(Deserialize)]
+    struct Wire<'a> {
+        #[serde(borrow)]
+        offset: Cow<'a, str>,
+        #[serde(borrow)]
+        epoch: Cow<'a, str>,
+    }
+    const SHAPE: &str =
+        "\"since\" must be {\"offset\":\"<message id>\",\"epoch\":\"<epoch>\"} from the last message received";
+    let w: Wire<'_> = serde_json::from_str(raw.get()).map_err(|_| SHAPE)?;
+    let offset = w.offset.parse().map_err(|()| SHAPE)?;
+    if w.epoch.is_empty() || w.epoch.len() > 64 {
+        return Err(SHAPE);
+    }
+    Ok(Since {
+        offset,
+        epoch: w.epoch,
+    })
 }
 
 /// Checks a topic name: 1..=max bytes, no control characters.
@@ -275,6 +372,34 @@ pub fn ack(kind: &str, topic: &str, reference: Option<&RawValue>) -> Bytes {
     text(s)
 }
 
+/// `subscribed` reply to a subscribe that carried `since`: `recovered` true (what was
+/// missed follows, then what is new) or false with the reason. `epoch` is the topic's
+/// history epoch when there is one.
+pub fn resumed(
+    topic: &str,
+    outcome: Result<(), NotRecovered>,
+    epoch: Option<&str>,
+    reference: Option<&RawValue>,
+) -> Bytes {
+    let mut s = String::from("{\"type\":\"subscribed\",\"topic\":");
+    push_json_str(&mut s, topic);
+    match outcome {
+        Ok(()) => s.push_str(",\"recovered\":true"),
+        Err(why) => {
+            s.push_str(",\"recovered\":false,\"reason\":\"");
+            s.push_str(why.as_str());
+            s.push('"');
+        }
+    }
+    if let Some(e) = epoch {
+        s.push_str(",\"epoch\":");
+        push_json_str(&mut s, e);
+    }
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
 /// `published` reply (sent only when the publish carried a `ref`).
 pub fn published(topic: &str, id: &str, reference: Option<&RawValue>) -> Bytes {
     let mut s = String::from("{\"type\":\"published\",\"topic\":");
@@ -298,17 +423,19 @@ pub fn error(code: ErrorCode, message: &str, reference: Option<&RawValue>) -> By
 }
 
 /// A topic `message` frame: built once, written to every subscriber.
-pub fn message(topic: &str, id: &str, data: &RawValue) -> Bytes {
-    message_to("topic", topic, id, data)
+/// `epoch`: the topic's history epoch (with `id`, what a client resumes from), when
+/// the message is kept in history.
+pub fn message(topic: &str, id: &str, epoch: Option<&str>, data: &RawValue) -> Bytes {
+    message_to("topic", topic, id, epoch, data)
 }
 
 /// A direct `message` frame for one user: built once per user per shard.
 pub fn direct(user: &str, id: &str, data: &RawValue) -> Bytes {
-    message_to("user", user, id, data)
+    message_to("user", user, id, None, data)
 }
 
-/// `{"type":"message","<field>":<name>,"id":<id>,"data":<data>}`.
-fn message_to(field: &str, name: &str, id: &str, data: &RawValue) -> Bytes {
+/// `{"type":"message","<field>":<name>,"id":<id>[,"epoch":<epoch>],"data":<data>}`.
+fn message_to(field: &str, name: &str, id: &str, epoch: Option<&str>, data: &RawValue) -> Bytes {
     let mut s = String::with_capacity(48 + name.len() + id.len() + data.get().len());
     s.push_str("{\"type\":\"message\",\"");
     s.push_str(field);
@@ -316,6 +443,10 @@ fn message_to(field: &str, name: &str, id: &str, data: &RawValue) -> Bytes {
     push_json_str(&mut s, name);
     s.push_str(",\"id\":");
     push_json_str(&mut s, id);
+    if let Some(e) = epoch {
+        s.push_str(",\"epoch\":");
+        push_json_str(&mut s, e);
+    }
     s.push_str(",\"data\":");
     s.push_str(data.get());
     s.push('}');
@@ -334,12 +465,13 @@ mod tests {
     #[test]
     fn parses_each_op_and_ignores_unknown_fields() {
         let r = parse(
-            r#"{"op":"subscribe","topic":"a","since":"1-0","x":1,"ref":7}"#,
+            r#"{"op":"subscribe","topic":"a","since":{"offset":"17-3","epoch":"e1"},"x":1,"ref":7}"#,
             64,
         )
         .unwrap();
         assert!(
-            matches!(r.op, Op::Subscribe { ref topic, since: Some(ref s) } if topic == "a" && s == "1-0")
+            matches!(r.op, Op::Subscribe { ref topic, since: Some(ref s) }
+            if topic == "a" && s.offset == MessageId { ms: 17, seq: 3 } && s.epoch == "e1")
         );
         assert_eq!(r.reference.unwrap().get(), "7");
         let r = parse(r#"{"op":"unsubscribe","topic":"a"}"#, 64).unwrap();
@@ -385,6 +517,53 @@ mod tests {
     }
 
     #[test]
+    fn since_must_be_an_offset_and_an_epoch() {
+        for bad in [
+            r#""1-0""#,
+            r#"{"offset":"1-0"}"#,
+            r#"{"epoch":"e"}"#,
+            r#"{"offset":"1","epoch":"e"}"#,
+            r#"{"offset":"-1-0","epoch":"e"}"#,
+            r#"{"offset":"1-x","epoch":"e"}"#,
+            r#"{"offset":"1-0","epoch":""}"#,
+            r#"{"offset":1,"epoch":"e"}"#,
+        ] {
+            let text = format!(r#"{{"op":"subscribe","topic":"t","since":{bad},"ref":1}}"#);
+            let e = parse(&text, 64).unwrap_err();
+            assert_eq!(
+                (e.error, e.reference.map(RawValue::get)),
+                (ErrorCode::BadRequest, Some("1")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn message_ids_order_as_offsets() {
+        let a: MessageId = "1700000000000-9".parse().unwrap();
+        let b: MessageId = "1700000000000-10".parse().unwrap();
+        let c: MessageId = "1700000000001-0".parse().unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(b.to_string(), "1700000000000-10");
+        assert!("99999999999999999999999-0".parse::<MessageId>().is_err());
+    }
+
+    #[test]
+    fn resumed_answers_say_whether_and_why() {
+        let ok = payload(&resumed("t", Ok(()), Some("e1"), None));
+        assert_eq!(
+            ok,
+            serde_json::json!({"type":"subscribed","topic":"t","recovered":true,"epoch":"e1"})
+        );
+        let r = RawValue::from_string("5".into()).unwrap();
+        let no = payload(&resumed("t", Err(NotRecovered::TooOld), None, Some(&r)));
+        assert_eq!(
+            no,
+            serde_json::json!({"type":"subscribed","topic":"t","recovered":false,"reason":"too_old","ref":5})
+        );
+    }
+
+    #[test]
     fn welcome_template_matches_the_allocating_builder() {
         for node in ["n1", "host-\"quoted\"", &"x".repeat(120)] {
             let mut out = Vec::new();
@@ -396,10 +575,15 @@ mod tests {
     #[test]
     fn server_messages_are_valid_json() {
         let r = RawValue::from_string("{\"n\":1}".into()).unwrap();
-        let m = payload(&message("t\"q", "5-1", &r));
+        let m = payload(&message("t\"q", "5-1", None, &r));
         assert_eq!(
             m,
             serde_json::json!({"type":"message","topic":"t\"q","id":"5-1","data":{"n":1}})
+        );
+        let m = payload(&message("t", "5-1", Some("e7"), &r));
+        assert_eq!(
+            m,
+            serde_json::json!({"type":"message","topic":"t","id":"5-1","epoch":"e7","data":{"n":1}})
         );
         let reference = RawValue::from_string("[1]".into()).unwrap();
         let e = payload(&error(ErrorCode::BadTopic, "no \"way\"", Some(&reference)));

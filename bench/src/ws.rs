@@ -291,7 +291,7 @@ mod tests {
     #[test]
     fn classifies_gateway_messages() {
         let raw = serde_json::value::RawValue::from_string(message_data(7, 123, 64)).unwrap();
-        let f = ringway::protocol::message("topic-3", "9-0", &raw);
+        let f = ringway::protocol::message("topic-3", "9-0", Some("e1"), &raw);
         let fr = next_frame(&f).unwrap().unwrap();
         assert_eq!(fr.len, f.len());
         let k = classify(&f[fr.payload]);

@@ -18,6 +18,8 @@
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
 //! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
+//! | `ringway_history_messages` | gauge | shard | topic messages held for resume and `/v1/history` |
+//! | `ringway_resumes_total` | counter | shard, recovered | subscribes with `since`, by outcome |
 //! | `ringway_published_total` | counter | — | messages accepted for publishing |
 //! | `ringway_publish_waits_total` | counter | — | admin API publishes and sends that waited for inbox room (`publish_wait_ms`) |
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
@@ -177,7 +179,7 @@ impl Collector for NodeCollector {
                 .map(|(l, v)| (l, ConstCounter::new(v)));
             family(&mut enc, name, help, MetricType::Counter, samples)?;
         }
-        let gauges: [ShardFamily; 6] = [
+        let gauges: [ShardFamily; 7] = [
             ("ringway_connections", "Open WebSocket connections", |m| {
                 m.connections.get()
             }),
@@ -190,6 +192,11 @@ impl Collector for NodeCollector {
                 "ringway_subscriptions",
                 "Connection-topic subscriptions",
                 |m| m.subscriptions.get(),
+            ),
+            (
+                "ringway_history_messages",
+                "Topic messages held in history for resume and /v1/history",
+                |m| m.history_messages.get(),
             ),
             (
                 "ringway_redis_subscriber_up",
@@ -221,6 +228,25 @@ impl Collector for NodeCollector {
                 )
             })
         });
+        let resumes = shards.iter().flat_map(|(i, m)| {
+            [
+                ("true", m.resumes_recovered.get()),
+                ("false", m.resumes_not_recovered.get()),
+            ]
+            .map(|(recovered, n)| {
+                (
+                    vec![("shard", i.clone()), ("recovered", recovered.to_string())],
+                    ConstCounter::new(n),
+                )
+            })
+        });
+        family(
+            &mut enc,
+            "ringway_resumes",
+            "Subscribes with since, by whether what was missed could be replayed",
+            MetricType::Counter,
+            resumes,
+        )?;
         family(
             &mut enc,
             "ringway_handshake_failures",

@@ -9,6 +9,7 @@
 //! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded (nothing delivered, `Retry-After`) or Redis unavailable |
 //! | `POST /v1/send` | body `{"user":"U","data":…}` or `{"users":["U",…],"data":…}` → 200 `{"id":"…","online":N,"shards":K}` |
 //! | `GET /v1/nodes` | with Redis: the live nodes of the cluster, `{"nodes":[…]}` |
+//! | `GET /v1/history?topic=T[&since=ID&epoch=E][&limit=N]` | single node: `{"topic","epoch","messages":[…],"more"}`, the `message` objects after `since`, oldest first; 410 when some are gone; 501 with Redis |
 //!
 //! Publish, send and the node list go through `shard::fanout`: the shards' inboxes on a
 //! single node, or Redis through a shard's command connection (one `PUBLISH`, or one
@@ -36,6 +37,7 @@ use crate::backplane::remote::RemoteError;
 use crate::broker::{self, Refused};
 use crate::config::Config;
 use crate::protocol;
+use crate::protocol::NotRecovered;
 use crate::shard::fanout::{self, FanoutError};
 use crate::shard::Node;
 
@@ -130,6 +132,13 @@ impl Response {
             FanoutError::Remote(RemoteError::BadReply(_)) => {
                 Self::error(502, "bad_gateway", &e.to_string())
             }
+            FanoutError::History(NotRecovered::TooOld) => {
+                Self::error(410, "too_old", &e.to_string())
+            }
+            FanoutError::History(NotRecovered::Unavailable) => {
+                Self::error(501, "not_implemented", &e.to_string())
+            }
+            FanoutError::History(why) => Self::error(409, why.as_str(), &e.to_string()),
         }
     }
     fn error(status: u16, code: &str, message: &str) -> Self {
@@ -267,7 +276,7 @@ async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> bool {
 }
 
 async fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
-    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     match (method, path) {
         ("GET", "/healthz") => Response::text(200, "ok\n"),
         ("GET", "/readyz") => {
@@ -290,9 +299,12 @@ async fn route(ctx: &Ctx, method: &str, path: &str, body: &[u8]) -> Response {
         ("POST", "/v1/publish") => publish(ctx, body).await,
         ("POST", "/v1/send") => send(ctx, body).await,
         ("GET", "/v1/nodes") => nodes(ctx).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/publish" | "/v1/send" | "/v1/nodes") => {
-            Response::error(405, "method_not_allowed", "wrong method for this endpoint")
-        }
+        ("GET", "/v1/history") => history(ctx, query).await,
+        (
+            _,
+            "/healthz" | "/readyz" | "/metrics" | "/v1/publish" | "/v1/send" | "/v1/nodes"
+            | "/v1/history",
+        ) => Response::error(405, "method_not_allowed", "wrong method for this endpoint"),
         _ => Response::error(404, "not_found", "no such endpoint"),
     }
 }
@@ -369,6 +381,65 @@ async fn send(ctx: &Ctx, body: &[u8]) -> Response {
     let data = req.data.unwrap_or(RawValue::NULL);
     match fanout::send(&ctx.node, &users, data).await {
         Ok(sent) => sent_response(&sent),
+        Err(e) => Response::fanout_error(&e),
+    }
+}
+
+/// Messages one history page holds at most (and by default).
+const HISTORY_LIMIT: usize = 1000;
+
+async fn history(ctx: &Ctx, query: &str) -> Response {
+    const FORM: &str =
+        "expected ?topic=T, optionally since=<message id> with epoch=<epoch>, and limit=1..1000";
+    let (mut topic, mut since, mut epoch, mut limit) = (None, None, None, HISTORY_LIMIT);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match &*k {
+            "topic" => topic = Some(v.into_owned()),
+            "since" => match v.parse::<protocol::MessageId>() {
+                Ok(id) => since = Some(id),
+                Err(()) => return Response::error(400, "bad_request", FORM),
+            },
+            "epoch" => epoch = Some(v.into_owned()),
+            "limit" => match v.parse::<usize>() {
+                Ok(n) if (1..=HISTORY_LIMIT).contains(&n) => limit = n,
+                _ => return Response::error(400, "bad_request", FORM),
+            },
+            _ => return Response::error(400, "bad_request", FORM),
+        }
+    }
+    let Some(topic) = topic else {
+        return Response::error(400, "bad_request", FORM);
+    };
+    if let Err(m) = protocol::validate_topic(&topic, ctx.node.config().max_topic_bytes) {
+        return Response::error(400, "bad_topic", &m);
+    }
+    if since.is_some() != epoch.is_some() {
+        return Response::error(400, "bad_request", FORM);
+    }
+    if let Some(e) = &epoch {
+        if *e != ctx.node.epoch {
+            let m = "that epoch's history is gone (the node restarted)";
+            return Response::error(410, protocol::NotRecovered::EpochChanged.as_str(), m);
+        }
+    }
+    match fanout::history(&ctx.node, &topic, since, limit).await {
+        Ok(page) => {
+            let mut body = String::from("{\"topic\":");
+            body.push_str(&serde_json::Value::from(topic.as_str()).to_string());
+            body.push_str(",\"epoch\":");
+            body.push_str(&serde_json::Value::from(page.epoch.as_str()).to_string());
+            body.push_str(",\"messages\":[");
+            for (i, frame) in page.frames.iter().enumerate() {
+                if i > 0 {
+                    body.push(',');
+                }
+                body.push_str(crate::ws::frame::payload_text(frame));
+            }
+            body.push_str("],\"more\":");
+            body.push_str(if page.more { "true" } else { "false" });
+            body.push('}');
+            Response::json(200, body)
+        }
         Err(e) => Response::fanout_error(&e),
     }
 }

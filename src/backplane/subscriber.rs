@@ -256,7 +256,7 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
             let id = env
                 .id
                 .unwrap_or_else(|| shard.node.next_message_id().into());
-            shard.deliver(topic, &protocol::message(topic, &id, env.data));
+            shard.deliver(topic, &protocol::message(topic, &id, None, env.data));
         }
         Err(e) => bp.bad_message(m, topic, &e),
     }

@@ -9,10 +9,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::node::Node;
+use super::node::{HistoryPage, Inbox, Node};
 use super::outbound::ConnHandle;
 use crate::backplane::{self, remote::RemoteError, Backplane};
 use crate::broker::{self, Refused, Sent};
+use crate::protocol::{MessageId, NotRecovered};
 
 /// One shard's way to the rest of the node, or of the cluster.
 pub enum Fanout {
@@ -90,6 +91,57 @@ pub enum FanoutError {
     /// Through Redis: unavailable, or an unexpected reply.
     #[error(transparent)]
     Remote(#[from] RemoteError),
+    /// History cannot give what was asked.
+    #[error("{}", history_message(*.0))]
+    History(NotRecovered),
+}
+
+fn history_message(why: NotRecovered) -> &'static str {
+    match why {
+        NotRecovered::HistoryOff => "history is off (history_size or history_ttl_secs is 0)",
+        NotRecovered::EpochChanged => "that epoch's history is gone (the node restarted)",
+        NotRecovered::TooOld => "messages after that offset have already left history",
+        NotRecovered::UnknownOffset => "that offset was never given out",
+        NotRecovered::Unavailable => "history through the Redis backplane is not available yet",
+    }
+}
+
+/// Up to `limit` messages of `topic` after `since` from one shard's history (every
+/// shard of a single node holds the same), oldest first.
+pub async fn history(
+    node: &Node,
+    topic: &str,
+    since: Option<MessageId>,
+    limit: usize,
+) -> Result<HistoryPage, FanoutError> {
+    if node.backplane {
+        return Err(FanoutError::History(NotRecovered::Unavailable));
+    }
+    if let (Some(s), Some(last)) = (since, node.last_ordered_id()) {
+        if s > last {
+            return Err(FanoutError::History(NotRecovered::UnknownOffset));
+        }
+    }
+    let shard = node.any_shard();
+    let link = &node.shards[shard];
+    if !link.reserve() {
+        return Err(Refused::Overloaded { shard }.into());
+    }
+    let (tx, rx) = flume::bounded(1);
+    let msg = Inbox::History {
+        topic: topic.into(),
+        since,
+        limit,
+        reply: tx,
+    };
+    if link.tx.send(msg).is_err() {
+        link.release();
+        return Err(Refused::Stopped { shard }.into());
+    }
+    match rx.recv_async().await {
+        Ok(page) => page.map_err(FanoutError::History),
+        Err(_) => Err(Refused::Stopped { shard }.into()),
+    }
 }
 
 /// Retries `attempt` while the shards are full, backing off from 100 µs to 5 ms, for up

@@ -8,6 +8,7 @@
 //! second instead of giving each one a timer.
 
 pub mod fanout;
+pub mod history;
 mod node;
 pub mod outbound;
 
@@ -23,17 +24,19 @@ use bytes::Bytes;
 use monoio::net::TcpListener;
 use slab::Slab;
 
-pub use node::{start, Inbox, Node, RunningNode, ShardLink, StartError};
+pub use node::{start, HistoryPage, Inbox, Node, RunningNode, ShardLink, StartError};
 
 use crate::backplane::{self, Backplane, RedisUrl};
 use crate::broker::Refused;
 use crate::config::{Config, SlowConsumer};
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::protocol::{self, ErrorCode};
+use crate::protocol::{MessageId, NotRecovered, Since};
 use crate::registry::{Change, SubscribeError};
 use crate::registry::{ConnKey, Registry};
 use crate::ws::frame::{self, OpCode};
 use fanout::Fanout;
+use history::{Bounds, History};
 use outbound::{ConnHandle, Push, ShardClose};
 use serde_json::value::RawValue;
 
@@ -69,6 +72,13 @@ pub struct Shard {
     users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
     /// The rest of the node (in-process) or of the cluster (Redis).
     fanout: Fanout,
+    /// Recent topic messages, for resume and `/v1/history` (single node).
+    history: RefCell<History>,
+    /// Resumes from an offset this shard has not reached yet (the client saw it on
+    /// another shard a moment ago): (connection, topic, offset). Live messages of the
+    /// topic up to the offset skip that connection; an entry goes once the shard
+    /// passes its offset.
+    floors: RefCell<Vec<(ConnKey, Rc<str>, MessageId)>>,
 }
 
 impl Shard {
@@ -108,6 +118,8 @@ impl Shard {
             ping: frame::server_frame(OpCode::Ping, b""),
             users: RefCell::default(),
             fanout,
+            history: RefCell::default(),
+            floors: RefCell::default(),
         }
     }
 
@@ -167,6 +179,7 @@ impl Shard {
     pub fn unregister(&self, key: ConnKey, why: CloseReason) {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
+        self.floors.borrow_mut().retain(|(k, _, _)| *k != key);
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
             self.fanout.topic_changed(topic);
@@ -212,31 +225,137 @@ impl Shard {
     }
 
     /// Connection `key` subscribes to `topic` (at most `max_subscriptions` topics per
-    /// connection). The `subscribed` reply `ack` goes out now, or once Redis has the
-    /// subscription, so nothing published after it is missed.
+    /// connection). The `subscribed` reply goes out now, or once Redis has the
+    /// subscription, so nothing published after it is missed. With `since`, what the
+    /// client missed follows the reply, before anything newer (`resume`).
     pub fn subscribe(
         &self,
         key: ConnKey,
         conn: &Rc<ConnHandle>,
         topic: &str,
-        ack: Bytes,
+        since: Option<&Since<'_>>,
+        reference: Option<&RawValue>,
     ) -> Result<(), SubscribeError> {
         self.registry
             .borrow_mut()
             .subscribe(key, topic, self.cfg().max_subscriptions)?;
         self.update_registry_gauges();
+        let (ack, missed) = match since {
+            None => (protocol::ack("subscribed", topic, reference), Vec::new()),
+            Some(since) => {
+                let outcome = self.resume(key, topic, since);
+                let counter = match outcome {
+                    Ok(_) => &self.metrics.resumes_recovered,
+                    Err(_) => &self.metrics.resumes_not_recovered,
+                };
+                counter.inc();
+                let epoch = self
+                    .fanout
+                    .backplane()
+                    .is_none()
+                    .then_some(&*self.node.epoch);
+                let ack = protocol::resumed(
+                    topic,
+                    outcome.as_ref().map(|_| ()).map_err(|e| *e),
+                    epoch,
+                    reference,
+                );
+                (ack, outcome.unwrap_or_default())
+            }
+        };
         // With Redis, a topic not yet confirmed there is (re)marked for the subscriber
         // connection here.
         if let Some(ack) = self.fanout.subscribed(topic, conn, ack) {
             self.reply(conn, ack);
         }
+        for frame in &missed {
+            let queued = self.push_to(std::iter::once(key), frame);
+            self.metrics.deliveries.add(queued);
+        }
         Ok(())
+    }
+
+    /// What connection `key`, resuming `topic` from `since`, missed: the frames after
+    /// the offset from this shard's history (every shard of a node receives every topic
+    /// message, in id order, so its own history is enough), or why they cannot be had.
+    /// Everything this shard delivers after this call is newer, so nothing is missed or
+    /// given twice.
+    fn resume(
+        &self,
+        key: ConnKey,
+        topic: &str,
+        since: &Since<'_>,
+    ) -> Result<Vec<Bytes>, NotRecovered> {
+        if self.fanout.backplane().is_some() {
+            return Err(NotRecovered::Unavailable);
+        }
+        if self.history_bounds().off() {
+            return Err(NotRecovered::HistoryOff);
+        }
+        if since.epoch != self.node.epoch {
+            return Err(NotRecovered::EpochChanged);
+        }
+        if self
+            .node
+            .last_ordered_id()
+            .is_none_or(|last| since.offset > last)
+        {
+            return Err(NotRecovered::UnknownOffset);
+        }
+        let history = self.history.borrow();
+        let missed = history.since(topic, since.offset)?;
+        if history.latest().is_none_or(|l| l < since.offset) {
+            // Delivered on another shard and not yet here: skip it when it comes.
+            self.floors
+                .borrow_mut()
+                .push((key, Rc::from(topic), since.offset));
+        }
+        Ok(missed)
+    }
+
+    /// The history bounds in force.
+    fn history_bounds(&self) -> Bounds {
+        let cfg = self.cfg.borrow();
+        Bounds {
+            size: cfg.history_size,
+            ttl_secs: u32::try_from(cfg.history_ttl_secs).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// Up to `limit` frames of `topic` after `since` (all it holds without), oldest
+    /// first, for `GET /v1/history`; `more` when the limit cut the list short.
+    pub fn history_page(
+        &self,
+        topic: &str,
+        since: Option<MessageId>,
+        limit: usize,
+    ) -> Result<HistoryPage, NotRecovered> {
+        if self.history_bounds().off() {
+            return Err(NotRecovered::HistoryOff);
+        }
+        let from = since.unwrap_or(MessageId { ms: 0, seq: 0 });
+        let mut frames = match self.history.borrow().since(topic, from) {
+            Ok(f) => f,
+            // Without `since`, what is left is the answer.
+            Err(_) if since.is_none() => self.history.borrow().oldest_first(topic),
+            Err(e) => return Err(e),
+        };
+        let more = frames.len() > limit;
+        frames.truncate(limit);
+        Ok(HistoryPage {
+            epoch: self.node.epoch.clone(),
+            frames,
+            more,
+        })
     }
 
     /// Connection `key` unsubscribes from `topic`; a `subscribed` reply still waiting
     /// for Redis goes out first.
     pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
         let change = self.registry.borrow_mut().unsubscribe(key, topic);
+        self.floors
+            .borrow_mut()
+            .retain(|(k, t, _)| *k != key || &**t != topic);
         self.fanout.unsubscribing(topic, conn);
         if change == Change::TopicEdge {
             self.fanout.topic_changed(Rc::from(topic));
@@ -335,6 +454,25 @@ impl Shard {
         queued
     }
 
+    /// `deliver`, skipping connections that resumed from an offset at or past `id`.
+    fn deliver_past_floors(&self, topic: &str, id: MessageId, frame: &Bytes) {
+        let mut floors = self.floors.borrow_mut();
+        let skip: Vec<ConnKey> = floors
+            .iter()
+            .filter(|(_, t, offset)| &**t == topic && id <= *offset)
+            .map(|(k, _, _)| *k)
+            .collect();
+        // Ids only grow from here: floors at or below this one are passed.
+        floors.retain(|(_, _, offset)| *offset > id);
+        drop(floors);
+        let registry = self.registry.borrow();
+        let Some(subs) = registry.subscribers(topic) else {
+            return;
+        };
+        let queued = self.push_to(subs.iter().copied().filter(|k| !skip.contains(k)), frame);
+        self.metrics.deliveries.add(queued);
+    }
+
     /// Queues a direct message for every local connection of `user`; returns how many.
     pub fn deliver_direct(&self, user: &str, id: &str, data: &serde_json::value::RawValue) -> u64 {
         let users = self.users.borrow();
@@ -375,8 +513,24 @@ impl Shard {
             self.node.shards[self.index].release();
         }
         match msg {
-            Inbox::Publish { topic, frame } => {
-                self.deliver(&topic, &frame);
+            Inbox::Publish { topic, id, frame } => {
+                let mut history = self.history.borrow_mut();
+                history.push(&topic, id, &frame, self.now(), self.history_bounds());
+                self.metrics.history_messages.set(history.len() as u64);
+                drop(history);
+                if self.floors.borrow().is_empty() {
+                    self.deliver(&topic, &frame);
+                } else {
+                    self.deliver_past_floors(&topic, id, &frame);
+                }
+            }
+            Inbox::History {
+                topic,
+                since,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.history_page(&topic, since, limit));
             }
             Inbox::Direct { users, id, data } => {
                 self.metrics.direct_received.inc();
@@ -406,6 +560,10 @@ impl Shard {
         self.clock.set(now);
         self.metrics.sweeps.inc();
         self.follow_config();
+        let mut history = self.history.borrow_mut();
+        history.trim(now, self.history_bounds());
+        self.metrics.history_messages.set(history.len() as u64);
+        drop(history);
         let cfg = self.cfg();
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;

@@ -19,12 +19,18 @@ use crate::auth::Authenticator;
 use crate::backplane::RemoteReply;
 use crate::config::{Config, Driver};
 use crate::metrics::{Counter, ShardMetrics};
+use crate::protocol::{MessageId, NotRecovered};
 
 /// Messages a shard accepts from other threads.
 #[derive(Debug)]
 pub enum Inbox {
-    /// Deliver an already-framed topic message to local subscribers.
-    Publish { topic: Arc<str>, frame: Bytes },
+    /// Deliver an already-framed topic message to local subscribers (and keep it in
+    /// history).
+    Publish {
+        topic: Arc<str>,
+        id: MessageId,
+        frame: Bytes,
+    },
     /// Deliver a direct message to these users' local connections (no backplane).
     Direct {
         users: Vec<Arc<str>>,
@@ -37,8 +43,24 @@ pub enum Inbox {
         args: Vec<RawBytes>,
         reply: RemoteReply,
     },
+    /// Read this shard's history of a topic (`GET /v1/history`) and answer on `reply`.
+    History {
+        topic: Box<str>,
+        since: Option<MessageId>,
+        limit: usize,
+        reply: flume::Sender<Result<HistoryPage, NotRecovered>>,
+    },
     /// Stop accepting and close every connection with 1001.
     Drain,
+}
+
+/// A page of a topic's history: message frames, oldest first.
+#[derive(Debug)]
+pub struct HistoryPage {
+    pub epoch: String,
+    pub frames: Vec<Bytes>,
+    /// The limit cut the page short.
+    pub more: bool,
 }
 
 /// How other threads reach one shard.
@@ -83,9 +105,15 @@ pub struct Node {
     pub driver: &'static str,
     pub listen: SocketAddr,
     seq: AtomicU64,
+    /// The largest millisecond part given to an id, so ids never go back with the
+    /// wall clock.
+    last_ms: AtomicU64,
     /// Held while a message takes its id and goes into the shards' inboxes, so every
-    /// shard receives messages in id order (`broker`).
-    order: Mutex<()>,
+    /// shard receives messages in id order (`broker`); holds the last id given.
+    order: Mutex<Option<MessageId>>,
+    /// This node's history epoch: chosen at start, so a resume from before a restart
+    /// (whose history is gone) is told so.
+    pub epoch: String,
     ready: AtomicBool,
     draining: AtomicBool,
     /// Messages accepted for publishing (client or API).
@@ -158,21 +186,34 @@ impl Directory {
 }
 
 impl Node {
-    /// A new message id, `<unix ms>-<sequence>`, unique and increasing within the node.
-    pub fn next_message_id(&self) -> String {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let ms = SystemTime::now()
+    /// A new message id, `<unix ms>-<sequence>`, unique within the node; both parts
+    /// never decrease, so ids taken one after another increase.
+    pub fn next_id(&self) -> MessageId {
+        let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
-        format!("{ms}-{seq}")
+            .map_or(0, |d| d.as_millis() as u64);
+        let ms = self.last_ms.fetch_max(now, Ordering::AcqRel).max(now);
+        let seq = self.seq.fetch_add(1, Ordering::AcqRel);
+        MessageId { ms, seq }
+    }
+
+    /// `next_id` as text.
+    pub fn next_message_id(&self) -> String {
+        self.next_id().to_string()
     }
 
     /// The node's message order, held by `broker` from taking an id to the last
-    /// inbox send. Nothing inside can panic half-way, so a poisoned lock is usable.
-    pub fn order(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// inbox send; holds the last id given that way. Nothing inside can panic
+    /// half-way, so a poisoned lock is usable.
+    pub fn order(&self) -> std::sync::MutexGuard<'_, Option<MessageId>> {
         self.order
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The last id `broker` gave a topic message or direct send.
+    pub fn last_ordered_id(&self) -> Option<MessageId> {
+        *self.order()
     }
 
     /// Every shard listens and the node is not draining.
@@ -221,6 +262,11 @@ impl Node {
             .map(|(i, _)| i.to_string())
             .collect();
         (!down.is_empty()).then(|| format!("redis unreachable from shard(s) {}", down.join(",")))
+    }
+
+    /// The next shard in turn, for admin requests any shard can answer.
+    pub fn any_shard(&self) -> usize {
+        self.next_shard.fetch_add(1, Ordering::Relaxed) % self.shards.len()
     }
 
     /// A shard whose Redis command connection is up (round robin), for the admin
@@ -321,7 +367,9 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         driver: if uring { "io_uring" } else { "epoll" },
         listen,
         seq: AtomicU64::new(0),
-        order: Mutex::new(()),
+        last_ms: AtomicU64::new(0),
+        order: Mutex::new(None),
+        epoch: new_epoch(),
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         published: Counter::default(),
@@ -419,4 +467,20 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<std::net::Tc
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(socket.into())
+}
+
+/// A history epoch: this start's time in nanoseconds and the process id, in base 36.
+/// Two starts of a node never share one.
+fn new_epoch() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut n = nanos ^ (u128::from(std::process::id()) << 96);
+    let mut out = Vec::new();
+    while n > 0 {
+        out.push(b"0123456789abcdefghijklmnopqrstuvwxyz"[(n % 36) as usize]);
+        n /= 36;
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap_or_default()
 }

@@ -28,6 +28,7 @@ use super::reader::{Event, Flow, Reader};
 use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
+use crate::protocol::Since;
 use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Shard, SCRATCH_BYTES};
@@ -206,8 +207,14 @@ impl Effects for Io {
         self.handle.push_unbounded(frame, &self.shard.metrics);
         self.handle.closing_since.set(self.shard.now());
     }
-    fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError> {
-        self.shard.subscribe(self.key, &self.handle, topic, ack)
+    fn subscribe(
+        &mut self,
+        topic: &str,
+        since: Option<&Since<'_>>,
+        reference: Option<&RawValue>,
+    ) -> Result<(), SubscribeError> {
+        self.shard
+            .subscribe(self.key, &self.handle, topic, since, reference)
     }
     fn unsubscribe(&mut self, topic: &str) {
         self.shard.unsubscribe(self.key, &self.handle, topic);

@@ -158,6 +158,15 @@ fn put_len(out: &mut BytesMut, mask_bit: u8, payload_len: usize) {
 }
 
 /// One complete unmasked server frame.
+/// The payload of a text frame built by `server_frame` (our own frames only: a frame
+/// that is not whole UTF-8 text gives `null`).
+pub fn payload_text(frame: &[u8]) -> &str {
+    parse_header(frame)
+        .and_then(|h| frame.get(h.header_len..))
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .unwrap_or("null")
+}
+
 pub fn server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(server_header_len(payload.len()) + payload.len());
     put_server_header(&mut out, opcode, payload.len());

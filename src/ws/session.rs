@@ -13,7 +13,7 @@ use super::handshake::Endpoint;
 use super::reader::{Event, Flow, ReadError};
 use crate::close::CloseRequest;
 use crate::metrics::CloseReason;
-use crate::protocol::{self, ErrorCode, Op};
+use crate::protocol::{self, ErrorCode, Op, Since};
 use crate::registry::SubscribeError;
 
 /// Where the connection stands.
@@ -40,8 +40,14 @@ pub trait Effects {
     /// Queue our close frame, or the answer to the client's, whatever the queue holds;
     /// the connection is closing from now on, counted under `why`.
     fn closing(&mut self, frame: Bytes, why: CloseReason);
-    /// Subscribe; `ack` is the `subscribed` reply, to send once the subscription holds.
-    fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError>;
+    /// Subscribe, resuming from `since` when given; the `subscribed` reply (echoing
+    /// `reference`) goes out once the subscription holds.
+    fn subscribe(
+        &mut self,
+        topic: &str,
+        since: Option<&Since<'_>>,
+        reference: Option<&RawValue>,
+    ) -> Result<(), SubscribeError>;
     fn unsubscribe(&mut self, topic: &str);
     /// Publish a client's message (allowed by configuration: checked here).
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>);
@@ -162,9 +168,10 @@ impl Session {
         };
         let reference = req.reference;
         match req.op {
-            Op::Subscribe { topic, since: _ } => {
-                let ack = protocol::ack("subscribed", &topic, reference);
-                if let Err(SubscribeError::TooMany) = fx.subscribe(&topic, ack) {
+            Op::Subscribe { topic, since } => {
+                if let Err(SubscribeError::TooMany) =
+                    fx.subscribe(&topic, since.as_ref(), reference)
+                {
                     let msg = format!(
                         "at most {} subscriptions per connection",
                         limits.max_subscriptions
@@ -241,13 +248,18 @@ mod tests {
         fn closing(&mut self, frame: Bytes, why: CloseReason) {
             self.did.push(Did::Closing(payload(&frame), why));
         }
-        fn subscribe(&mut self, topic: &str, ack: Bytes) -> Result<(), SubscribeError> {
+        fn subscribe(
+            &mut self,
+            topic: &str,
+            _: Option<&Since<'_>>,
+            reference: Option<&RawValue>,
+        ) -> Result<(), SubscribeError> {
             if self.topics.len() >= self.max {
                 return Err(SubscribeError::TooMany);
             }
             self.topics.push(topic.to_owned());
             self.did.push(Did::Subscribe(topic.to_owned()));
-            self.send(ack);
+            self.send(protocol::ack("subscribed", topic, reference));
             Ok(())
         }
         fn unsubscribe(&mut self, topic: &str) {

@@ -313,6 +313,15 @@ class Gateway:
         """Sum over every series of `name` matching `labels`."""
         return metric_sum(self.metrics(), name, **labels)
 
+    @property
+    def epoch(self) -> str:
+        """This node's history epoch (single node), as `GET /v1/history` tells it."""
+        if getattr(self, "_epoch", None) is None:
+            r = self.http("GET", "/v1/history?topic=_")
+            assert r.status == 200, r
+            self._epoch = r.json()["epoch"]
+        return self._epoch
+
     def publish(self, topic: str, data: Any) -> str:
         """POST /v1/publish; returns the message id."""
         r = self.http("POST", "/v1/publish", json.dumps({"topic": topic, "data": data}),

@@ -212,7 +212,7 @@ def test_message_larger_than_the_queue_limit_does_not_disconnect_subscribers(gat
             r = gw.http("POST", "/v1/publish", json.dumps({"topic": "big", "data": data}))
             if r.status == 200:
                 got = await sub.recv(5)
-                assert got == {"type": "message", "topic": "big", "id": r.json()["id"], "data": data}
+                assert got == {"type": "message", "topic": "big", "id": r.json()["id"], "epoch": gw.epoch, "data": data}
             else:
                 assert r.status in (400, 413), r
                 marker = gw.publish("big", "small")

@@ -34,7 +34,7 @@ async def still_usable(c: Client, gw) -> None:
     t = topic("after")
     await c.subscribe(t)
     mid = gw.publish(t, "ok")
-    assert await c.recv() == {"type": "message", "topic": t, "id": mid, "data": "ok"}
+    assert await c.recv() == {"type": "message", "topic": t, "id": mid, "epoch": gw.epoch, "data": "ok"}
 
 
 def assert_error(reply: dict, code: str, ref=...) -> None:
@@ -205,7 +205,7 @@ def bystander(gw):
 
 async def check_bystander(by: Client, t: str, gw) -> None:
     mid = gw.publish(t, "still here")
-    assert await by.recv() == {"type": "message", "topic": t, "id": mid, "data": "still here"}
+    assert await by.recv() == {"type": "message", "topic": t, "id": mid, "epoch": gw.epoch, "data": "still here"}
 
 
 def test_binary_frame_closes_1003(gw):

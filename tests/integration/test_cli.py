@@ -31,7 +31,7 @@ def test_publish_prints_id_and_subscriber_receives(gw, data):
             printed = p.stdout.strip()
             id_key(printed)
             assert p.stdout == printed + "\n", p.stdout
-            assert await c.recv() == {"type": "message", "topic": t, "id": printed, "data": json.loads(data)}
+            assert await c.recv() == {"type": "message", "topic": t, "id": printed, "epoch": gw.epoch, "data": json.loads(data)}
 
     arun(body())
 

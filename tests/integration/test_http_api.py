@@ -93,7 +93,7 @@ def test_publish_returns_id_and_delivers(gw):
             body_ = r.json()
             assert set(body_) == {"id"}, body_
             id_key(body_["id"])
-            assert await c.recv() == {"type": "message", "topic": t, "id": body_["id"], "data": {"x": [1, 2]}}
+            assert await c.recv() == {"type": "message", "topic": t, "id": body_["id"], "epoch": gw.epoch, "data": {"x": [1, 2]}}
 
     arun(body())
 
@@ -105,7 +105,7 @@ def test_publish_without_data_delivers_null(gw):
             await c.subscribe(t)
             r = gw.http("POST", "/v1/publish", json.dumps({"topic": t}))
             assert r.status == 200, r
-            assert await c.recv() == {"type": "message", "topic": t, "id": r.json()["id"], "data": None}
+            assert await c.recv() == {"type": "message", "topic": t, "id": r.json()["id"], "epoch": gw.epoch, "data": None}
 
     arun(body())
 

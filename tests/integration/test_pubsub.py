@@ -97,7 +97,7 @@ def test_topic_names_round_trip(gw, name):
         async with Client(gw) as c:
             await c.subscribe(name)
             mid = gw.publish(name, {"k": name})
-            assert await c.recv() == {"type": "message", "topic": name, "id": mid, "data": {"k": name}}
+            assert await c.recv() == {"type": "message", "topic": name, "id": mid, "epoch": gw.epoch, "data": {"k": name}}
 
     arun(body())
 
@@ -108,10 +108,10 @@ def test_unknown_fields_are_ignored(gw):
     async def body():
         async with Client(gw) as c:
             reply = await c.request({"op": "subscribe", "topic": t, "x": 1, "extra": {"a": [1]},
-                                     "since": "0-0", "data": "ignored"})
+                                     "data": "ignored"})
             assert reply == {"type": "subscribed", "topic": t}
             mid = gw.publish(t, "hi")
-            assert await c.recv() == {"type": "message", "topic": t, "id": mid, "data": "hi"}
+            assert await c.recv() == {"type": "message", "topic": t, "id": mid, "epoch": gw.epoch, "data": "hi"}
 
     arun(body())
 
@@ -128,7 +128,7 @@ def test_unsubscribe_stops_delivery(gw):
             await c.unsubscribe(t)
             gw.publish(t, 2)  # must not arrive
             marker = gw.publish(other, 3)
-            assert await c.recv() == {"type": "message", "topic": other, "id": marker, "data": 3}
+            assert await c.recv() == {"type": "message", "topic": other, "id": marker, "epoch": gw.epoch, "data": 3}
             await c.silent(0.2)
 
     arun(body())
@@ -186,7 +186,7 @@ def test_client_publish_with_ref_is_acknowledged_and_delivered(gw):
             assert set(reply) == {"type", "topic", "id", "ref"}, reply
             assert (reply["type"], reply["topic"], reply["ref"]) == ("published", t, 9)
             id_key(reply["id"])
-            assert await sub.recv() == {"type": "message", "topic": t, "id": reply["id"], "data": {"n": 1}}
+            assert await sub.recv() == {"type": "message", "topic": t, "id": reply["id"], "epoch": gw.epoch, "data": {"n": 1}}
 
     arun(body())
 
@@ -277,9 +277,9 @@ def test_data_passes_through_verbatim(gw, data):
         async with Client(gw) as pub, Client(gw) as sub:
             await sub.subscribe(t)
             http_id = gw.publish(t, data)
-            assert await sub.recv() == {"type": "message", "topic": t, "id": http_id, "data": data}
+            assert await sub.recv() == {"type": "message", "topic": t, "id": http_id, "epoch": gw.epoch, "data": data}
             reply = await pub.request({"op": "publish", "topic": t, "data": data, "ref": 1})
-            assert await sub.recv() == {"type": "message", "topic": t, "id": reply["id"], "data": data}
+            assert await sub.recv() == {"type": "message", "topic": t, "id": reply["id"], "epoch": gw.epoch, "data": data}
 
     arun(body())
 
@@ -343,7 +343,7 @@ def test_one_publish_reaches_every_subscriber_on_every_shard_once(gw, source):
                 pub = await stack.enter_async_context(Client(gw))
                 mid = (await pub.request({"op": "publish", "topic": t, "data": {"hello": "all"}, "ref": 0}))["id"]
             for s in subs:
-                assert await s.recv() == {"type": "message", "topic": t, "id": mid, "data": {"hello": "all"}}
+                assert await s.recv() == {"type": "message", "topic": t, "id": mid, "epoch": gw.epoch, "data": {"hello": "all"}}
             # Exactly once: the next frame every subscriber sees is the next message.
             marker = gw.publish(t, "marker")
             for s in subs:
@@ -423,7 +423,7 @@ def test_large_messages_across_many_reads(gw_big):
             data = {"blob": "ab" * 350_000, "n": list(range(1000))}
             reply = await pub.request({"op": "publish", "topic": t, "data": data, "ref": "big"})
             assert reply["type"] == "published", reply
-            assert await sub.recv(10) == {"type": "message", "topic": t, "id": reply["id"], "data": data}
+            assert await sub.recv(10) == {"type": "message", "topic": t, "id": reply["id"], "epoch": gw.epoch, "data": data}
             # And the connection reads normally afterwards.
             await pub.subscribe(topic("after-large"))
 
@@ -439,7 +439,7 @@ def test_two_hundred_subscribers(gw):
             await asyncio.gather(*(s.subscribe(t) for s in subs))
             mid = gw.publish(t, "crowd")
             got = await asyncio.gather(*(s.recv(10) for s in subs))
-            assert all(m == {"type": "message", "topic": t, "id": mid, "data": "crowd"} for m in got)
+            assert all(m == {"type": "message", "topic": t, "id": mid, "epoch": gw.epoch, "data": "crowd"} for m in got)
             assert {shard_of(s) for s in subs} == {"0", "1"}
 
     arun(body(), timeout=40)

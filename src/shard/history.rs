@@ -1,0 +1,273 @@
+//! A shard's recent topic messages: what a resuming client missed (`subscribe` with
+//! `since`) and what `GET /v1/history` reads, in a single node.
+//!
+//! Every shard receives every topic message of its node, in id order (`broker`), so
+//! each keeps a ring per topic of the `Bytes` frames it delivered: a reference to the
+//! one frame built per message, not a copy. A resume is then answered on the client's
+//! own shard from its own ring, in the same thread that delivers what comes next, so
+//! the replay and the live messages meet without a gap or a duplicate.
+//!
+//! Rings are bounded by count (`history_size`) and age (`history_ttl_secs`). What
+//! leaves a ring is remembered as its newest evicted id, so a resume from before it is
+//! told `too_old` instead of silently missing messages; a ring that empties is dropped,
+//! and the newest id it ever held is kept shard-wide (`dropped`) for the same purpose.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::protocol::{MessageId, NotRecovered};
+
+/// The bounds in force (from the configuration; 0 in either turns history off).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    pub size: usize,
+    pub ttl_secs: u32,
+}
+
+impl Bounds {
+    pub fn off(self) -> bool {
+        self.size == 0 || self.ttl_secs == 0
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    id: MessageId,
+    /// Shard clock (seconds) when it arrived.
+    at: u32,
+    frame: Bytes,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    entries: VecDeque<Entry>,
+    /// The newest id that left this ring (or that may have: see `dropped`).
+    evicted: Option<MessageId>,
+}
+
+impl Ring {
+    fn evict_front(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            self.evicted = Some(e.id);
+        }
+    }
+
+    fn trim(&mut self, now: u32, b: Bounds) {
+        while self.entries.len() > b.size {
+            self.evict_front();
+        }
+        while self
+            .entries
+            .front()
+            .is_some_and(|e| now.saturating_sub(e.at) >= b.ttl_secs)
+        {
+            self.evict_front();
+        }
+    }
+}
+
+/// One shard's rings.
+#[derive(Debug, Default)]
+pub struct History {
+    topics: HashMap<Arc<str>, Ring>,
+    /// The newest id of any ring dropped whole (emptied by age, or history turned off):
+    /// a topic without a ring may have lost messages up to here.
+    dropped: Option<MessageId>,
+    /// The newest id this shard has kept or skipped.
+    latest: Option<MessageId>,
+    entries: usize,
+}
+
+impl History {
+    /// Keeps `frame` (message `id` of `topic`, which arrived at shard time `now`).
+    pub fn push(&mut self, topic: &Arc<str>, id: MessageId, frame: &Bytes, now: u32, b: Bounds) {
+        self.latest = Some(id);
+        if b.off() {
+            if !self.topics.is_empty() {
+                self.trim(now, b);
+            }
+            self.dropped = Some(id);
+            return;
+        }
+        let dropped = self.dropped;
+        let ring = self.topics.entry(topic.clone()).or_insert_with(|| Ring {
+            entries: VecDeque::new(),
+            evicted: dropped,
+        });
+        let before = ring.entries.len();
+        ring.entries.push_back(Entry {
+            id,
+            at: now,
+            frame: frame.clone(),
+        });
+        ring.trim(now, b);
+        self.entries = self.entries + ring.entries.len() - before;
+    }
+
+    /// Ages every ring out (the sweep, once a second); drops rings left empty.
+    pub fn trim(&mut self, now: u32, b: Bounds) {
+        let mut dropped = self.dropped;
+        let mut entries = 0;
+        self.topics.retain(|_, ring| {
+            if b.off() {
+                ring.entries.clear();
+                ring.evicted = ring.evicted.max(self.latest);
+            } else {
+                ring.trim(now, b);
+            }
+            entries += ring.entries.len();
+            if ring.entries.is_empty() {
+                dropped = dropped.max(ring.evicted);
+                return false;
+            }
+            true
+        });
+        self.dropped = dropped;
+        self.entries = entries;
+    }
+
+    /// The frames of `topic` after `offset`, oldest first, or why they cannot all be
+    /// given. `Ok` with none: nothing was missed.
+    pub fn since(&self, topic: &str, offset: MessageId) -> Result<Vec<Bytes>, NotRecovered> {
+        let Some(ring) = self.topics.get(topic) else {
+            return match self.dropped {
+                Some(d) if d > offset => Err(NotRecovered::TooOld),
+                _ => Ok(Vec::new()),
+            };
+        };
+        if ring.evicted.is_some_and(|e| e > offset) {
+            return Err(NotRecovered::TooOld);
+        }
+        let start = ring.entries.partition_point(|e| e.id <= offset);
+        Ok(ring
+            .entries
+            .range(start..)
+            .map(|e| e.frame.clone())
+            .collect())
+    }
+
+    /// Every frame `topic` still holds, oldest first.
+    pub fn oldest_first(&self, topic: &str) -> Vec<Bytes> {
+        self.topics.get(topic).map_or_else(Vec::new, |ring| {
+            ring.entries.iter().map(|e| e.frame.clone()).collect()
+        })
+    }
+
+    /// The newest message id this shard has seen (kept in a ring or not).
+    pub fn latest(&self) -> Option<MessageId> {
+        self.latest
+    }
+
+    /// Messages held, all topics together.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// Topics with a ring.
+    pub fn topics(&self) -> usize {
+        self.topics.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: Bounds = Bounds {
+        size: 3,
+        ttl_secs: 10,
+    };
+
+    fn id(seq: u64) -> MessageId {
+        MessageId { ms: 1000, seq }
+    }
+
+    fn frame(seq: u64) -> Bytes {
+        Bytes::from(seq.to_string())
+    }
+
+    fn seqs(frames: &[Bytes]) -> Vec<u64> {
+        frames
+            .iter()
+            .map(|f| std::str::from_utf8(f).unwrap().parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn replays_what_follows_the_offset_in_order_and_shares_the_frame() {
+        let mut h = History::default();
+        let t: Arc<str> = Arc::from("t");
+        let other: Arc<str> = Arc::from("other");
+        for seq in 1..=3 {
+            h.push(&t, id(seq), &frame(seq), 0, B);
+            h.push(&other, id(100 + seq), &frame(100 + seq), 0, B);
+        }
+        assert_eq!(seqs(&h.since("t", id(1)).unwrap()), [2, 3]);
+        assert_eq!(seqs(&h.since("t", id(3)).unwrap()), Vec::<u64>::new());
+        // An offset from another topic's sequence works too: ids are node-wide.
+        assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
+        assert_eq!((h.len(), h.topics()), (6, 2));
+        let f = frame(7);
+        h.push(&t, id(7), &f, 0, B);
+        let got = h.since("t", id(3)).unwrap();
+        assert_eq!(got[0].as_ptr(), f.as_ptr(), "a reference, not a copy");
+    }
+
+    #[test]
+    fn an_offset_before_what_left_by_size_is_too_old() {
+        let mut h = History::default();
+        let t: Arc<str> = Arc::from("t");
+        for seq in 1..=5 {
+            h.push(&t, id(seq), &frame(seq), 0, B);
+        }
+        // 1 and 2 left; from 2 on nothing is missing, before it something is.
+        assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3, 4, 5]);
+        assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(h.len(), 3);
+    }
+
+    #[test]
+    fn age_empties_and_drops_a_ring_but_remembers_it() {
+        let mut h = History::default();
+        let t: Arc<str> = Arc::from("t");
+        h.push(&t, id(1), &frame(1), 0, B);
+        h.push(&t, id(2), &frame(2), 5, B);
+        h.trim(10, B);
+        assert_eq!(seqs(&h.since("t", id(1)).unwrap()), [2]);
+        h.trim(15, B);
+        assert_eq!((h.len(), h.topics()), (0, 0));
+        assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(h.since("t", id(2)), Ok(Vec::new()));
+        // A ring started after a drop inherits what may have been lost.
+        let u: Arc<str> = Arc::from("u");
+        h.push(&u, id(3), &frame(3), 20, B);
+        assert_eq!(h.since("u", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(seqs(&h.since("u", id(2)).unwrap()), [3]);
+        // A topic never seen: nothing missed since the newest drop.
+        assert_eq!(h.since("never", id(2)), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn turning_history_off_forgets_everything_and_says_so() {
+        let mut h = History::default();
+        let t: Arc<str> = Arc::from("t");
+        h.push(&t, id(1), &frame(1), 0, B);
+        let off = Bounds {
+            size: 0,
+            ttl_secs: 10,
+        };
+        h.push(&t, id(2), &frame(2), 0, off);
+        assert_eq!((h.len(), h.topics()), (0, 0));
+        assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(h.latest(), Some(id(2)));
+        // Back on: later offsets resume.
+        h.push(&t, id(3), &frame(3), 0, B);
+        assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
+    }
+}
