@@ -101,6 +101,9 @@ pub enum NotRecovered {
     EpochChanged,
     /// Messages after the offset have already left history (size or age).
     TooOld,
+    /// What was missed is more than the connection's queue may hold
+    /// (`outbound_queue_bytes`): page through `GET /v1/history` or resync.
+    TooLarge,
     /// The offset was never given out in this epoch.
     UnknownOffset,
     /// History is not available through the Redis backplane yet.
@@ -113,6 +116,7 @@ impl NotRecovered {
             Self::HistoryOff => "history_off",
             Self::EpochChanged => "epoch_changed",
             Self::TooOld => "too_old",
+            Self::TooLarge => "too_large",
             Self::UnknownOffset => "unknown_offset",
             Self::Unavailable => "unavailable",
         }

@@ -17,6 +17,9 @@
 # is published once message n-8 reached every subscriber), churn (10,000 upgrades, 64 in
 # flight).
 #
+# SERVERS= may also name `before` (RINGWAY_BEFORE_BIN: another ringway build) and
+# `nohistory` (ringway with --history-size 0) for a same-run comparison.
+#
 # Every server gets two threads on this 2-CPU host: ringway --shards 2, the baseline
 # --threads 2, uws-server 2 threads (one uWS App per thread, SO_REUSEPORT).
 # Results: bench/results/compare-<timestamp>/.
@@ -45,6 +48,9 @@ start() {
     baseline) target/release/ringway-baseline --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
                --threads "$THREADS" 2>>"$OUT/baseline.log" & ;;
     uws) bench/uws/uws-server "$PORT" "$APORT" "$THREADS" 2>>"$OUT/uws.log" & ;;
+    # ringway with history off, for the cost of history in the same run:
+    nohistory) target/release/ringway serve --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
+               --shards "$THREADS" --history-size 0 2>>"$OUT/nohistory.log" & ;;
     # Another ringway build (an earlier commit) for a before/after in the same run:
     # SERVERS=ringway,before,uws RINGWAY_BEFORE_BIN=/path/to/that/ringway
     before) "${RINGWAY_BEFORE_BIN:?set RINGWAY_BEFORE_BIN}" serve --listen "127.0.0.1:$PORT" \

@@ -101,6 +101,7 @@ fn history_message(why: NotRecovered) -> &'static str {
         NotRecovered::HistoryOff => "history is off (history_size or history_ttl_secs is 0)",
         NotRecovered::EpochChanged => "that epoch's history is gone (the node restarted)",
         NotRecovered::TooOld => "messages after that offset have already left history",
+        NotRecovered::TooLarge => "what was missed is more than the connection's queue may hold",
         NotRecovered::UnknownOffset => "that offset was never given out",
         NotRecovered::Unavailable => "history through the Redis backplane is not available yet",
     }
@@ -117,8 +118,8 @@ pub async fn history(
     if node.backplane {
         return Err(FanoutError::History(NotRecovered::Unavailable));
     }
-    if let (Some(s), Some(last)) = (since, node.last_ordered_id()) {
-        if s > last {
+    if let Some(s) = since {
+        if node.last_ordered_id().is_none_or(|last| s > last) {
             return Err(FanoutError::History(NotRecovered::UnknownOffset));
         }
     }

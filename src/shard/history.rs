@@ -9,15 +9,23 @@
 //!
 //! Rings are bounded by count (`history_size`) and age (`history_ttl_secs`). What
 //! leaves a ring is remembered as its newest evicted id, so a resume from before it is
-//! told `too_old` instead of silently missing messages; a ring that empties is dropped,
-//! and the newest id it ever held is kept shard-wide (`dropped`) for the same purpose.
+//! told `too_old` instead of silently missing messages. A ring that empties by age
+//! stays as a tombstone (no entries, that id), so a quiet topic still resumes from its
+//! last message; past `MAX_TOMBSTONES` per shard, tombstones are folded into one
+//! shard-wide id (`dropped`), which errs on the side of `too_old`.
 
 use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::protocol::{MessageId, NotRecovered};
+use crate::registry::ConnKey;
+
+/// Empty rings a shard keeps per topic before folding them into `dropped`: about 80
+/// bytes each.
+const MAX_TOMBSTONES: usize = 65_536;
 
 /// The bounds in force (from the configuration; 0 in either turns history off).
 #[derive(Debug, Clone, Copy)]
@@ -69,18 +77,35 @@ impl Ring {
 }
 
 /// One shard's rings.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct History {
     topics: HashMap<Arc<str>, Ring>,
-    /// The newest id of any ring dropped whole (emptied by age, or history turned off):
-    /// a topic without a ring may have lost messages up to here.
+    /// The newest id of any ring dropped whole (tombstones folded, or history turned
+    /// off): a topic without a ring may have lost messages up to here.
     dropped: Option<MessageId>,
+    max_tombstones: usize,
     /// The newest id this shard has kept or skipped.
     latest: Option<MessageId>,
     entries: usize,
 }
 
+impl Default for History {
+    fn default() -> Self {
+        Self::with_tombstones(MAX_TOMBSTONES)
+    }
+}
+
 impl History {
+    fn with_tombstones(max_tombstones: usize) -> Self {
+        Self {
+            topics: HashMap::new(),
+            dropped: None,
+            max_tombstones,
+            latest: None,
+            entries: 0,
+        }
+    }
+
     /// Keeps `frame` (message `id` of `topic`, which arrived at shard time `now`).
     pub fn push(&mut self, topic: &Arc<str>, id: MessageId, frame: &Bytes, now: u32, b: Bounds) {
         self.latest = Some(id);
@@ -106,11 +131,13 @@ impl History {
         self.entries = self.entries + ring.entries.len() - before;
     }
 
-    /// Ages every ring out (the sweep, once a second); drops rings left empty.
+    /// Ages every ring out (the sweep, once a second). Rings left empty stay as
+    /// tombstones; all rings go when history is off, and tombstones when there are
+    /// too many of them.
     pub fn trim(&mut self, now: u32, b: Bounds) {
-        let mut dropped = self.dropped;
         let mut entries = 0;
-        self.topics.retain(|_, ring| {
+        let mut tombstones = 0;
+        for ring in self.topics.values_mut() {
             if b.off() {
                 ring.entries.clear();
                 ring.evicted = ring.evicted.max(self.latest);
@@ -118,13 +145,19 @@ impl History {
                 ring.trim(now, b);
             }
             entries += ring.entries.len();
-            if ring.entries.is_empty() {
-                dropped = dropped.max(ring.evicted);
-                return false;
-            }
-            true
-        });
-        self.dropped = dropped;
+            tombstones += usize::from(ring.entries.is_empty());
+        }
+        if b.off() || tombstones > self.max_tombstones {
+            let mut dropped = self.dropped;
+            self.topics.retain(|_, ring| {
+                if ring.entries.is_empty() {
+                    dropped = dropped.max(ring.evicted);
+                    return false;
+                }
+                true
+            });
+            self.dropped = dropped;
+        }
         self.entries = entries;
     }
 
@@ -172,6 +205,43 @@ impl History {
     /// Topics with a ring.
     pub fn topics(&self) -> usize {
         self.topics.len()
+    }
+}
+
+/// Resumes from an offset the shard has not reached yet: the client got that message
+/// on another shard a moment ago, and it is still in this shard's inbox. Until the
+/// shard passes the offset, the topic's messages up to it skip that connection.
+#[derive(Debug, Default)]
+pub struct Floors(Vec<(ConnKey, Rc<str>, MessageId)>);
+
+impl Floors {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Connection `conn` resumed `topic` from `offset`.
+    pub fn add(&mut self, conn: ConnKey, topic: &str, offset: MessageId) {
+        self.forget(conn, Some(topic));
+        self.0.push((conn, Rc::from(topic), offset));
+    }
+
+    /// The connections message `id` of `topic` must skip; forgets every floor at or
+    /// below `id` (the shard's ids only grow from here).
+    pub fn skip(&mut self, topic: &str, id: MessageId) -> Vec<ConnKey> {
+        let skip = self
+            .0
+            .iter()
+            .filter(|(_, t, offset)| &**t == topic && id <= *offset)
+            .map(|(k, _, _)| *k)
+            .collect();
+        self.0.retain(|(_, _, offset)| *offset > id);
+        skip
+    }
+
+    /// The connection left `topic` (or, with `None`, closed).
+    pub fn forget(&mut self, conn: ConnKey, topic: Option<&str>) {
+        self.0
+            .retain(|(k, t, _)| *k != conn || topic.is_some_and(|topic| &**t != topic));
     }
 }
 
@@ -233,23 +303,41 @@ mod tests {
     }
 
     #[test]
-    fn age_empties_and_drops_a_ring_but_remembers_it() {
+    fn a_topic_quiet_past_the_age_limit_still_resumes_from_its_last_message() {
         let mut h = History::default();
         let t: Arc<str> = Arc::from("t");
+        let busy: Arc<str> = Arc::from("busy");
         h.push(&t, id(1), &frame(1), 0, B);
         h.push(&t, id(2), &frame(2), 5, B);
         h.trim(10, B);
         assert_eq!(seqs(&h.since("t", id(1)).unwrap()), [2]);
         h.trim(15, B);
-        assert_eq!((h.len(), h.topics()), (0, 0));
+        assert_eq!((h.len(), h.topics()), (0, 1));
         assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
         assert_eq!(h.since("t", id(2)), Ok(Vec::new()));
-        // A ring started after a drop inherits what may have been lost.
-        let u: Arc<str> = Arc::from("u");
-        h.push(&u, id(3), &frame(3), 20, B);
-        assert_eq!(h.since("u", id(1)), Err(NotRecovered::TooOld));
-        assert_eq!(seqs(&h.since("u", id(2)).unwrap()), [3]);
-        // A topic never seen: nothing missed since the newest drop.
+        // Other topics emptying later do not make "t" look older than it is.
+        h.push(&busy, id(3), &frame(3), 20, B);
+        h.trim(40, B);
+        assert_eq!(h.since("t", id(2)), Ok(Vec::new()));
+        assert_eq!(h.since("busy", id(2)), Err(NotRecovered::TooOld));
+    }
+
+    #[test]
+    fn too_many_tombstones_fold_into_one_id_that_errs_towards_too_old() {
+        let mut h = History::with_tombstones(1);
+        let (t, u): (Arc<str>, Arc<str>) = (Arc::from("t"), Arc::from("u"));
+        h.push(&t, id(1), &frame(1), 0, B);
+        h.push(&u, id(2), &frame(2), 0, B);
+        h.trim(10, B);
+        assert_eq!(h.topics(), 0);
+        // "t" never got 2, but its tombstone is gone: the shard can no longer tell.
+        assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(h.since("t", id(2)), Ok(Vec::new()));
+        // A ring started after the fold inherits what may have been lost.
+        h.push(&t, id(3), &frame(3), 20, B);
+        assert_eq!(h.since("t", id(1)), Err(NotRecovered::TooOld));
+        assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
+        // A topic never seen: nothing missed since the fold.
         assert_eq!(h.since("never", id(2)), Ok(Vec::new()));
     }
 
@@ -269,5 +357,35 @@ mod tests {
         // Back on: later offsets resume.
         h.push(&t, id(3), &frame(3), 0, B);
         assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
+    }
+
+    #[test]
+    fn a_floor_skips_the_topic_up_to_the_offset_then_goes() {
+        let mut f = Floors::default();
+        f.add(1, "t", id(5));
+        f.add(2, "t", id(3));
+        f.add(1, "other", id(5));
+        assert!(f.skip("t", id(2)).iter().copied().eq([1, 2]));
+        assert_eq!(f.skip("t", id(3)), [1, 2]);
+        // 2's floor is passed; 1 still skips "t" up to 5, and not other topics.
+        assert_eq!(f.skip("u", id(4)), Vec::<ConnKey>::new());
+        assert_eq!(f.skip("t", id(5)), [1]);
+        assert!(f.is_empty(), "every floor passed");
+        assert_eq!(f.skip("t", id(6)), Vec::<ConnKey>::new());
+    }
+
+    #[test]
+    fn a_floor_goes_with_its_subscription_or_connection() {
+        let mut f = Floors::default();
+        f.add(1, "t", id(5));
+        f.add(1, "t", id(7));
+        f.add(1, "u", id(5));
+        f.add(2, "t", id(5));
+        // A second resume of the same topic replaces the first.
+        assert_eq!(f.0.len(), 3);
+        f.forget(1, Some("t"));
+        assert_eq!(f.skip("t", id(4)), [2]);
+        f.forget(1, None);
+        assert_eq!(f.skip("u", id(4)), Vec::<ConnKey>::new());
     }
 }

@@ -36,7 +36,7 @@ use crate::registry::{Change, SubscribeError};
 use crate::registry::{ConnKey, Registry};
 use crate::ws::frame::{self, OpCode};
 use fanout::Fanout;
-use history::{Bounds, History};
+use history::{Bounds, Floors, History};
 use outbound::{ConnHandle, Push, ShardClose};
 use serde_json::value::RawValue;
 
@@ -78,7 +78,7 @@ pub struct Shard {
     /// another shard a moment ago): (connection, topic, offset). Live messages of the
     /// topic up to the offset skip that connection; an entry goes once the shard
     /// passes its offset.
-    floors: RefCell<Vec<(ConnKey, Rc<str>, MessageId)>>,
+    floors: RefCell<Floors>,
 }
 
 impl Shard {
@@ -179,7 +179,7 @@ impl Shard {
     pub fn unregister(&self, key: ConnKey, why: CloseReason) {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
-        self.floors.borrow_mut().retain(|(k, _, _)| *k != key);
+        self.floors.borrow_mut().forget(key, None);
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
             self.fanout.topic_changed(topic);
@@ -236,14 +236,19 @@ impl Shard {
         since: Option<&Since<'_>>,
         reference: Option<&RawValue>,
     ) -> Result<(), SubscribeError> {
-        self.registry
-            .borrow_mut()
-            .subscribe(key, topic, self.cfg().max_subscriptions)?;
+        let change =
+            self.registry
+                .borrow_mut()
+                .subscribe(key, topic, self.cfg().max_subscriptions)?;
         self.update_registry_gauges();
         let (ack, missed) = match since {
+            // Already subscribed (so it missed nothing since), or no resume asked.
+            Some(_) if change == Change::None => {
+                (protocol::ack("subscribed", topic, reference), Vec::new())
+            }
             None => (protocol::ack("subscribed", topic, reference), Vec::new()),
             Some(since) => {
-                let outcome = self.resume(key, topic, since);
+                let outcome = self.resume(key, conn, topic, since);
                 let counter = match outcome {
                     Ok(_) => &self.metrics.resumes_recovered,
                     Err(_) => &self.metrics.resumes_not_recovered,
@@ -279,10 +284,12 @@ impl Shard {
     /// the offset from this shard's history (every shard of a node receives every topic
     /// message, in id order, so its own history is enough), or why they cannot be had.
     /// Everything this shard delivers after this call is newer, so nothing is missed or
-    /// given twice.
+    /// given twice. The frames must fit the connection's queue whole: cut by the
+    /// slow-consumer policy, they would leave a gap after `recovered: true`.
     fn resume(
         &self,
         key: ConnKey,
+        conn: &ConnHandle,
         topic: &str,
         since: &Since<'_>,
     ) -> Result<Vec<Bytes>, NotRecovered> {
@@ -304,11 +311,13 @@ impl Shard {
         }
         let history = self.history.borrow();
         let missed = history.since(topic, since.offset)?;
+        let bytes: usize = missed.iter().map(Bytes::len).sum();
+        if conn.queued() + bytes > self.cfg.borrow().outbound_queue_bytes {
+            return Err(NotRecovered::TooLarge);
+        }
         if history.latest().is_none_or(|l| l < since.offset) {
             // Delivered on another shard and not yet here: skip it when it comes.
-            self.floors
-                .borrow_mut()
-                .push((key, Rc::from(topic), since.offset));
+            self.floors.borrow_mut().add(key, topic, since.offset);
         }
         Ok(missed)
     }
@@ -353,9 +362,7 @@ impl Shard {
     /// for Redis goes out first.
     pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
         let change = self.registry.borrow_mut().unsubscribe(key, topic);
-        self.floors
-            .borrow_mut()
-            .retain(|(k, t, _)| *k != key || &**t != topic);
+        self.floors.borrow_mut().forget(key, Some(topic));
         self.fanout.unsubscribing(topic, conn);
         if change == Change::TopicEdge {
             self.fanout.topic_changed(Rc::from(topic));
@@ -456,15 +463,7 @@ impl Shard {
 
     /// `deliver`, skipping connections that resumed from an offset at or past `id`.
     fn deliver_past_floors(&self, topic: &str, id: MessageId, frame: &Bytes) {
-        let mut floors = self.floors.borrow_mut();
-        let skip: Vec<ConnKey> = floors
-            .iter()
-            .filter(|(_, t, offset)| &**t == topic && id <= *offset)
-            .map(|(k, _, _)| *k)
-            .collect();
-        // Ids only grow from here: floors at or below this one are passed.
-        floors.retain(|(_, _, offset)| *offset > id);
-        drop(floors);
+        let skip = self.floors.borrow_mut().skip(topic, id);
         let registry = self.registry.borrow();
         let Some(subs) = registry.subscribers(topic) else {
             return;

@@ -157,7 +157,6 @@ fn put_len(out: &mut BytesMut, mask_bit: u8, payload_len: usize) {
     }
 }
 
-/// One complete unmasked server frame.
 /// The payload of a text frame built by `server_frame` (our own frames only: a frame
 /// that is not whole UTF-8 text gives `null`).
 pub fn payload_text(frame: &[u8]) -> &str {
@@ -167,6 +166,7 @@ pub fn payload_text(frame: &[u8]) -> &str {
         .unwrap_or("null")
 }
 
+/// One complete unmasked server frame.
 pub fn server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(server_header_len(payload.len()) + payload.len());
     put_server_header(&mut out, opcode, payload.len());

@@ -107,13 +107,81 @@ def test_a_resume_the_history_cannot_serve_says_why_and_still_subscribes(gateway
             await c.silent()
             live = gw.publish(t, "live")
             assert (await c.recv())["id"] == live
-            # From the last five, it can.
-            reply = await resume(c, topic("other"), ids[-1], epoch)
-            assert reply["recovered"] is True
             # An epoch that is not this node's, and an offset never given out.
             assert (await resume(c, topic("e"), ids[-1], "not-this-one"))["reason"] == "epoch_changed"
             assert (await resume(c, topic("u"), "99999999999999-999999", epoch))["reason"] == "unknown_offset"
+        # From within the last five, it can: what followed, in order.
+        async with Client(gw) as c:
+            assert (await resume(c, t, ids[-1], epoch))["recovered"] is True
+            assert [(await c.recv())["data"] for _ in range(2)] == ["x", "live"]
+            await c.silent()
         assert gw.metric("ringway_resumes_total", recovered="false") == 3
+
+    arun(body())
+
+
+def test_a_resume_bigger_than_the_queue_is_refused_not_cut(gateway):
+    """A replay that cannot fit the connection's queue would be cut by the slow-consumer
+    policy after `recovered: true`: it is refused up front (`too_large`), under both
+    policies, and the subscription still works."""
+    for policy in ("drop", "close"):
+        gw = gateway(shards=1, outbound_queue_bytes=8192, slow_consumer=policy)
+        t = topic("large")
+
+        async def body():
+            async with Client(gw) as c:
+                await c.subscribe(t)
+                first = gw.publish(t, 0)
+                epoch = (await c.recv())["epoch"]
+            for i in range(10):
+                gw.publish(t, "x" * 1000)
+            async with Client(gw) as c:
+                reply = await resume(c, t, first, epoch)
+                assert (reply["recovered"], reply.get("reason")) == (False, "too_large"), reply
+                await c.silent()
+                live = gw.publish(t, "live")
+                assert (await c.recv())["id"] == live
+            # The same history in pages of the admin API.
+            status, page = history(gw, topic=t, since=first, epoch=epoch, limit=4)
+            assert (status, len(page["messages"]), page["more"]) == (200, 4, True)
+
+        arun(body())
+
+
+def test_a_topic_quiet_longer_than_the_ttl_still_resumes_from_its_last_message(gateway):
+    gw = gateway(shards=2, history_ttl_secs=1)
+    quiet, busy = topic("quiet"), topic("busy")
+
+    async def body():
+        async with Client(gw) as c:
+            await c.subscribe(quiet)
+            gw.publish(quiet, "last")
+            m = await c.recv()
+        await asyncio.sleep(2.5)  # the quiet topic's ring empties by age
+        gw.publish(busy, 1)
+        await asyncio.sleep(2.5)  # and so does another one, later
+        assert gw.metric("ringway_history_messages") == 0
+        async with Client(gw) as c:
+            reply = await resume(c, quiet, m["id"], m["epoch"])
+            assert reply["recovered"] is True, reply
+            await c.silent()
+
+    arun(body())
+
+
+def test_a_resume_on_a_topic_already_held_replays_nothing(gw):
+    t = topic("held")
+
+    async def body():
+        async with Client(gw) as c:
+            await c.subscribe(t)
+            first = gw.publish(t, 1)
+            second = gw.publish(t, 2)
+            got = [await c.recv() for _ in range(2)]
+            assert [g["id"] for g in got] == [first, second]
+            reply = await resume(c, t, first, got[0]["epoch"])
+            assert reply == {"type": "subscribed", "topic": t, "ref": "r"}
+            await c.silent()
 
     arun(body())
 
@@ -270,7 +338,8 @@ def test_the_admin_api_reads_history(gateway):
     assert (status, body["error"]) == (410, "too_old")
     status, body = history(gw, topic=t, since=ids[4], epoch="gone")
     assert (status, body["error"]) == (410, "epoch_changed")
-    assert history(gw, topic=t, since="99999999999999-1", epoch=epoch)[0] == 409
+    status, body = history(gw, topic=t, since="99999999999999-1", epoch=epoch)
+    assert (status, body["error"]) == (409, "unknown_offset")
     for bad in [{}, {"topic": t, "since": ids[1]}, {"topic": t, "limit": 0}, {"topic": t, "limit": 1001},
                 {"topic": t, "since": "x", "epoch": epoch}, {"topic": t, "what": 1}, {"topic": ""}]:
         assert history(gw, **bad)[0] == 400, bad
