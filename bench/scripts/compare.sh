@@ -15,7 +15,8 @@
 # delivered within 15 s counts as lost), sat10k and sat1k (publishes as fast as the
 # server acknowledges them, 256 in flight), closed10k and closed1k (closed loop: message n
 # is published once message n-8 reached every subscriber), churn (10,000 upgrades, 64 in
-# flight).
+# flight), resume10k (ringway only: 10,000 subscribers reconnect at once with `since`, each
+# 100 messages behind, then 10 msg/s live).
 #
 # SERVERS= may also name `before` (RINGWAY_BEFORE_BIN: another ringway build) and
 # `nohistory` (ringway with --history-size 0) for a same-run comparison.
@@ -105,6 +106,11 @@ for i in $(seq "$RUNS"); do
     if want churn; then
       start "$s"; "$B" churn $(C) --conns 10000 --concurrency 64 --source-ips 2 --json "$OUT/churn-$s-$i.json"; stop
     fi
+    # Resume needs ringway's history: the other servers have none to compare.
+    if want resume10k && [ "$s" = ringway ]; then
+      start "$s"; "$B" fanout $(C) --subs 10000 --topics 1 --behind 100 --rate 10 --duration 5 --source-ips 2 \
+        --json "$OUT/resume10k-$s-$i.json"; stop
+    fi
   done
 done
 
@@ -159,6 +165,11 @@ for sc, label in (("fanout1k10", "fanout: 1 topic, 1,000 subscribers, 10 msg/s f
     figure("latency p50 (ms)", sc, lambda r: r["latency_us"]["p50"] / 1000, "{:,.1f}")
     figure("latency p99 (ms)", sc, lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
     figure("latency p99.9 (ms)", sc, lambda r: r["latency_us"]["p999"] / 1000, "{:,.1f}")
+print("resume storm: 10,000 subscribers reconnect at once, each 100 messages behind, then 10 msg/s for 5 s")
+figure("time to recover everyone (s)", "resume10k", lambda r: (r.get("resume") or {}).get("recover_secs"), "{:,.3f}")
+figure("lost + duplicates", "resume10k", lambda r: r["deliveries"]["lost"] + r["deliveries"]["duplicates"])
+figure("live message latency p50 (ms)", "resume10k", lambda r: r["latency_us"]["p50"] / 1000, "{:,.1f}")
+figure("live message latency p99 (ms)", "resume10k", lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
 print("churn: 10,000 connections, 64 in flight")
 figure("upgrades/s", "churn", lambda r: r["upgrades_per_sec"])
 figure("upgrades per server CPU-second", "churn", lambda r: r["gateway"]["upgrades_per_cpu_sec_schedstat"])

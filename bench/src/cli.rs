@@ -143,6 +143,12 @@ pub struct FanoutArgs {
     /// Receive buffer (SO_RCVBUF) of a slow consumer, in bytes.
     #[arg(long, default_value = "4096", value_parser = parse_si)]
     pub slow_rcvbuf: u64,
+    /// Resume storm (ringway, single node, `--topics 1`): before the subscribers
+    /// connect, publish an anchor and then N messages; every subscriber subscribes with
+    /// `since` the anchor, so it must first receive the N it missed (seqs 0..N), then
+    /// the live ones (seqs from N), whose latency alone is reported. 0 = off.
+    #[arg(long, default_value_t = 0)]
+    pub behind: u64,
     /// Seconds to hold every connection idle (pings answered) before publishing.
     #[arg(long, default_value_t = 0)]
     pub hold_secs: u64,

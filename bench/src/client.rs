@@ -77,6 +77,9 @@ pub struct ClientCfg {
     pub concurrency: usize,
     /// Threads exit after this long whatever happens.
     pub max_lifetime: Duration,
+    /// Resume storm: messages with a seq below this were published before the
+    /// subscribers connected (replayed); their latency is not recorded.
+    pub replayed: u64,
 }
 
 /// What the server under test says and expects, where it differs from protocol v1.
@@ -972,8 +975,12 @@ impl Worker {
         let d = &mut self.drain;
         d.received += 1;
         d.last_delivery_unix_ns = now;
-        let lat_us = (now.saturating_sub(t_ns) / 1000).max(1);
-        self.latency.saturating_record(lat_us);
+        if seq < self.cfg.replayed {
+            d.last_replay_unix_ns = now;
+        } else {
+            let lat_us = (now.saturating_sub(t_ns) / 1000).max(1);
+            self.latency.saturating_record(lat_us);
+        }
         if let Some(w) = &self.cfg.window {
             w.delivered(seq);
         }

@@ -56,6 +56,9 @@ pub struct PubCfg {
     pub topics: u32,
     pub msg_bytes: usize,
     pub max_inflight: usize,
+    /// The first message's seq (later ones follow); `refused` and `unacked` are seqs
+    /// from it, `sent` a count.
+    pub first_seq: u64,
     /// Closed loop (`--window K`): message n waits until message n − K reached every
     /// subscriber ready on its topic (`ready_per_topic`).
     pub window: Option<ClosedLoop>,
@@ -117,7 +120,7 @@ struct PubConn {
     dead: bool,
 }
 
-fn unix_ns() -> u64 {
+pub fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
@@ -260,7 +263,7 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                     rep.late_over_1ms += 1;
                 }
             }
-            let data = ws::message_data(next, t_ns, cfg.msg_bytes);
+            let data = ws::message_data(cfg.first_seq + next, t_ns, cfg.msg_bytes);
             let topic = next % topics;
             let c = &mut conns[j];
             if ws_mode {
@@ -382,6 +385,9 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
     }
     rep.unacked.extend(ws_inflight.drain());
     rep.unacked.sort_unstable();
+    for k in rep.refused.iter_mut().chain(rep.unacked.iter_mut()) {
+        *k += cfg.first_seq;
+    }
     rep.sent = next;
     rep.send_secs = last_send.duration_since(start).as_secs_f64();
     rep.total_secs = last_ack.duration_since(start).as_secs_f64();

@@ -99,7 +99,13 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
         _ => None,
     };
     let window = crate::window::Window::from_env()?.map(std::sync::Arc::new);
+    let resume = Resume::from_env()?;
+    let mut subscribe_template = cli.common.subscribe_template.clone();
+    if let Some(r) = &resume {
+        subscribe_template = r.subscribe_template();
+    }
     Ok(ClientCfg {
+        replayed: resume.as_ref().map_or(0, |r| r.behind),
         window,
         tokens,
         slow_every: match &cli.scenario {
@@ -111,7 +117,7 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
             _ => 0,
         },
         foreign: crate::client::Foreign {
-            subscribe_template: cli.common.subscribe_template.clone(),
+            subscribe_template,
             expect_welcome: cli.common.expect_welcome,
             expect_subscribed: cli.common.expect_subscribed,
         },
@@ -126,6 +132,67 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
         concurrency: concurrency.max(1),
         max_lifetime: Duration::from_secs(cli.common.max_run_secs),
     })
+}
+
+/// A resume storm's starting point (`fanout --behind N`): found by the parent before
+/// any client connects, and handed to the client processes through the environment.
+#[derive(Debug, Clone)]
+struct Resume {
+    offset: String,
+    epoch: String,
+    behind: u64,
+}
+
+const RESUME_ENV: &str = "RINGWAY_BENCH_RESUME";
+
+impl Resume {
+    fn from_env() -> Result<Option<Self>, String> {
+        let Ok(v) = std::env::var(RESUME_ENV) else {
+            return Ok(None);
+        };
+        let mut f = v.split(',');
+        match (f.next(), f.next(), f.next().and_then(|b| b.parse().ok())) {
+            (Some(offset), Some(epoch), Some(behind)) => Ok(Some(Self {
+                offset: offset.into(),
+                epoch: epoch.into(),
+                behind,
+            })),
+            _ => Err(format!("bad {RESUME_ENV}: {v:?}")),
+        }
+    }
+
+    fn subscribe_template(&self) -> String {
+        format!(
+            r#"{{"op":"subscribe","topic":"{{topic}}","since":{{"offset":"{}","epoch":"{}"}}}}"#,
+            self.offset, self.epoch
+        )
+    }
+
+    /// Publishes the anchor and then `behind` messages (seqs 0..behind) to topic-0
+    /// through the admin API, and learns the node's epoch; sets the environment the
+    /// client processes read.
+    fn prepare(admin: SocketAddr, behind: u64, msg_bytes: usize) -> Result<Self, String> {
+        use ringway::admin::client;
+        let offset = client::publish(admin, "topic-0", "\"anchor\"").map_err(|e| e.to_string())?;
+        let page = client::history(admin, "topic-0", None, 1).map_err(|e| e.to_string())?;
+        let epoch = page["epoch"]
+            .as_str()
+            .ok_or("GET /v1/history gave no epoch: is this ringway on a single node?")?
+            .to_owned();
+        for seq in 0..behind {
+            let data = crate::ws::message_data(seq, crate::publisher::unix_ns(), msg_bytes);
+            client::publish(admin, "topic-0", &data).map_err(|e| e.to_string())?;
+        }
+        let r = Self {
+            offset,
+            epoch,
+            behind,
+        };
+        // Before any client thread or process exists: nothing reads the environment
+        // concurrently.
+        std::env::set_var(RESUME_ENV, format!("{},{},{}", r.offset, r.epoch, r.behind));
+        Ok(r)
+    }
 }
 
 /// The client configuration of a child process, from [`parts::PART_ENV`].
@@ -620,8 +687,21 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
     } else {
         None
     };
+    if a.behind > 0 && (a.topics != 1 || direct || a.window > 0 || a.behind >= 1_000_000) {
+        return Err(Error::Usage(
+            "--behind needs --topics 1, a topic fan-out, no --window and at most 999999 messages"
+                .into(),
+        ));
+    }
+    let resume = if a.behind > 0 {
+        let admin = resolve(&cli.common.admin).map_err(Error::Usage)?;
+        Some(Resume::prepare(admin, a.behind, a.msg_bytes as usize).map_err(Error::Run)?)
+    } else {
+        None
+    };
     let gw0 = GatewaySample::take(pids);
     let slab0 = slab_bytes();
+    let storm_start_ns = crate::publisher::unix_ns();
     let mut parts = make_parts(cli, a.subs, cli.common.open_concurrency)?;
     let (open, open_secs) = open_all(cli, &mut parts)?;
     if open.opened == 0 {
@@ -670,6 +750,7 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         topics: a.topics as u32,
         msg_bytes: a.msg_bytes as usize,
         max_inflight: a.max_inflight.max(1) as usize,
+        first_seq: a.behind,
         window: window.map(|counters| publisher::ClosedLoop {
             counters,
             size: a.window,
@@ -683,7 +764,7 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
     let drain_replies = parts::all(
         &mut parts,
         &PartCmd::Drain {
-            published: pubrep.sent,
+            published: a.behind + pubrep.sent,
             not_ok,
             timeout_ms: (a.drain_secs * 1000.0) as u64,
         },
@@ -716,7 +797,7 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
 
     let acc = account(
         &drain.counts,
-        pubrep.sent,
+        a.behind + pubrep.sent,
         &open.ready_per_topic,
         &refused,
         &unacked,
@@ -798,6 +879,22 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
             ),
         );
     }
+    let recover_secs = (resume.is_some() && drain.last_replay_unix_ns > storm_start_ns)
+        .then(|| (drain.last_replay_unix_ns - storm_start_ns) as f64 / 1e9);
+    if let Some(r) = &resume {
+        t.section("resume storm");
+        t.row(
+            "missed by each subscriber",
+            format!(
+                "{} messages after {} (epoch {})",
+                r.behind, r.offset, r.epoch
+            ),
+        );
+        t.row(
+            "time to recover everyone (first connect → last missed message received)",
+            opt_num(recover_secs, |s| format!("{s:.3} s")),
+        );
+    }
     t.section("deliveries");
     t.row("expected", thousands(acc.expected));
     t.row("received", thousands(drain.received));
@@ -858,7 +955,11 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
             format!("{:.2} ({})", per_msg(all), by.join(", ")),
         );
     }
-    t.section("latency (now − intended send time)");
+    t.section(if resume.is_some() {
+        "latency of live messages (now − intended send time)"
+    } else {
+        "latency (now − intended send time)"
+    });
     t.percentiles("latency", &lat);
 
     if let Some(path) = &a.svg {
@@ -897,6 +998,12 @@ fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Err
         "open": open_json(&open, open_secs),
         "ready_per_topic": open.ready_per_topic,
         "hold_secs": a.hold_secs,
+        "resume": resume.as_ref().map(|r| json!({
+            "behind": r.behind,
+            "offset": r.offset,
+            "epoch": r.epoch,
+            "recover_secs": recover_secs,
+        })),
         "slow_consumers": {
             "every": a.slow_every,
             "rcvbuf": a.slow_rcvbuf,

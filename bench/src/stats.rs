@@ -139,6 +139,10 @@ pub struct DrainReport {
     pub latency_us: HistData,
     /// When the last of our messages arrived, ns since the UNIX epoch (0: none).
     pub last_delivery_unix_ns: u64,
+    /// Resume storm: when the last message published before the subscribers connected
+    /// (replayed to them) arrived, ns since the UNIX epoch (0: none).
+    #[serde(default)]
+    pub last_replay_unix_ns: u64,
     /// A message for a topic this connection did not subscribe to (or seq ≠ topic).
     pub misrouted: u64,
     /// Text frames we could not classify, and messages without our seq/t.
@@ -174,6 +178,7 @@ impl DrainReport {
         }
         self.latency_us.merge(&o.latency_us);
         self.last_delivery_unix_ns = self.last_delivery_unix_ns.max(o.last_delivery_unix_ns);
+        self.last_replay_unix_ns = self.last_replay_unix_ns.max(o.last_replay_unix_ns);
         self.misrouted += o.misrouted;
         self.unknown_frames += o.unknown_frames;
         self.error_frames += o.error_frames;

@@ -1,5 +1,6 @@
 //! A minimal blocking client for the admin API, used by `ringway publish` / `ringway
-//! send` and by Rust services: `publish` (a topic) and `send` (direct, to users).
+//! send`, the load generator and Rust services: `publish` (a topic), `send` (direct, to
+//! users) and `history` (a topic's recent messages).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -66,8 +67,40 @@ pub fn send(
     })
 }
 
+/// A topic's history (single node): the answer of `GET /v1/history` (`topic`, `epoch`,
+/// `messages`, `more`), oldest first, after `since` (a message id and its epoch).
+pub fn history(
+    admin: SocketAddr,
+    topic: &str,
+    since: Option<(&str, &str)>,
+    limit: usize,
+) -> Result<serde_json::Value, ClientError> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("topic", topic);
+    if let Some((offset, epoch)) = since {
+        query
+            .append_pair("since", offset)
+            .append_pair("epoch", epoch);
+    }
+    query.append_pair("limit", &limit.to_string());
+    let (status, body) = request(admin, "GET", &format!("/v1/history?{}", query.finish()), "")?;
+    if status != 200 {
+        return Err(ClientError::Status { status, body });
+    }
+    serde_json::from_str(&body).map_err(|_| ClientError::BadResponse)
+}
+
 /// One POST with `Connection: close`; returns status and body.
 pub fn post(admin: SocketAddr, path: &str, body: &str) -> Result<(u16, String), ClientError> {
+    request(admin, "POST", path, body)
+}
+
+fn request(
+    admin: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<(u16, String), ClientError> {
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(|source| {
         ClientError::Connect {
             addr: admin,
@@ -76,7 +109,7 @@ pub fn post(admin: SocketAddr, path: &str, body: &str) -> Result<(u16, String), 
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())?;

@@ -61,6 +61,21 @@ def test_closed_loop_fanout_delivers_every_message_once(gw, tmp_path):
     assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
 
 
+def test_resume_storm_replays_what_each_subscriber_missed(gw, tmp_path):
+    # --behind 50: an anchor and 50 messages are published before anyone connects;
+    # each of the 300 subscribers (two processes) resumes from the anchor, so it must
+    # get those 50 and then the live ones, once each.
+    r = run_bench(gw, tmp_path, "fanout", "--subs", "300", "--topics", "1", "--behind", "50",
+                  "--rate", "20", "--duration", "1", "--procs", "2")
+    d, sent = r["deliveries"], r["publisher"]["sent"]
+    assert sent > 0
+    assert d["expected"] == 300 * (50 + sent) and d["received"] == d["expected"], d
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["misrouted"] == 0, d
+    assert r["resume"]["behind"] == 50 and r["resume"]["recover_secs"] > 0, r["resume"]
+    # Only live messages count in the latency figures.
+    assert r["latency_us"]["count"] == 300 * sent, r["latency_us"]
+
+
 def test_churn_upgrades_every_connection(gw, tmp_path):
     r = run_bench(gw, tmp_path, "churn", "--conns", "1000", "--concurrency", "32")
     assert r["upgraded"] == 1000 and r["failed"] == 0, r
