@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 
 use crate::protocol::{self, MessageId};
-use crate::shard::{Inbox, Node};
+use crate::shard::{unacked, Inbox, Node};
 
 /// A publish or send that no shard took.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +64,7 @@ fn send_in_order(
     node: &Node,
     targets: &[usize],
     mut make: impl FnMut(usize, MessageId, &str) -> Inbox,
-) -> Result<String, Refused> {
+) -> Result<(MessageId, String), Refused> {
     reserve_all(node, targets)?;
     let mut order = node.order();
     if let Some(&shard) = targets
@@ -84,7 +84,7 @@ fn send_in_order(
         }
     }
     node.published.inc();
-    Ok(id)
+    Ok((key, id))
 }
 
 /// Publishes `data` on `topic` to every shard of the node (the caller's own included),
@@ -93,13 +93,14 @@ pub fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String, Refu
     let all: Vec<usize> = (0..node.shards.len()).collect();
     let shared_topic: Arc<str> = Arc::from(topic);
     let mut frame = None;
-    send_in_order(node, &all, |_, key, id| Inbox::Publish {
+    let (_, id) = send_in_order(node, &all, |_, key, id| Inbox::Publish {
         topic: shared_topic.clone(),
         id: key,
         frame: frame
             .get_or_insert_with(|| protocol::message(topic, id, Some(&node.epoch), data))
             .clone(),
-    })
+    })?;
+    Ok(id)
 }
 
 /// What a direct send found.
@@ -110,15 +111,30 @@ pub struct Sent {
     pub online: usize,
     /// Shards the message went to.
     pub shards: usize,
+    /// Connections the message went to, where this node can know (single node).
+    pub connections: Option<usize>,
+    /// Kept for each user until acknowledged (`direct_inbox_size`), so a user's next
+    /// connection gets it if this one does not.
+    pub stored: bool,
 }
 
 /// Sends `data` to every connection of `users` on this node, through the inboxes of
 /// the shards that hold them only (single-node mode; with a backplane the Redis
-/// function `ringway_send` does the same across nodes).
+/// function `ringway_send` does the same across nodes), and keeps it for each user
+/// until acknowledged (`shard::unacked`).
 pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Refused> {
+    let cfg = node.config();
+    let bounds = unacked::Bounds {
+        size: cfg.direct_inbox_size,
+        ttl: std::time::Duration::from_secs(cfg.direct_inbox_ttl_secs),
+    };
+    // Held from the lookup to the store: a connection that joins the directory after
+    // the lookup finds the message waiting (see `shard::unacked`).
+    let mut held = node.unacked.hold();
     let mut routes: Vec<Vec<Arc<str>>> = vec![Vec::new(); node.shards.len()];
-    let mut online = 0;
+    let (mut online, mut connections) = (0, 0);
     let mut seen = std::collections::HashSet::new();
+    let mut named = Vec::new();
     for user in users {
         if !seen.insert(user.as_str()) {
             continue;
@@ -128,23 +144,39 @@ pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Refu
             online += 1;
         }
         let user: Arc<str> = Arc::from(user.as_str());
-        for s in shards {
+        for (s, n) in shards {
             routes[s].push(user.clone());
+            connections += n as usize;
         }
+        named.push(user);
     }
     let targets: Vec<usize> = (0..routes.len())
         .filter(|i| !routes[*i].is_empty())
         .collect();
     let data: Arc<RawValue> = Arc::from(data.to_owned());
     let mut shared_id: Option<Arc<str>> = None;
-    let id = send_in_order(node, &targets, |i, _, id| Inbox::Direct {
+    let (key, id) = send_in_order(node, &targets, |i, key, id| Inbox::Direct {
         users: std::mem::take(&mut routes[i]),
+        key,
         id: shared_id.get_or_insert_with(|| Arc::from(id)).clone(),
         data: data.clone(),
     })?;
+    let stored = !bounds.off();
+    if stored {
+        let msg = unacked::Stored::new(
+            key,
+            shared_id.unwrap_or_else(|| Arc::from(id.as_str())),
+            data,
+        );
+        for user in &named {
+            held.store(user, &msg, bounds);
+        }
+    }
     Ok(Sent {
         id,
         online,
         shards: targets.len(),
+        connections: Some(connections),
+        stored,
     })
 }

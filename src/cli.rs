@@ -124,6 +124,12 @@ pub struct ServeArgs {
     /// Messages older than this leave history, in seconds; 0 turns history off [default: 300].
     #[arg(long, env = "RINGWAY_HISTORY_TTL_SECS")]
     pub history_ttl_secs: Option<u64>,
+    /// Unacknowledged direct messages kept per user for its next connection; 0 = off [default: 100].
+    #[arg(long, env = "RINGWAY_DIRECT_INBOX_SIZE")]
+    pub direct_inbox_size: Option<usize>,
+    /// Unacknowledged direct messages older than this are dropped, in seconds; 0 = off [default: 300].
+    #[arg(long, env = "RINGWAY_DIRECT_INBOX_TTL_SECS")]
+    pub direct_inbox_ttl_secs: Option<u64>,
     /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
     #[arg(long, env = "RINGWAY_LOG")]
     pub log: Option<String>,
@@ -221,6 +227,8 @@ impl ServeArgs {
             publish_wait_ms,
             history_size,
             history_ttl_secs,
+            direct_inbox_size,
+            direct_inbox_ttl_secs,
             log,
             log_format,
             allow_anonymous,

@@ -105,6 +105,12 @@ pub struct Config {
     /// Messages older than this are dropped from history, in seconds; 0 turns history
     /// off.
     pub history_ttl_secs: u64,
+    /// Unacknowledged direct messages kept per user, given again to the user's next
+    /// connection until acknowledged (single node); 0 turns this off.
+    pub direct_inbox_size: usize,
+    /// Unacknowledged direct messages older than this are dropped, in seconds; 0 turns
+    /// storing off.
+    pub direct_inbox_ttl_secs: u64,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
     pub log: String,
     /// Log format: text or json.
@@ -172,6 +178,8 @@ impl Default for Config {
             publish_wait_ms: 1000,
             history_size: 100,
             history_ttl_secs: 300,
+            direct_inbox_size: 100,
+            direct_inbox_ttl_secs: 300,
             log: "info".into(),
             log_format: LogFormat::Text,
             redis: None,
@@ -237,6 +245,8 @@ impl Config {
             publish_wait_ms,
             history_size,
             history_ttl_secs,
+            direct_inbox_size,
+            direct_inbox_ttl_secs,
         );
         differ!(
             self,
@@ -348,6 +358,15 @@ impl Config {
         }
         if self.history_ttl_secs > 7 * 86_400 {
             return bad("history_ttl_secs", "must be at most 604800 (one week)");
+        }
+        if self.direct_inbox_size > 10_000 {
+            return bad(
+                "direct_inbox_size",
+                "must be at most 10000 messages per user",
+            );
+        }
+        if self.direct_inbox_ttl_secs > 7 * 86_400 {
+            return bad("direct_inbox_ttl_secs", "must be at most 604800 (one week)");
         }
         if !(2..=32768).contains(&self.uring_entries) || !self.uring_entries.is_power_of_two() {
             return bad("uring_entries", "must be a power of two from 2 to 32768");

@@ -106,6 +106,8 @@ pub struct ShardMetrics {
     pub history_messages: Gauge,
     pub resumes_recovered: Counter,
     pub resumes_not_recovered: Counter,
+    /// Unacknowledged direct messages given again to a user's new connection.
+    pub direct_given_again: Counter,
     pub error_frames: Counter,
     /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
     pub sweeps: Counter,

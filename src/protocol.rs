@@ -2,10 +2,11 @@
 //!
 //! Client → gateway (JSON text frames, unknown fields ignored; any op may carry `ref`):
 //! `subscribe {topic, since?: {offset, epoch}}`, `unsubscribe {topic}`,
-//! `publish {topic, data}`.
+//! `publish {topic, data}`, `ack {id}` (direct messages, cumulative).
 //! Gateway → client: `welcome`, `subscribed` (with `recovered`, and `reason` when
 //! false, for a subscribe that carried `since`), `unsubscribed`, `message {topic, id,
-//! epoch?, data}`, `published` (only for a publish that carried a `ref`),
+//! epoch?, data}`, `published` and `acked` (only for a publish or ack that carried a
+//! `ref`),
 //! `error {code, message}`.
 //!
 //! Error codes (the `code` field of an error frame):
@@ -48,6 +49,10 @@ pub enum Op<'a> {
     Publish {
         topic: Cow<'a, str>,
         data: &'a RawValue,
+    },
+    /// Acknowledge the connection's direct messages up to `id` (cumulative).
+    Ack {
+        id: MessageId,
     },
 }
 
@@ -172,6 +177,8 @@ struct Wire<'a> {
     since: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow, default, deserialize_with = "present")]
     reference: Option<&'a RawValue>,
 }
@@ -242,6 +249,16 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
             topic: topic(wire.topic)?,
             data: wire.data.unwrap_or(RawValue::NULL),
         },
+        Some("ack") => {
+            const FORM: &str = "missing \"id\": the id of the last direct message received";
+            let id =
+                string(wire.id, "id")?.ok_or_else(|| reject(ErrorCode::BadRequest, FORM.into()))?;
+            Op::Ack {
+                id: id
+                    .parse()
+                    .map_err(|()| reject(ErrorCode::BadRequest, FORM.into()))?,
+            }
+        }
         Some(other) => {
             let shown: String = other.chars().take(32).collect();
             return Err(reject(
@@ -399,6 +416,17 @@ pub fn resumed(
         s.push_str(",\"epoch\":");
         push_json_str(&mut s, e);
     }
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
+/// `acked` reply (sent only when the ack carried a `ref`): `removed` messages went.
+pub fn acked(id: &str, removed: usize, reference: Option<&RawValue>) -> Bytes {
+    let mut s = String::from("{\"type\":\"acked\",\"id\":");
+    push_json_str(&mut s, id);
+    s.push_str(",\"removed\":");
+    s.push_str(&removed.to_string());
     push_ref(&mut s, reference);
     s.push('}');
     text(s)

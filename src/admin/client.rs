@@ -64,6 +64,11 @@ pub fn send(
             .to_owned(),
         online: count("online").ok_or(ClientError::BadResponse)?,
         shards: count("shards").ok_or(ClientError::BadResponse)?,
+        connections: count("connections"),
+        stored: v
+            .get("stored")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false),
     })
 }
 

@@ -21,6 +21,9 @@
 //! | `ringway_history_messages` | gauge | shard | topic messages held for resume and `/v1/history` |
 //! | `ringway_resumes_total` | counter | shard, recovered | subscribes with `since`, by outcome |
 //! | `ringway_published_total` | counter | — | messages accepted for publishing |
+//! | `ringway_direct_unacked` | gauge | — | direct messages kept unacknowledged for their users (single node) |
+//! | `ringway_direct_unacked_dropped_total` / `ringway_direct_acked_total` | counter | — | unacknowledged direct messages dropped by a full user inbox / acknowledged |
+//! | `ringway_direct_given_again_total` | counter | shard | unacknowledged direct messages given again to a user's new connection |
 //! | `ringway_publish_waits_total` | counter | — | admin API publishes and sends that waited for inbox room (`publish_wait_ms`) |
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
@@ -84,7 +87,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 19] = [
+        let counters: [ShardFamily; 20] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -153,6 +156,11 @@ impl Collector for NodeCollector {
                 "ringway_direct_deliveries",
                 "Direct messages queued to this shard's connections",
                 |m| m.direct_deliveries.get(),
+            ),
+            (
+                "ringway_direct_given_again",
+                "Unacknowledged direct messages given again to a user's new connection",
+                |m| m.direct_given_again.get(),
             ),
             (
                 "ringway_backplane_received",
@@ -276,6 +284,30 @@ impl Collector for NodeCollector {
             "Messages accepted for publishing",
             MetricType::Counter,
             [(none.clone(), ConstCounter::new(node.published.get()))],
+        )?;
+        family(
+            &mut enc,
+            "ringway_direct_unacked",
+            "Direct messages kept unacknowledged for their users (single node)",
+            MetricType::Gauge,
+            [(
+                none.clone(),
+                ConstGauge::new(node.unacked_messages.get() as i64),
+            )],
+        )?;
+        family(
+            &mut enc,
+            "ringway_direct_unacked_dropped",
+            "Unacknowledged direct messages dropped because a user's inbox was full",
+            MetricType::Counter,
+            [(none.clone(), ConstCounter::new(node.unacked.dropped.get()))],
+        )?;
+        family(
+            &mut enc,
+            "ringway_direct_acked",
+            "Direct messages acknowledged by clients",
+            MetricType::Counter,
+            [(none.clone(), ConstCounter::new(node.unacked.acked.get()))],
         )?;
         family(
             &mut enc,

@@ -445,7 +445,13 @@ async fn history(ctx: &Ctx, query: &str) -> Response {
 }
 
 fn sent_response(sent: &broker::Sent) -> Response {
-    let body = serde_json::json!({"id": sent.id, "online": sent.online, "shards": sent.shards});
+    let body = serde_json::json!({
+        "id": sent.id,
+        "online": sent.online,
+        "shards": sent.shards,
+        "connections": sent.connections,
+        "stored": sent.stored,
+    });
     Response::json(200, body.to_string())
 }
 

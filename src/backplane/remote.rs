@@ -89,6 +89,8 @@ pub async fn send(
                 id,
                 online: *online as usize,
                 shards: *shards as usize,
+                connections: None,
+                stored: false,
             }),
             _ => Err(RemoteError::BadReply("ringway_send")),
         },

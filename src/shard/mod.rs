@@ -11,6 +11,7 @@ pub mod fanout;
 pub mod history;
 mod node;
 pub mod outbound;
+pub mod unacked;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -79,6 +80,9 @@ pub struct Shard {
     /// topic up to the offset skip that connection; an entry goes once the shard
     /// passes its offset.
     floors: RefCell<Floors>,
+    /// Connections given their user's unacknowledged direct messages at connect, up to
+    /// this id: live copies up to it skip them; an entry goes once the shard passes it.
+    given: RefCell<HashMap<ConnKey, MessageId>>,
 }
 
 impl Shard {
@@ -120,6 +124,7 @@ impl Shard {
             fanout,
             history: RefCell::default(),
             floors: RefCell::default(),
+            given: RefCell::default(),
         }
     }
 
@@ -180,6 +185,7 @@ impl Shard {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
         self.floors.borrow_mut().forget(key, None);
+        self.given.borrow_mut().remove(&key);
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
             self.fanout.topic_changed(topic);
@@ -473,15 +479,84 @@ impl Shard {
     }
 
     /// Queues a direct message for every local connection of `user`; returns how many.
-    pub fn deliver_direct(&self, user: &str, id: &str, data: &serde_json::value::RawValue) -> u64 {
+    /// Connections in `skip` already have it (given at connect).
+    pub fn deliver_direct(
+        &self,
+        user: &str,
+        id: &str,
+        data: &serde_json::value::RawValue,
+        skip: &[ConnKey],
+    ) -> u64 {
         let users = self.users.borrow();
         let Some(keys) = users.get(user) else {
             return 0;
         };
         let frame = crate::protocol::direct(user, id, data);
-        let queued = self.push_to(keys.iter().copied(), &frame);
+        let queued = self.push_to(keys.iter().copied().filter(|k| !skip.contains(k)), &frame);
         self.metrics.direct_deliveries.add(queued);
         queued
+    }
+
+    /// The connections given message `id` already at connect; forgets what `id`
+    /// passes (this shard's ids only grow).
+    fn pass_given(&self, id: MessageId) -> Vec<ConnKey> {
+        let mut given = self.given.borrow_mut();
+        if given.is_empty() {
+            return Vec::new();
+        }
+        let skip = given
+            .iter()
+            .filter(|(_, upto)| id <= **upto)
+            .map(|(k, _)| *k)
+            .collect();
+        given.retain(|_, upto| *upto > id);
+        skip
+    }
+
+    /// A new connection of an identified user gets what waits unacknowledged for the
+    /// user (single node), oldest first, right behind the welcome.
+    pub fn give_unacked(&self, key: ConnKey, conn: &Rc<ConnHandle>) {
+        let Some(user) = conn.user.as_ref() else {
+            return;
+        };
+        if self.fanout.backplane().is_some() {
+            return;
+        }
+        let waiting = self.node.unacked.pending(user, self.direct_bounds());
+        let Some(last) = waiting.last() else {
+            return;
+        };
+        self.given.borrow_mut().insert(key, last.id);
+        for m in &waiting {
+            let frame = protocol::direct(user, &m.id_text, &m.data);
+            let queued = self.push_to(std::iter::once(key), &frame);
+            self.metrics.direct_deliveries.add(queued);
+            self.metrics.direct_given_again.add(queued);
+        }
+    }
+
+    /// Connection `conn` acknowledges its user's direct messages up to `id`.
+    pub fn ack(&self, conn: &Rc<ConnHandle>, id: MessageId, reference: Option<&RawValue>) {
+        if self.fanout.backplane().is_some() {
+            let m = "acknowledged direct messages are not available with Redis yet";
+            return self.reply_error(conn, protocol::error(ErrorCode::Unavailable, m, reference));
+        }
+        let Some(user) = conn.user.as_ref() else {
+            let m = "only a connection with a user (a token with `sub`) has direct messages to acknowledge";
+            return self.reply_error(conn, protocol::error(ErrorCode::BadRequest, m, reference));
+        };
+        let removed = self.node.unacked.ack(user, id);
+        if reference.is_some() {
+            self.reply(conn, protocol::acked(&id.to_string(), removed, reference));
+        }
+    }
+
+    fn direct_bounds(&self) -> unacked::Bounds {
+        let cfg = self.cfg.borrow();
+        unacked::Bounds {
+            size: cfg.direct_inbox_size,
+            ttl: Duration::from_secs(cfg.direct_inbox_ttl_secs),
+        }
     }
 
     /// Queues `frame` on each connection under the slow-consumer policy; returns how
@@ -513,6 +588,9 @@ impl Shard {
         }
         match msg {
             Inbox::Publish { topic, id, frame } => {
+                if !self.given.borrow().is_empty() {
+                    self.pass_given(id);
+                }
                 let mut history = self.history.borrow_mut();
                 history.push(&topic, id, &frame, self.now(), self.history_bounds());
                 self.metrics.history_messages.set(history.len() as u64);
@@ -531,10 +609,16 @@ impl Shard {
             } => {
                 let _ = reply.send(self.history_page(&topic, since, limit));
             }
-            Inbox::Direct { users, id, data } => {
+            Inbox::Direct {
+                users,
+                key,
+                id,
+                data,
+            } => {
                 self.metrics.direct_received.inc();
+                let skip = self.pass_given(key);
                 for user in &users {
-                    self.deliver_direct(user, &id, &data);
+                    self.deliver_direct(user, &id, &data, &skip);
                 }
             }
             Inbox::Redis { args, reply } => match self.fanout.backplane() {
@@ -563,6 +647,10 @@ impl Shard {
         history.trim(now, self.history_bounds());
         self.metrics.history_messages.set(history.len() as u64);
         drop(history);
+        if self.index == 0 && self.fanout.backplane().is_none() {
+            let left = self.node.unacked.trim(self.direct_bounds());
+            self.node.unacked_messages.set(left as u64);
+        }
         let cfg = self.cfg();
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;

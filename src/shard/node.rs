@@ -14,6 +14,7 @@ use bytes::Bytes;
 use bytes::Bytes as RawBytes;
 use serde_json::value::RawValue;
 
+use super::unacked::Unacked;
 use super::Shard;
 use crate::auth::Authenticator;
 use crate::backplane::RemoteReply;
@@ -34,6 +35,7 @@ pub enum Inbox {
     /// Deliver a direct message to these users' local connections (no backplane).
     Direct {
         users: Vec<Arc<str>>,
+        key: MessageId,
         id: Arc<str>,
         data: Arc<RawValue>,
     },
@@ -126,6 +128,10 @@ pub struct Node {
     pub backplane: bool,
     /// Which shards hold which users, for direct messages without a backplane.
     pub directory: Directory,
+    /// Direct messages not yet acknowledged, per user (single node), and how many at
+    /// the last sweep.
+    pub unacked: Unacked,
+    pub unacked_messages: crate::metrics::Gauge,
     /// Round robin over shards for admin requests to Redis.
     next_shard: AtomicUsize,
     /// The configuration in force; replaced by a reload (SIGHUP). Shards pick up a new
@@ -176,12 +182,9 @@ impl Directory {
         }
     }
 
-    /// Shards holding `user`.
-    pub fn shards_of(&self, user: &str) -> Vec<usize> {
-        self.map()
-            .get(user)
-            .map(|s| s.iter().map(|(i, _)| *i).collect())
-            .unwrap_or_default()
+    /// Shards holding `user`, with its connections on each.
+    pub fn shards_of(&self, user: &str) -> Vec<(usize, u32)> {
+        self.map().get(user).cloned().unwrap_or_default()
     }
 }
 
@@ -377,6 +380,8 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         auth: Authenticator::from_config(&cfg)?,
         backplane: cfg.redis.is_some(),
         directory: Directory::default(),
+        unacked: Unacked::default(),
+        unacked_messages: crate::metrics::Gauge::default(),
         next_shard: AtomicUsize::new(0),
         config: Mutex::new(cfg.clone()),
         config_epoch: AtomicU64::new(0),

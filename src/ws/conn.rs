@@ -28,7 +28,7 @@ use super::reader::{Event, Flow, Reader};
 use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
-use crate::protocol::Since;
+use crate::protocol::{MessageId, Since};
 use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Shard, SCRATCH_BYTES};
@@ -108,6 +108,10 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         } else if welcome {
             m.frames_out.inc();
         }
+    }
+    // What waits unacknowledged for this user goes right behind the welcome.
+    if endpoint == Endpoint::Gateway {
+        shard.give_unacked(key, &handle);
     }
     // Accepted just before the drain began: upgrade it and ask it, like every other
     // client, to reconnect elsewhere, rather than refuse the handshake.
@@ -211,6 +215,9 @@ impl Effects for Io {
     fn closing(&mut self, frame: Bytes, _why: CloseReason) {
         self.handle.push_unbounded(frame, &self.shard.metrics);
         self.handle.closing_since.set(self.shard.now());
+    }
+    fn ack(&mut self, id: MessageId, reference: Option<&RawValue>) {
+        self.shard.ack(&self.handle, id, reference);
     }
     fn subscribe(
         &mut self,

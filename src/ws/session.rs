@@ -13,7 +13,7 @@ use super::handshake::Endpoint;
 use super::reader::{Event, Flow, ReadError};
 use crate::close::CloseRequest;
 use crate::metrics::CloseReason;
-use crate::protocol::{self, ErrorCode, Op, Since};
+use crate::protocol::{self, ErrorCode, MessageId, Op, Since};
 use crate::registry::SubscribeError;
 
 /// Where the connection stands.
@@ -51,6 +51,8 @@ pub trait Effects {
     fn unsubscribe(&mut self, topic: &str);
     /// Publish a client's message (allowed by configuration: checked here).
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>);
+    /// Acknowledge direct messages up to `id`.
+    fn ack(&mut self, id: MessageId, reference: Option<&RawValue>);
 }
 
 /// The configuration a session reads (the values in force when the event arrives).
@@ -197,6 +199,7 @@ impl Session {
                 }
                 fx.publish(&topic, data, reference);
             }
+            Op::Ack { id } => fx.ack(id, reference),
         }
     }
 }
@@ -214,6 +217,7 @@ mod tests {
         Closing(Vec<u8>, CloseReason),
         Subscribe(String),
         Unsubscribe(String),
+        Ack(String),
         Publish(String, String),
     }
 
@@ -268,6 +272,9 @@ mod tests {
         fn publish(&mut self, topic: &str, data: &RawValue, _: Option<&RawValue>) {
             self.did
                 .push(Did::Publish(topic.to_owned(), data.get().to_owned()));
+        }
+        fn ack(&mut self, id: MessageId, _: Option<&RawValue>) {
+            self.did.push(Did::Ack(id.to_string()));
         }
     }
 
@@ -371,6 +378,24 @@ mod tests {
         assert_eq!(
             fx.did,
             vec![Did::Publish("a".into(), r#"{"x": [1,2]}"#.into())]
+        );
+    }
+
+    #[test]
+    fn ack_takes_a_message_id_and_refuses_anything_else() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Text, br#"{"op":"ack","id":"17-4"}"#);
+        bytes.extend(client(OpCode::Text, br#"{"op":"ack","id":"soon","ref":2}"#));
+        bytes.extend(client(OpCode::Text, br#"{"op":"ack","ref":3}"#));
+        let fx = feed(&mut s, &LIMITS, &bytes);
+        assert_eq!(fx.did[0], Did::Ack("17-4".into()));
+        assert_eq!(fx.did.len(), 3);
+        assert_eq!(
+            fx.did[1..],
+            [
+                Did::Error("bad_request".into()),
+                Did::Error("bad_request".into())
+            ]
         );
     }
 

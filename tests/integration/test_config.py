@@ -165,6 +165,8 @@ INVALID = {
     "publish-wait-too-long": (["--publish-wait-ms", "60001"], "publish_wait_ms"),
     "history-too-long": (["--history-size", "100001"], "history_size"),
     "history-ttl-too-long": (["--history-ttl-secs", "604801"], "history_ttl_secs"),
+    "direct-inbox-too-big": (["--direct-inbox-size", "10001"], "direct_inbox_size"),
+    "direct-inbox-ttl-too-long": (["--direct-inbox-ttl-secs", "604801"], "direct_inbox_ttl_secs"),
     "uring-entries-not-power-of-two": (["--uring-entries", "3"], "uring_entries"),
     "handshake-timeout-zero": (["--handshake-timeout-ms", "0"], "handshake_timeout_ms"),
     "node-id-with-space": (["--node-id", "a b"], "node_id"),
