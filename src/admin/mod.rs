@@ -120,7 +120,8 @@ impl Response {
     /// be reached, or the node is shutting down; 502 means Redis answered outside the schema.
     fn fanout_error(e: &FanoutError) -> Self {
         match e {
-            FanoutError::Refused(Refused::Overloaded { .. }) => {
+            FanoutError::Refused(Refused::Overloaded { .. })
+            | FanoutError::Remote(RemoteError::Overloaded(_)) => {
                 let mut r = Self::error(503, "overloaded", &e.to_string());
                 r.retry_after = Some(1);
                 r

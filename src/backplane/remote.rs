@@ -25,6 +25,9 @@ pub enum RemoteError {
     /// Redis answered something the schema does not allow.
     #[error("unexpected reply from {0}")]
     BadReply(&'static str),
+    /// The shard that would carry the call has a full inbox: nothing was sent; retry.
+    #[error("gateway overloaded: shard {0}'s inbox is full; nothing was sent; retry")]
+    Overloaded(usize),
 }
 
 /// Sends a command through a shard whose command connection is up and waits for the
@@ -35,9 +38,13 @@ async fn call(node: &Node, args: Vec<Bytes>) -> Result<BytesFrame, RemoteError> 
         .ok_or_else(|| RemoteError::Unavailable("redis unavailable".into()))?;
     // Bounded like a publish: room in the shard's inbox, or no request.
     if !link.reserve() {
-        return Err(RemoteError::Unavailable(
-            "gateway overloaded: the shard's inbox is full".into(),
-        ));
+        link.metrics.inbox_full.inc();
+        let shard = node
+            .shards
+            .iter()
+            .position(|l| std::ptr::eq(l, link))
+            .unwrap_or(0);
+        return Err(RemoteError::Overloaded(shard));
     }
     let (tx, rx) = flume::bounded(1);
     if link.tx.send(Inbox::Redis { args, reply: tx }).is_err() {

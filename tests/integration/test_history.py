@@ -13,7 +13,7 @@ import urllib.parse
 
 import pytest
 
-from harness import Client, arun, id_key, open_on_every_shard, shard_of
+from harness import DRIVERS, Client, arun, id_key, open_on_every_shard, shard_of
 
 _names = itertools.count()
 
@@ -22,9 +22,9 @@ def topic(label: str = "t") -> str:
     return f"history/{label}/{next(_names)}"
 
 
-@pytest.fixture(scope="module")
-def gw(module_gateway):
-    return module_gateway(shards=2, client_publish=True)
+@pytest.fixture(scope="module", params=DRIVERS)
+def gw(request, module_gateway):
+    return module_gateway(driver=request.param, shards=2, client_publish=True)
 
 
 async def resume(c: Client, t: str, offset: str, epoch: str) -> dict:
