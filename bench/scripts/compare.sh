@@ -16,10 +16,12 @@
 # server acknowledges them, 256 in flight), closed10k and closed1k (closed loop: message n
 # is published once message n-8 reached every subscriber), churn (10,000 upgrades, 64 in
 # flight), resume10k (ringway only: 10,000 subscribers reconnect at once with `since`, each
-# 100 messages behind, then 10 msg/s live).
+# 100 messages behind, then 10 msg/s live), direct10k (ringway builds only: direct sends to
+# 10,000 users as fast as acknowledged).
 #
-# SERVERS= may also name `before` (RINGWAY_BEFORE_BIN: another ringway build) and
-# `nohistory` (ringway with --history-size 0) for a same-run comparison.
+# SERVERS= may also name `before` (RINGWAY_BEFORE_BIN: another ringway build),
+# `nohistory` (ringway with --history-size 0) and `nostore` (--direct-inbox-size 0) for
+# a same-run comparison.
 #
 # Every server gets two threads on this 2-CPU host: ringway --shards 2, the baseline
 # --threads 2, uws-server 2 threads (one uWS App per thread, SO_REUSEPORT).
@@ -49,6 +51,9 @@ start() {
     baseline) target/release/ringway-baseline --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
                --threads "$THREADS" 2>>"$OUT/baseline.log" & ;;
     uws) bench/uws/uws-server "$PORT" "$APORT" "$THREADS" 2>>"$OUT/uws.log" & ;;
+    # ringway keeping no unacknowledged direct messages, for the cost of that store:
+    nostore) target/release/ringway serve --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
+               --shards "$THREADS" --direct-inbox-size 0 2>>"$OUT/nostore.log" & ;;
     # ringway with history off, for the cost of history in the same run:
     nohistory) target/release/ringway serve --listen "127.0.0.1:$PORT" --admin "127.0.0.1:$APORT" \
                --shards "$THREADS" --history-size 0 2>>"$OUT/nohistory.log" & ;;
@@ -105,6 +110,13 @@ for i in $(seq "$RUNS"); do
     done
     if want churn; then
       start "$s"; "$B" churn $(C) --conns 10000 --concurrency 64 --source-ips 2 --json "$OUT/churn-$s-$i.json"; stop
+    fi
+    # Direct sends need ringway's tokens and /v1/send: ringway builds only.
+    if want direct10k && [[ ",ringway,before,nostore,nohistory," == *",$s,"* ]]; then
+      JWT=${RINGWAY_JWT_SECRET:-compare-secret-0123456789abcdef}
+      RINGWAY_JWT_SECRET=$JWT start "$s"
+      RINGWAY_JWT_SECRET=$JWT "$B" direct $(C) --subs 10000 --topics 10000 --rate 0 --duration 10 --source-ips 2 \
+        --json "$OUT/direct10k-$s-$i.json"; stop
     fi
     # Resume needs ringway's history: the other servers have none to compare.
     if want resume10k && [ "$s" = ringway ]; then
@@ -170,6 +182,12 @@ figure("time to recover everyone (s)", "resume10k", lambda r: (r.get("resume") o
 figure("lost + duplicates", "resume10k", lambda r: r["deliveries"]["lost"] + r["deliveries"]["duplicates"])
 figure("live message latency p50 (ms)", "resume10k", lambda r: r["latency_us"]["p50"] / 1000, "{:,.1f}")
 figure("live message latency p99 (ms)", "resume10k", lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
+print("direct: 10,000 users with one connection each, sends as fast as acknowledged (256 in flight) for 10 s")
+figure("sends acknowledged", "direct10k", lambda r: r["publisher"]["acked_ok"])
+figure("deliveries/s", "direct10k", lambda r: r["deliveries"]["per_sec"])
+figure("deliveries per server CPU-second", "direct10k", lambda r: r["gateway"]["deliveries_per_cpu_sec_schedstat"])
+figure("lost + duplicates", "direct10k", lambda r: r["deliveries"]["lost"] + r["deliveries"]["duplicates"])
+figure("latency p99 (ms)", "direct10k", lambda r: r["latency_us"]["p99"] / 1000, "{:,.1f}")
 print("churn: 10,000 connections, 64 in flight")
 figure("upgrades/s", "churn", lambda r: r["upgrades_per_sec"])
 figure("upgrades per server CPU-second", "churn", lambda r: r["gateway"]["upgrades_per_cpu_sec_schedstat"])

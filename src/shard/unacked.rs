@@ -63,7 +63,11 @@ impl Held<'_> {
         if b.off() {
             return;
         }
-        let inbox = self.map.entry(user.into()).or_default();
+        // The user's inbox usually exists: look it up without allocating its key.
+        let inbox = match self.map.get_mut(user) {
+            Some(inbox) => inbox,
+            None => self.map.entry(user.into()).or_default(),
+        };
         inbox.push_back(stored.clone());
         while inbox.len() > b.size {
             inbox.pop_front();
