@@ -78,8 +78,14 @@ export RINGWAY_BIN="$TARGET/debug/ringway"
 export RINGWAY_BENCH_BIN="$TARGET/debug/ringway-bench"
 export RINGWAY_BASELINE_BIN="$TARGET/debug/ringway-baseline"
 
-step "integration tests (real gateway processes, Python websockets client)"
+step "integration tests (real gateway processes, Python websockets client), default driver (io_uring)"
 "$VENV/bin/python" -m pytest tests/integration -q -p no:cacheprovider
+
+# Again on the epoll driver; the modules that already run on both drivers are left out.
+step "integration tests on the epoll driver"
+RINGWAY_TEST_DRIVER=epoll "$VENV/bin/python" -m pytest tests/integration -q -p no:cacheprovider \
+  --ignore=tests/integration/test_pubsub.py --ignore=tests/integration/test_bad_input.py \
+  --ignore=tests/integration/test_history.py --ignore=tests/integration/test_bench_smoke.py
 
 if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
   step "Autobahn|Testsuite against /echo"

@@ -12,6 +12,8 @@ build it first with `cargo build`.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from harness import Gateway, binary
@@ -31,6 +33,10 @@ class _Factory:
     def __call__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
                  **opts) -> Gateway:
         opts.setdefault("shards", 2)
+        # The suite runs once per I/O driver (tests/run.sh sets RINGWAY_TEST_DRIVER);
+        # a test that names a driver keeps it.
+        if os.environ.get("RINGWAY_TEST_DRIVER"):
+            opts.setdefault("driver", os.environ["RINGWAY_TEST_DRIVER"])
         gw = Gateway(opts, env=env, args=args)
         self.started.append(gw)
         return gw.start()
