@@ -27,6 +27,11 @@ use crate::registry::ConnKey;
 /// bytes each.
 const MAX_TOMBSTONES: usize = 65_536;
 
+/// Rings (topics) a shard keeps at most: a publisher that spreads messages over
+/// endless topic names cannot grow history without bound. A message for a new topic
+/// beyond it is not kept, and `dropped` says so.
+const MAX_RINGS: usize = 100_000;
+
 /// The bounds in force (from the configuration; 0 in either turns history off).
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
@@ -84,6 +89,7 @@ pub struct History {
     /// off): a topic without a ring may have lost messages up to here.
     dropped: Option<MessageId>,
     max_tombstones: usize,
+    max_rings: usize,
     /// The newest id this shard has kept or skipped.
     latest: Option<MessageId>,
     entries: usize,
@@ -101,6 +107,7 @@ impl History {
             topics: HashMap::new(),
             dropped: None,
             max_tombstones,
+            max_rings: MAX_RINGS,
             latest: None,
             entries: 0,
         }
@@ -114,6 +121,10 @@ impl History {
                 self.trim(now, b);
             }
             self.dropped = Some(id);
+            return;
+        }
+        if self.topics.len() >= self.max_rings && !self.topics.contains_key(topic) {
+            self.dropped = self.dropped.max(Some(id));
             return;
         }
         let dropped = self.dropped;
@@ -339,6 +350,24 @@ mod tests {
         assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
         // A topic never seen: nothing missed since the fold.
         assert_eq!(h.since("never", id(2)), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn a_topic_beyond_the_ring_cap_is_not_kept_and_says_so() {
+        let mut h = History {
+            max_rings: 2,
+            ..History::default()
+        };
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        h.push(&a, id(1), &frame(1), 0, B);
+        h.push(&b, id(2), &frame(2), 0, B);
+        h.push(&c, id(3), &frame(3), 0, B);
+        assert_eq!((h.topics(), h.len()), (2, 2));
+        assert_eq!(h.since("c", id(2)), Err(NotRecovered::TooOld));
+        // Topics already kept go on.
+        h.push(&a, id(4), &frame(4), 0, B);
+        assert_eq!(seqs(&h.since("a", id(1)).unwrap()), [4]);
     }
 
     #[test]
