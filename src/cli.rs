@@ -32,6 +32,9 @@ pub enum Command {
     /// Send a JSON message to users (every connection of each, on any node) through a
     /// running gateway's admin API.
     Send(SendArgs),
+    /// Print a topic's recent messages (single node), one JSON object per line, oldest
+    /// first, through a running gateway's admin API.
+    History(HistoryArgs),
     /// Check this host (io_uring, limits, sysctls, CPUs) against what ringway needs;
     /// takes the same options as `serve`. Exit 0 all pass, 1 a warning, 2 a failure.
     Doctor(Box<ServeArgs>),
@@ -263,6 +266,25 @@ pub struct SendArgs {
     pub data: String,
 }
 
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
+    /// Admin API of the gateway.
+    #[arg(long, env = "RINGWAY_ADMIN", default_value = "127.0.0.1:9090")]
+    pub admin: SocketAddr,
+    /// The topic.
+    #[arg(long)]
+    pub topic: String,
+    /// Only messages after this message id (with --epoch).
+    #[arg(long, requires = "epoch")]
+    pub since: Option<String>,
+    /// The epoch `--since` belongs to (from the message that carried it).
+    #[arg(long, requires = "since")]
+    pub epoch: Option<String>,
+    /// At most this many messages (1 to 1000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub limit: u16,
+}
+
 /// Exit code for a failed admin API call.
 fn client_exit(command: &str, e: &crate::admin::client::ClientError) -> ExitCode {
     use crate::admin::client::ClientError;
@@ -308,6 +330,22 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => client_exit("send", &e),
+            }
+        }
+        Command::History(args) => {
+            let since = args.since.as_deref().zip(args.epoch.as_deref());
+            let limit = usize::from(args.limit);
+            match crate::admin::client::history(args.admin, &args.topic, since, limit) {
+                Ok(page) => {
+                    for m in page["messages"].as_array().into_iter().flatten() {
+                        println!("{m}");
+                    }
+                    if page["more"].as_bool() == Some(true) {
+                        eprintln!("ringway history: more messages follow; ask again with --since");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => client_exit("history", &e),
             }
         }
     }

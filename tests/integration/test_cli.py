@@ -36,6 +36,23 @@ def test_publish_prints_id_and_subscriber_receives(gw, data):
     arun(body())
 
 
+def test_history_prints_a_topics_messages_and_refuses_a_lost_range(gw):
+    t = topic()
+    ids = [gw.publish(t, {"n": i}) for i in range(3)]
+    p = gw.cli("history", "--admin", gw.admin_addr, "--topic", t)
+    assert p.returncode == 0, p
+    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [m["id"] for m in lines] == ids and [m["data"] for m in lines] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    p = gw.cli("history", "--admin", gw.admin_addr, "--topic", t, "--since", ids[0], "--epoch", gw.epoch,
+               "--limit", "1")
+    assert p.returncode == 0, p
+    assert [json.loads(line)["id"] for line in p.stdout.splitlines()] == [ids[1]]
+    assert "more messages follow" in p.stderr
+    p = gw.cli("history", "--admin", gw.admin_addr, "--topic", t, "--since", ids[0], "--epoch", "gone")
+    assert p.returncode == 1 and "410" in p.stderr and "epoch_changed" in p.stderr, p
+    assert gw.cli("history", "--admin", gw.admin_addr, "--topic", t, "--since", ids[0]).returncode == 64
+
+
 def test_publish_reads_admin_from_env(gw):
     async def body():
         async with Client(gw) as c:
