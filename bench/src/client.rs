@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
@@ -361,12 +361,6 @@ struct Worker {
     /// Why ready connections ended: close code sent by the peer, or how it went.
     peer_close_causes: BTreeMap<String, u64>,
     pings: u64,
-}
-
-fn unix_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Worker {
@@ -971,7 +965,7 @@ impl Worker {
     }
 
     fn on_delivery(&mut self, slot: usize, topic: &[u8], seq: u64, t_ns: u64) {
-        let now = unix_ns();
+        let now = crate::publisher::unix_ns();
         let d = &mut self.drain;
         d.received += 1;
         d.last_delivery_unix_ns = now;

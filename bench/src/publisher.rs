@@ -120,6 +120,8 @@ struct PubConn {
     dead: bool,
 }
 
+/// Now, in ns since the UNIX epoch: the clock of the publish times messages carry and
+/// of the receive times they are measured against.
 pub fn unix_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 
 use super::schema;
 use crate::broker::Sent;
-use crate::shard::{Inbox, Node};
+use crate::shard::{Inbox, Node, Unsent};
 
 /// How long an API request waits for Redis.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,24 +33,19 @@ pub enum RemoteError {
 /// Sends a command through a shard whose command connection is up and waits for the
 /// reply.
 async fn call(node: &Node, args: Vec<Bytes>) -> Result<BytesFrame, RemoteError> {
-    let link = node
+    let shard = node
         .shard_with_redis()
         .ok_or_else(|| RemoteError::Unavailable("redis unavailable".into()))?;
-    // Bounded like a publish: room in the shard's inbox, or no request.
-    if !link.reserve() {
-        link.metrics.inbox_full.inc();
-        let shard = node
-            .shards
-            .iter()
-            .position(|l| std::ptr::eq(l, link))
-            .unwrap_or(0);
-        return Err(RemoteError::Overloaded(shard));
-    }
-    let (tx, rx) = flume::bounded(1);
-    if link.tx.send(Inbox::Redis { args, reply: tx }).is_err() {
-        link.release();
-        return Err(RemoteError::Unavailable("shard stopped".into()));
-    }
+    let link = &node.shards[shard];
+    let rx = link
+        .ask(|reply| Inbox::Redis { args, reply })
+        .map_err(|e| match e {
+            Unsent::Full => {
+                link.metrics.inbox_full.inc();
+                RemoteError::Overloaded(shard)
+            }
+            Unsent::Stopped => RemoteError::Unavailable("shard stopped".into()),
+        })?;
     match monoio::time::timeout(TIMEOUT, rx.recv_async()).await {
         Ok(Ok(reply)) => reply.map_err(RemoteError::Unavailable),
         Ok(Err(_)) => Err(RemoteError::Unavailable("shard stopped".into())),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
-use super::node::{HistoryPage, Inbox, Node};
+use super::node::{HistoryPage, Inbox, Node, Unsent};
 use super::outbound::ConnHandle;
 use crate::backplane::{self, remote::RemoteError, Backplane};
 use crate::broker::{self, Refused, Sent};
@@ -124,21 +124,17 @@ pub async fn history(
         }
     }
     let shard = node.any_shard();
-    let link = &node.shards[shard];
-    if !link.reserve() {
-        return Err(Refused::Overloaded { shard }.into());
-    }
-    let (tx, rx) = flume::bounded(1);
-    let msg = Inbox::History {
-        topic: topic.into(),
-        since,
-        limit,
-        reply: tx,
-    };
-    if link.tx.send(msg).is_err() {
-        link.release();
-        return Err(Refused::Stopped { shard }.into());
-    }
+    let rx = node.shards[shard]
+        .ask(|reply| Inbox::History {
+            topic: topic.into(),
+            since,
+            limit,
+            reply,
+        })
+        .map_err(|e| match e {
+            Unsent::Full => Refused::Overloaded { shard },
+            Unsent::Stopped => Refused::Stopped { shard },
+        })?;
     match rx.recv_async().await {
         Ok(page) => page.map_err(FanoutError::History),
         Err(_) => Err(Refused::Stopped { shard }.into()),

@@ -15,13 +15,11 @@
 //! shard-wide id (`dropped`), which errs on the side of `too_old`.
 
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
 use crate::protocol::{MessageId, NotRecovered};
-use crate::registry::ConnKey;
 
 /// Empty rings a shard keeps per topic before folding them into `dropped`: about 80
 /// bytes each.
@@ -128,10 +126,14 @@ impl History {
             return;
         }
         let dropped = self.dropped;
-        let ring = self.topics.entry(topic.clone()).or_insert_with(|| Ring {
-            entries: VecDeque::new(),
-            evicted: dropped,
-        });
+        // The topic's ring usually exists: look it up without touching the key's count.
+        let ring = match self.topics.get_mut(&**topic) {
+            Some(ring) => ring,
+            None => self.topics.entry(topic.clone()).or_insert_with(|| Ring {
+                entries: VecDeque::new(),
+                evicted: dropped,
+            }),
+        };
         let before = ring.entries.len();
         ring.entries.push_back(Entry {
             id,
@@ -216,43 +218,6 @@ impl History {
     /// Topics with a ring.
     pub fn topics(&self) -> usize {
         self.topics.len()
-    }
-}
-
-/// Resumes from an offset the shard has not reached yet: the client got that message
-/// on another shard a moment ago, and it is still in this shard's inbox. Until the
-/// shard passes the offset, the topic's messages up to it skip that connection.
-#[derive(Debug, Default)]
-pub struct Floors(Vec<(ConnKey, Rc<str>, MessageId)>);
-
-impl Floors {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Connection `conn` resumed `topic` from `offset`.
-    pub fn add(&mut self, conn: ConnKey, topic: &str, offset: MessageId) {
-        self.forget(conn, Some(topic));
-        self.0.push((conn, Rc::from(topic), offset));
-    }
-
-    /// The connections message `id` of `topic` must skip; forgets every floor at or
-    /// below `id` (the shard's ids only grow from here).
-    pub fn skip(&mut self, topic: &str, id: MessageId) -> Vec<ConnKey> {
-        let skip = self
-            .0
-            .iter()
-            .filter(|(_, t, offset)| &**t == topic && id <= *offset)
-            .map(|(k, _, _)| *k)
-            .collect();
-        self.0.retain(|(_, _, offset)| *offset > id);
-        skip
-    }
-
-    /// The connection left `topic` (or, with `None`, closed).
-    pub fn forget(&mut self, conn: ConnKey, topic: Option<&str>) {
-        self.0
-            .retain(|(k, t, _)| *k != conn || topic.is_some_and(|topic| &**t != topic));
     }
 }
 
@@ -386,36 +351,6 @@ mod tests {
         // Back on: later offsets resume.
         h.push(&t, id(3), &frame(3), 0, B);
         assert_eq!(seqs(&h.since("t", id(2)).unwrap()), [3]);
-    }
-
-    #[test]
-    fn a_floor_skips_the_topic_up_to_the_offset_then_goes() {
-        let mut f = Floors::default();
-        f.add(1, "t", id(5));
-        f.add(2, "t", id(3));
-        f.add(1, "other", id(5));
-        assert!(f.skip("t", id(2)).iter().copied().eq([1, 2]));
-        assert_eq!(f.skip("t", id(3)), [1, 2]);
-        // 2's floor is passed; 1 still skips "t" up to 5, and not other topics.
-        assert_eq!(f.skip("u", id(4)), Vec::<ConnKey>::new());
-        assert_eq!(f.skip("t", id(5)), [1]);
-        assert!(f.is_empty(), "every floor passed");
-        assert_eq!(f.skip("t", id(6)), Vec::<ConnKey>::new());
-    }
-
-    #[test]
-    fn a_floor_goes_with_its_subscription_or_connection() {
-        let mut f = Floors::default();
-        f.add(1, "t", id(5));
-        f.add(1, "t", id(7));
-        f.add(1, "u", id(5));
-        f.add(2, "t", id(5));
-        // A second resume of the same topic replaces the first.
-        assert_eq!(f.0.len(), 3);
-        f.forget(1, Some("t"));
-        assert_eq!(f.skip("t", id(4)), [2]);
-        f.forget(1, None);
-        assert_eq!(f.skip("u", id(4)), Vec::<ConnKey>::new());
     }
 
     /// Random pushes, trims and bound changes over a few topics, checked against a

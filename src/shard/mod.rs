@@ -8,6 +8,7 @@
 //! second instead of giving each one a timer.
 
 pub mod fanout;
+mod floors;
 pub mod history;
 mod node;
 pub mod outbound;
@@ -25,7 +26,7 @@ use bytes::Bytes;
 use monoio::net::TcpListener;
 use slab::Slab;
 
-pub use node::{start, HistoryPage, Inbox, Node, RunningNode, ShardLink, StartError};
+pub use node::{start, HistoryPage, Inbox, Node, RunningNode, ShardLink, StartError, Unsent};
 
 use crate::backplane::{self, Backplane, RedisUrl};
 use crate::broker::Refused;
@@ -37,7 +38,8 @@ use crate::registry::{Change, SubscribeError};
 use crate::registry::{ConnKey, Registry};
 use crate::ws::frame::{self, OpCode};
 use fanout::Fanout;
-use history::{Bounds, Floors, History};
+use floors::Floors;
+use history::{Bounds, History};
 use outbound::{ConnHandle, Push, ShardClose};
 use serde_json::value::RawValue;
 
@@ -75,14 +77,9 @@ pub struct Shard {
     fanout: Fanout,
     /// Recent topic messages, for resume and `/v1/history` (single node).
     history: RefCell<History>,
-    /// Resumes from an offset this shard has not reached yet (the client saw it on
-    /// another shard a moment ago): (connection, topic, offset). Live messages of the
-    /// topic up to the offset skip that connection; an entry goes once the shard
-    /// passes its offset.
+    /// Messages connections already have (a resume ahead of this shard, direct
+    /// messages given at connect): live copies skip them (`floors`).
     floors: RefCell<Floors>,
-    /// Connections given their user's unacknowledged direct messages at connect, up to
-    /// this id: live copies up to it skip them; an entry goes once the shard passes it.
-    given: RefCell<HashMap<ConnKey, MessageId>>,
 }
 
 impl Shard {
@@ -124,7 +121,6 @@ impl Shard {
             fanout,
             history: RefCell::default(),
             floors: RefCell::default(),
-            given: RefCell::default(),
         }
     }
 
@@ -184,8 +180,7 @@ impl Shard {
     pub fn unregister(&self, key: ConnKey, why: CloseReason) {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
-        self.floors.borrow_mut().forget(key, None);
-        self.given.borrow_mut().remove(&key);
+        self.floors.borrow_mut().forget(key);
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
             self.fanout.topic_changed(topic);
@@ -247,11 +242,8 @@ impl Shard {
                 .borrow_mut()
                 .subscribe(key, topic, self.cfg().max_subscriptions)?;
         self.update_registry_gauges();
-        let (ack, missed) = match since {
-            // Already subscribed (so it missed nothing since), or no resume asked.
-            Some(_) if change == Change::None => {
-                (protocol::ack("subscribed", topic, reference), Vec::new())
-            }
+        // Already subscribed, it missed nothing since: a plain answer.
+        let (ack, missed) = match since.filter(|_| change != Change::None) {
             None => (protocol::ack("subscribed", topic, reference), Vec::new()),
             Some(since) => {
                 let outcome = self.resume(key, conn, topic, since);
@@ -323,7 +315,7 @@ impl Shard {
         }
         if history.latest().is_none_or(|l| l < since.offset) {
             // Delivered on another shard and not yet here: skip it when it comes.
-            self.floors.borrow_mut().add(key, topic, since.offset);
+            self.floors.borrow_mut().add(key, Some(topic), since.offset);
         }
         Ok(missed)
     }
@@ -348,12 +340,11 @@ impl Shard {
         if self.history_bounds().off() {
             return Err(NotRecovered::HistoryOff);
         }
-        let from = since.unwrap_or(MessageId { ms: 0, seq: 0 });
-        let mut frames = match self.history.borrow().since(topic, from) {
-            Ok(f) => f,
+        let history = self.history.borrow();
+        let mut frames = match since {
+            Some(offset) => history.since(topic, offset)?,
             // Without `since`, what is left is the answer.
-            Err(_) if since.is_none() => self.history.borrow().oldest_first(topic),
-            Err(e) => return Err(e),
+            None => history.oldest_first(topic),
         };
         let more = frames.len() > limit;
         frames.truncate(limit);
@@ -368,7 +359,7 @@ impl Shard {
     /// for Redis goes out first.
     pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
         let change = self.registry.borrow_mut().unsubscribe(key, topic);
-        self.floors.borrow_mut().forget(key, Some(topic));
+        self.floors.borrow_mut().leave(key, topic);
         self.fanout.unsubscribing(topic, conn);
         if change == Change::TopicEdge {
             self.fanout.topic_changed(Rc::from(topic));
@@ -469,7 +460,7 @@ impl Shard {
 
     /// `deliver`, skipping connections that resumed from an offset at or past `id`.
     fn deliver_past_floors(&self, topic: &str, id: MessageId, frame: &Bytes) {
-        let skip = self.floors.borrow_mut().skip(topic, id);
+        let skip = self.floors.borrow_mut().skip(Some(topic), id);
         let registry = self.registry.borrow();
         let Some(subs) = registry.subscribers(topic) else {
             return;
@@ -497,22 +488,6 @@ impl Shard {
         queued
     }
 
-    /// The connections given message `id` already at connect; forgets what `id`
-    /// passes (this shard's ids only grow).
-    fn pass_given(&self, id: MessageId) -> Vec<ConnKey> {
-        let mut given = self.given.borrow_mut();
-        if given.is_empty() {
-            return Vec::new();
-        }
-        let skip = given
-            .iter()
-            .filter(|(_, upto)| id <= **upto)
-            .map(|(k, _)| *k)
-            .collect();
-        given.retain(|_, upto| *upto > id);
-        skip
-    }
-
     /// A new connection of an identified user gets what waits unacknowledged for the
     /// user (single node), oldest first, right behind the welcome.
     pub fn give_unacked(&self, key: ConnKey, conn: &Rc<ConnHandle>) {
@@ -526,7 +501,7 @@ impl Shard {
         let Some(last) = waiting.last() else {
             return;
         };
-        self.given.borrow_mut().insert(key, last.id);
+        self.floors.borrow_mut().add(key, None, last.id);
         for m in &waiting {
             let frame = protocol::direct(user, &m.id_text, &m.data);
             let queued = self.push_to(std::iter::once(key), &frame);
@@ -588,9 +563,6 @@ impl Shard {
         }
         match msg {
             Inbox::Publish { topic, id, frame } => {
-                if !self.given.borrow().is_empty() {
-                    self.pass_given(id);
-                }
                 let mut history = self.history.borrow_mut();
                 history.push(&topic, id, &frame, self.now(), self.history_bounds());
                 self.metrics.history_messages.set(history.len() as u64);
@@ -616,7 +588,7 @@ impl Shard {
                 data,
             } => {
                 self.metrics.direct_received.inc();
-                let skip = self.pass_given(key);
+                let skip = self.floors.borrow_mut().skip(None, key);
                 for user in &users {
                     self.deliver_direct(user, &id, &data, &skip);
                 }

@@ -96,6 +96,33 @@ impl ShardLink {
     pub fn release(&self) {
         self.reserved.fetch_sub(1, Ordering::AcqRel);
     }
+
+    /// Sends the request `make` builds around its reply channel (an admin API request
+    /// to this shard), holding inbox room like a publish; returns where the answer will
+    /// come.
+    pub fn ask<R>(
+        &self,
+        make: impl FnOnce(flume::Sender<R>) -> Inbox,
+    ) -> Result<flume::Receiver<R>, Unsent> {
+        if !self.reserve() {
+            return Err(Unsent::Full);
+        }
+        let (tx, rx) = flume::bounded(1);
+        if self.tx.send(make(tx)).is_err() {
+            self.release();
+            return Err(Unsent::Stopped);
+        }
+        Ok(rx)
+    }
+}
+
+/// Why `ShardLink::ask` sent nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsent {
+    /// The shard's inbox is full.
+    Full,
+    /// The shard has stopped.
+    Stopped,
 }
 
 /// State shared by every shard of this process.
@@ -274,12 +301,12 @@ impl Node {
 
     /// A shard whose Redis command connection is up (round robin), for the admin
     /// API's calls to Redis (`backplane::remote`).
-    pub fn shard_with_redis(&self) -> Option<&ShardLink> {
+    pub fn shard_with_redis(&self) -> Option<usize> {
         let n = self.shards.len();
         let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
         (0..n)
-            .map(|i| &self.shards[(start + i) % n])
-            .find(|l| l.metrics.redis_commands_up.get() == 1)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.shards[i].metrics.redis_commands_up.get() == 1)
     }
 }
 

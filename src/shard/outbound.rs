@@ -131,10 +131,10 @@ impl ConnHandle {
         self.send_or_enqueue(frame, false, m)
     }
 
-    /// Like `push_unbounded`, for the rest of a first write the socket took only part
-    /// of (the upgrade response and welcome).
-    pub fn push_remainder(self: &Rc<Self>, rest: Bytes, m: &ShardMetrics) -> Push {
-        self.send_or_enqueue(rest, true, m)
+    /// Like `push_unbounded`, for what the socket did not take of a first write (the
+    /// upgrade response and welcome, `out`, of which it took `sent` bytes).
+    pub fn push_rest(self: &Rc<Self>, out: &[u8], sent: usize, m: &ShardMetrics) -> Push {
+        self.send_or_enqueue(Bytes::copy_from_slice(&out[sent..]), sent > 0, m)
     }
 
     /// Whether `len` more bytes may be queued; if not, what the policy did. Before

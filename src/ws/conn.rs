@@ -99,12 +99,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         m.bytes_out.add(sent as u64);
         if sent < out.len() {
             // Counted as a frame when the connection task writes it.
-            let rest = bytes::Bytes::copy_from_slice(&out[sent..]);
-            if sent > 0 {
-                handle.push_remainder(rest, m);
-            } else {
-                handle.push_unbounded(rest, m);
-            }
+            handle.push_rest(&out, sent, m);
         } else if welcome {
             m.frames_out.inc();
         }
