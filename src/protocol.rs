@@ -72,6 +72,14 @@ pub struct MessageId {
     pub seq: u64,
 }
 
+impl MessageId {
+    /// Above every id (a message that cannot be placed in a topic's order).
+    pub const MAX: Self = Self {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
+}
+
 impl std::str::FromStr for MessageId {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
@@ -111,7 +119,8 @@ pub enum NotRecovered {
     TooLarge,
     /// The offset was never given out in this epoch.
     UnknownOffset,
-    /// History is not available through the Redis backplane yet.
+    /// Redis could not be asked (unreachable, or the answer was lost in a reconnect):
+    /// try again.
     Unavailable,
 }
 

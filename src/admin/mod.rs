@@ -9,7 +9,7 @@
 //! | `POST /v1/publish` | body `{"topic":"T","data":<JSON>}` → 200 `{"id":"…"}`; 400 bad body; 503 overloaded (nothing delivered, `Retry-After`) or Redis unavailable |
 //! | `POST /v1/send` | body `{"user":"U","data":…}` or `{"users":["U",…],"data":…}` → 200 `{"id":"…","online":N,"shards":K}` |
 //! | `GET /v1/nodes` | with Redis: the live nodes of the cluster, `{"nodes":[…]}` |
-//! | `GET /v1/history?topic=T[&since=ID&epoch=E][&limit=N]` | single node: `{"topic","epoch","messages":[…],"more"}`, the `message` objects after `since`, oldest first; 410 when some are gone; 501 with Redis |
+//! | `GET /v1/history?topic=T[&since=ID&epoch=E][&limit=N]` | `{"topic","epoch","messages":[…],"more"}`: the `message` objects after `since`, oldest first (from the topic's Redis stream in a cluster); 410 when some are gone or the epoch changed, 409 for an offset never given out |
 //!
 //! Publish, send and the node list go through `shard::fanout`: the shards' inboxes on a
 //! single node, or Redis through a shard's command connection (one `PUBLISH`, or one
@@ -133,11 +133,11 @@ impl Response {
             FanoutError::Remote(RemoteError::BadReply(_)) => {
                 Self::error(502, "bad_gateway", &e.to_string())
             }
-            FanoutError::History(NotRecovered::TooOld) => {
-                Self::error(410, "too_old", &e.to_string())
+            FanoutError::History(why @ (NotRecovered::TooOld | NotRecovered::EpochChanged)) => {
+                Self::error(410, why.as_str(), &e.to_string())
             }
             FanoutError::History(NotRecovered::Unavailable) => {
-                Self::error(501, "not_implemented", &e.to_string())
+                Self::error(503, "unavailable", &e.to_string())
             }
             FanoutError::History(why) => Self::error(409, why.as_str(), &e.to_string()),
         }
@@ -417,13 +417,7 @@ async fn history(ctx: &Ctx, query: &str) -> Response {
     if since.is_some() != epoch.is_some() {
         return Response::error(400, "bad_request", FORM);
     }
-    if let Some(e) = epoch.as_ref().filter(|_| !ctx.node.backplane) {
-        if *e != ctx.node.epoch {
-            let m = "that epoch's history is gone (the node restarted)";
-            return Response::error(410, protocol::NotRecovered::EpochChanged.as_str(), m);
-        }
-    }
-    match fanout::history(&ctx.node, &topic, since, limit).await {
+    match fanout::history(&ctx.node, &topic, since, epoch.as_deref(), limit).await {
         Ok(page) => {
             let mut body = String::from("{\"topic\":");
             body.push_str(&serde_json::Value::from(topic.as_str()).to_string());

@@ -51,6 +51,7 @@ pub async fn run(shard: Rc<Shard>) {
                 let end = serve(&shard, bp, link, &mut in_flight).await;
                 m.redis_commands_up.set(0);
                 fail_all(bp, &mut in_flight);
+                shard.finish_reads();
                 match end {
                     Ok(()) => break,
                     Err(e) => {
@@ -106,6 +107,8 @@ async fn serve(
         },
         reply: Reply::Ignore("FUNCTION LOAD (needs Redis >= 7.0)"),
     });
+    // Stream reads that waited for this connection.
+    bp.start_reads();
     // The full heartbeat below covers connections added while Redis was away;
     // removals are kept so entries of connections that closed meanwhile are deleted.
     bp.presence_added.borrow_mut().clear();
@@ -174,6 +177,7 @@ async fn serve(
             };
             bp.complete(reply, Ok(frame));
         }
+        shard.finish_reads();
         // Redis that stops answering (hung, or gone without a reset) breaks the link, so
         // callers hear `unavailable` instead of waiting on a dead connection.
         let oldest = in_flight.front().map(|(t, _)| *t);

@@ -17,6 +17,7 @@
 mod commands;
 pub mod link;
 pub mod remote;
+pub mod replay;
 pub mod schema;
 mod subscriber;
 mod url;
@@ -39,7 +40,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
-use crate::protocol::{self, ErrorCode};
+use crate::protocol::{self, ErrorCode, NotRecovered};
 use crate::shard::outbound::ConnHandle;
 
 /// Time allowed for connecting to Redis (and AUTH/SELECT).
@@ -64,11 +65,18 @@ pub type RemoteReply = flume::Sender<Result<BytesFrame, String>>;
 pub enum Reply {
     /// Nothing; an error is logged under this name.
     Ignore(&'static str),
-    /// A client's publish: send `ok` (if any) on success, an error frame on failure.
+    /// A client's publish: answered `published` (with the id Redis gave) when it has a
+    /// `ref`, an error frame on failure.
     Publish {
         conn: Weak<ConnHandle>,
-        ok: Option<Bytes>,
+        topic: Rc<str>,
         reference: Option<Box<RawValue>>,
+    },
+    /// A read of a topic's stream for `replay` (`count` entries asked for).
+    History {
+        topic: Rc<str>,
+        serial: u64,
+        count: usize,
     },
     /// A request from another thread (the admin API).
     Remote(RemoteReply),
@@ -122,6 +130,62 @@ pub struct Backplane {
     /// Outbound queue limit for replies, and the shard's counters.
     reply_limit: Cell<usize>,
     metrics: Arc<ShardMetrics>,
+    /// Resumes and catch-ups reading topics' streams.
+    pub replays: RefCell<replay::Replays>,
+    /// Answered stream reads, for the shard to hand out (`Shard::finish_reads`).
+    reads_done: RefCell<Vec<ReadDone>>,
+}
+
+/// An answered stream read: topic, serial, page.
+pub type ReadDone = (Rc<str>, u64, Result<replay::Page, NotRecovered>);
+
+/// What a message kept in history is bounded by, sent with each publish.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryBounds {
+    pub size: usize,
+    pub ttl_ms: u64,
+}
+
+impl HistoryBounds {
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            size: cfg.history_size,
+            ttl_ms: cfg.history_ttl_secs.saturating_mul(1000),
+        }
+    }
+
+    pub fn on(&self) -> bool {
+        self.size > 0 && self.ttl_ms > 0
+    }
+}
+
+/// `FCALL ringway_publish 3 <channel> <stream> <epoch key> <id> <data> <size> <ttl ms>`.
+/// With history on, `id` is empty (the stream gives it); the reply is `[id, receivers,
+/// epoch]`.
+pub fn publish_args(topic: &str, id: &str, data: &RawValue, history: HistoryBounds) -> Vec<Bytes> {
+    vec![
+        Bytes::from_static(b"FCALL"),
+        Bytes::from_static(b"ringway_publish"),
+        Bytes::from_static(b"3"),
+        Bytes::from(schema::topic_channel(topic)),
+        Bytes::from(schema::history_key(topic)),
+        Bytes::from(schema::epoch_key(topic)),
+        Bytes::from(id.to_owned()),
+        Bytes::copy_from_slice(data.get().as_bytes()),
+        Bytes::from(history.size.to_string()),
+        Bytes::from(history.ttl_ms.to_string()),
+    ]
+}
+
+/// The message id in `ringway_publish`'s reply.
+pub fn published_id(reply: &BytesFrame) -> Option<String> {
+    match reply {
+        BytesFrame::Array(parts) => match parts.first() {
+            Some(BytesFrame::BulkString(id)) => std::str::from_utf8(id).ok().map(str::to_owned),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 impl Backplane {
@@ -136,6 +200,8 @@ impl Backplane {
             url,
             reply_limit: Cell::new(cfg.outbound_queue_bytes),
             metrics,
+            replays: RefCell::default(),
+            reads_done: RefCell::default(),
             direct_channel: schema::shard_channel(node, shard),
             presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
             topics: RefCell::default(),
@@ -219,11 +285,93 @@ impl Backplane {
         }
     }
 
-    /// Publishes a topic message through Redis.
-    pub fn publish(&self, topic: &str, id: &str, data: &RawValue, reply: Reply) {
-        let channel = schema::topic_channel(topic);
-        let envelope = schema::topic_envelope(id, data);
-        self.command(&[b"PUBLISH", channel.as_bytes(), &envelope], reply);
+    /// Publishes a topic message through Redis: appended to the topic's stream when
+    /// `history` is on (the stream then gives the id), else with `id`.
+    pub fn publish(
+        &self,
+        topic: &str,
+        id: &str,
+        data: &RawValue,
+        history: HistoryBounds,
+        reply: Reply,
+    ) {
+        let id = if history.on() { "" } else { id };
+        let args = publish_args(topic, id, data, history);
+        let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+        self.command(&args, reply);
+    }
+
+    /// Connection `key` (number `conn`) subscribed to `topic` with `since`: it gets
+    /// its `subscribed` answer and what it missed from the topic's stream once Redis
+    /// has the subscription. `Some(answer)` when it cannot be asked now.
+    pub fn resume(
+        &self,
+        topic: &str,
+        conn: &Rc<ConnHandle>,
+        key: usize,
+        since: replay::Position,
+        reference: Option<&RawValue>,
+    ) -> Option<Bytes> {
+        if !self.cmd_up() {
+            return Some(protocol::resumed(
+                topic,
+                Err(NotRecovered::Unavailable),
+                None,
+                reference,
+            ));
+        }
+        let topic: Rc<str> = Rc::from(topic);
+        self.replays.borrow_mut().wait(
+            &topic,
+            replay::Who::Conn {
+                key,
+                conn: conn.id,
+                since,
+                reference: reference.map(ToOwned::to_owned),
+            },
+        );
+        if self.topics.borrow().get(&topic) == Some(&SubState::Confirmed) {
+            self.start_read(&topic);
+        } else {
+            self.topic_changed(topic);
+        }
+        None
+    }
+
+    /// Sends `topic`'s stream read if someone waits, Redis has the subscription and the
+    /// command connection is up.
+    pub fn start_read(&self, topic: &str) {
+        if !self.cmd_up() || self.topics.borrow().get(topic) != Some(&SubState::Confirmed) {
+            return;
+        }
+        let Some(req) = self.replays.borrow_mut().start(topic) else {
+            return;
+        };
+        let mut buf = BytesMut::new();
+        replay::encode_request(&mut buf, topic, &req);
+        self.queued_bytes.set(self.queued_bytes.get() + buf.len());
+        self.queue.borrow_mut().push_back(Command {
+            bytes: buf.freeze(),
+            reply: Reply::History {
+                topic: Rc::from(topic),
+                serial: req.serial,
+                count: req.count,
+            },
+        });
+        self.cmd_wake.wake();
+    }
+
+    /// Sends every read that waited for the command connection.
+    fn start_reads(&self) {
+        let topics = self.replays.borrow().startable();
+        for t in topics {
+            self.start_read(&t);
+        }
+    }
+
+    /// Stream reads answered since the last call.
+    pub fn take_reads(&self) -> Vec<ReadDone> {
+        std::mem::take(&mut *self.reads_done.borrow_mut())
     }
 
     /// Queues one command; fails it at once while Redis is unreachable.
@@ -317,14 +465,13 @@ impl Backplane {
             // Unsubscribed since: the replies still waiting went out with the unsubscribe.
             None => return,
         }
-        let Some(waiting) = self.acks.borrow_mut().remove(topic) else {
-            return;
-        };
+        let waiting = self.acks.borrow_mut().remove(topic).unwrap_or_default();
         for ack in waiting {
             if let Some(conn) = ack.conn.upgrade() {
                 self.reply(&conn, ack.frame);
             }
         }
+        self.start_read(topic);
     }
 
     /// A reload changed `outbound_queue_bytes`.
@@ -359,14 +506,15 @@ impl Backplane {
             }
             Reply::Publish {
                 conn,
-                ok,
+                topic,
                 reference,
             } => {
                 let Some(conn) = conn.upgrade() else { return };
                 match result {
-                    Ok(_) => {
-                        if let Some(frame) = ok {
-                            self.reply(&conn, frame);
+                    Ok(reply) => {
+                        if let Some(r) = reference {
+                            let id = published_id(&reply).unwrap_or_default();
+                            self.reply(&conn, protocol::published(&topic, &id, Some(&r)));
                         }
                     }
                     Err(e) => self.reply(
@@ -381,6 +529,19 @@ impl Backplane {
             }
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
+            }
+            Reply::History {
+                topic,
+                serial,
+                count,
+            } => {
+                let page = result
+                    .and_then(|frame| replay::parse_page(&frame, count))
+                    .map_err(|e| {
+                        tracing::debug!(topic = &*topic, error = %e, "history read failed");
+                        NotRecovered::Unavailable
+                    });
+                self.reads_done.borrow_mut().push((topic, serial, page));
             }
         }
     }

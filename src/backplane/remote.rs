@@ -9,9 +9,10 @@ use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 use serde_json::value::RawValue;
 
-use super::schema;
+use super::{replay, schema};
 use crate::broker::Sent;
-use crate::shard::{Inbox, Node, Unsent};
+use crate::protocol::{MessageId, NotRecovered};
+use crate::shard::{HistoryPage, Inbox, Node, Unsent};
 
 /// How long an API request waits for Redis.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,19 +56,46 @@ async fn call(node: &Node, args: Vec<Bytes>) -> Result<BytesFrame, RemoteError> 
     }
 }
 
-/// Publishes a topic message with id `id` to every node.
+/// Publishes a topic message to every node; returns its id: the stream id when the
+/// message is kept in history (`history` on), else `id`.
 pub async fn publish(
     node: &Node,
     topic: &str,
     id: &str,
     data: &RawValue,
-) -> Result<(), RemoteError> {
-    let args = vec![
-        Bytes::from_static(b"PUBLISH"),
-        Bytes::from(schema::topic_channel(topic)),
-        Bytes::from(schema::topic_envelope(id, data)),
-    ];
-    call(node, args).await.map(|_| ())
+    history: super::HistoryBounds,
+) -> Result<String, RemoteError> {
+    let sent_id = if history.on() { "" } else { id };
+    let args = super::publish_args(topic, sent_id, data, history);
+    let reply = call(node, args).await?;
+    super::published_id(&reply).ok_or(RemoteError::BadReply("ringway_publish"))
+}
+
+/// Up to `limit` messages of `topic` after `since` (from the first kept without),
+/// oldest first, from the topic's stream. `epoch`, when given, must be the stream's.
+pub async fn history(
+    node: &Node,
+    topic: &str,
+    since: Option<MessageId>,
+    epoch: Option<&str>,
+    limit: usize,
+) -> Result<Result<HistoryPage, NotRecovered>, RemoteError> {
+    let count = limit.saturating_add(1);
+    let req = replay::Request {
+        after: since,
+        count,
+        serial: 0,
+    };
+    let args = replay::request_args(topic, &req);
+    let reply = call(node, args).await?;
+    let page = replay::parse_page(&reply, count).map_err(RemoteError::Unavailable)?;
+    Ok(
+        replay::page_since(topic, &page, since, epoch).map(|(epoch, frames)| HistoryPage {
+            epoch,
+            frames,
+            more: page.cut,
+        }),
+    )
 }
 
 /// Sends a direct message with id `id` to every connection of `users`, wherever they

@@ -86,13 +86,121 @@ local function send(keys, args)
   return {online, #order, id}
 end
 
--- KEYS: ringway:topic:<T>; ARGV: id ('' = generate), data (JSON).
--- Returns {id, receivers (shards subscribed)}.
+-- Whether stream id a is below stream id b.
+local function stream_id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+
+-- A new history epoch: Redis time in microseconds, base 36.
+local function new_epoch()
+  local t = redis.call('TIME')
+  local n = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local digits, out = '0123456789abcdefghijklmnopqrstuvwxyz', ''
+  while n > 0 do
+    local d = n % 36
+    out = string.sub(digits, d + 1, d + 1) .. out
+    n = (n - d) / 36
+  end
+  return out
+end
+
+-- How long a quiet topic keeps its history keys past its history TTL. After that a
+-- resume answers epoch_changed (the epoch is gone with the keys).
+local KEEP_MS = 86400000
+
+-- KEYS: ringway:topic:<T> [, ringway:history:<T>, ringway:epoch:<T>];
+-- ARGV: id ('' = generate), data (JSON) [, history size, history ttl ms].
+-- With the history keys and a size and ttl above 0, the message is appended to the
+-- topic's stream and its id is the stream id (Redis assigns it: one order per topic
+-- across every node); the envelope then carries the topic's epoch.
+-- Returns {id, receivers (shards subscribed), epoch or nil}.
 local function publish(keys, args)
-  local id, bad = id_and_data(args)
-  if not id then return bad end
-  local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
-  return {id, n}
+  if keys[2] == nil then
+    local id, bad = id_and_data(args)
+    if not id then return bad end
+    local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
+    return {id, n}
+  end
+  if #keys ~= 3 then
+    return redis.error_reply('ERR ringway: pass 1 key (channel) or 3 (channel, history, epoch)')
+  end
+  if args[2] == nil or not pcall(cjson.decode, args[2]) then
+    return redis.error_reply('ERR ringway: data must be one valid JSON value')
+  end
+  local size = tonumber(args[3] or '100')
+  local ttl = tonumber(args[4] or '300000')
+  if size == nil or ttl == nil or size < 0 or ttl < 0 then
+    return redis.error_reply('ERR ringway: history size and ttl must be numbers >= 0')
+  end
+  if size == 0 or ttl == 0 then
+    local id = args[1]
+    if id == nil or id == '' then id = new_id() end
+    local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
+    return {id, n}
+  end
+  if args[1] ~= nil and args[1] ~= '' then
+    return redis.error_reply('ERR ringway: with history the id is the stream id; pass "" as id')
+  end
+  local epoch = redis.call('GET', keys[3])
+  -- A stream without its epoch, or an epoch without its stream, lost history (an
+  -- eviction, a restart without persistence): start a new epoch on a fresh stream.
+  if not epoch or redis.call('EXISTS', keys[2]) == 0 then
+    epoch = new_epoch()
+    redis.call('DEL', keys[2])
+    redis.call('SET', keys[3], epoch)
+  end
+  local id = redis.call('XADD', keys[2], '*', 'd', args[2])
+  -- Trim to the size and the age. Trimming does not move the stream's
+  -- max-deleted-entry-id (XDEL does), and a resume needs it to tell "missed nothing"
+  -- from "missed something that is gone": so it is set here, to the last id trimmed.
+  local cut = false
+  local over = redis.call('XLEN', keys[2]) - size
+  if over > 0 then
+    local old = redis.call('XRANGE', keys[2], '-', '+', 'COUNT', over)
+    cut = old[#old][1]
+  end
+  local ms = tonumber(string.match(id, '^(%d+)-'))
+  local aged = redis.call('XREVRANGE', keys[2], string.format('%d', ms - ttl), '-', 'COUNT', 1)
+  if #aged > 0 and (not cut or stream_id_less(cut, aged[1][1])) then
+    cut = aged[1][1]
+  end
+  if cut then
+    local cms, cseq = string.match(cut, '^(%d+)-(%d+)$')
+    redis.call('XTRIM', keys[2], 'MINID', cms .. '-' .. string.format('%d', tonumber(cseq) + 1))
+    redis.call('XSETID', keys[2], id, 'MAXDELETEDID', cut)
+  end
+  redis.call('PEXPIRE', keys[2], ttl + KEEP_MS)
+  redis.call('PEXPIRE', keys[3], ttl + KEEP_MS)
+  local n = redis.call('PUBLISH', keys[1], '{"id":"' .. id .. '","epoch":"' .. epoch
+    .. '","data":' .. args[2] .. '}')
+  return {id, n, epoch}
+end
+
+-- KEYS: ringway:history:<T>, ringway:epoch:<T>; ARGV: first (XRANGE start: '-' or
+-- '(<id>'), count (0 = no entries, only the position).
+-- Returns {epoch or nil, last id given out or nil (no stream), highest id trimmed
+-- away or nil, entries [[id, [field, value, ...]], ...]}.
+local function history(keys, args)
+  local epoch = redis.call('GET', keys[2])
+  if redis.call('EXISTS', keys[1]) == 0 then
+    return {epoch, false, false, {}}
+  end
+  local info = redis.call('XINFO', 'STREAM', keys[1])
+  local last, deleted = false, false
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1]
+    elseif info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+  end
+  local entries = {}
+  local count = tonumber(args[2])
+  if count and count > 0 then
+    entries = redis.call('XRANGE', keys[1], args[1], '+', 'COUNT', count)
+  end
+  return {epoch, last, deleted, entries}
 end
 
 -- KEYS: ringway:nodes, ringway:node:<id>; ARGV: ttl_ms, node id, info JSON.
@@ -116,5 +224,6 @@ redis.register_function('ringway_presence_set', presence_set)
 redis.register_function('ringway_presence_del', presence_del)
 redis.register_function('ringway_send', send)
 redis.register_function('ringway_publish', publish)
+redis.register_function{function_name = 'ringway_history', callback = history, flags = {'no-writes'}}
 redis.register_function('ringway_node_alive', node_alive)
 redis.register_function('ringway_node_gone', node_gone)

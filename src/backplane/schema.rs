@@ -4,7 +4,9 @@
 //!
 //! | name | kind | contents |
 //! |---|---|---|
-//! | `ringway:topic:<topic>` | channel | topic messages: `{"id":"<optional>","data":<JSON>}` |
+//! | `ringway:topic:<topic>` | channel | topic messages: `{"id":"<optional>","epoch":"<with history>","data":<JSON>}` |
+//! | `ringway:history:<topic>` | stream | the topic's history: entries `d` = data; the entry id is the message id |
+//! | `ringway:epoch:<topic>` | string | the history's epoch; a new one whenever the stream was lost |
 //! | `ringway:shard:<node>/<shard>` | channel | direct messages for users on that shard: `{"users":["U",…],"id":"…","data":<JSON>}` |
 //! | `ringway:user:<user>` | sorted set | presence: member `<node>/<shard>/<conn>`, score = expiry (Redis time, ms); the key expires with its last member |
 //! | `ringway:nodes` | sorted set | live nodes: member node id, score = expiry (ms) |
@@ -14,8 +16,15 @@
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
 //!   user up and publishes once per shard that holds any of them; returns
 //!   `[users online, shards published to]`.
-//! - `FCALL ringway_publish 1 ringway:topic:<T> <id or ""> <data JSON>`: publishes a topic
-//!   message with a Redis-time id when none is given; returns `[id, receivers]`.
+//! - `FCALL ringway_publish 3 ringway:topic:<T> ringway:history:<T> ringway:epoch:<T> ""
+//!   <data JSON> <history size> <history ttl ms>`: appends the message to the topic's
+//!   stream (trimmed to the size and age) and publishes it with the stream id as its id
+//!   and the topic's epoch; returns `[id, receivers, epoch]`. With 1 key (the channel)
+//!   it only publishes, with a Redis-time id when none is given: such a message is not
+//!   in history.
+//! - `FCALL_RO ringway_history 2 ringway:history:<T> ringway:epoch:<T> <start> <count>`:
+//!   the epoch, the last id given out, the highest id trimmed away and up to `count`
+//!   entries from `start` (`-`, or `(<id>` for after an id).
 //! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive`: used by the
 //!   gateway itself.
 
@@ -27,12 +36,22 @@ pub const SHARD_PREFIX: &str = "ringway:shard:";
 pub const USER_PREFIX: &str = "ringway:user:";
 pub const NODES_KEY: &str = "ringway:nodes";
 pub const NODE_PREFIX: &str = "ringway:node:";
+pub const HISTORY_PREFIX: &str = "ringway:history:";
+pub const EPOCH_PREFIX: &str = "ringway:epoch:";
 
 /// The Lua library (Redis ≥ 7.0 functions).
 pub const LIBRARY: &str = include_str!("ringway.lua");
 
 pub fn topic_channel(topic: &str) -> String {
     format!("{TOPIC_PREFIX}{topic}")
+}
+
+pub fn history_key(topic: &str) -> String {
+    format!("{HISTORY_PREFIX}{topic}")
+}
+
+pub fn epoch_key(topic: &str) -> String {
+    format!("{EPOCH_PREFIX}{topic}")
 }
 
 pub fn shard_channel(node: &str, shard: usize) -> String {
@@ -49,11 +68,14 @@ pub fn presence_member(node: &str, shard: usize, conn: u64) -> String {
 }
 
 /// The payload of a topic message on its channel. `id` is set by ringway; a service may
-/// leave it out, and then each receiving node assigns its own.
+/// leave it out, and then each receiving node assigns its own. `epoch` comes with
+/// messages kept in history (their id is then the stream id).
 #[derive(Deserialize)]
 pub struct TopicEnvelope<'a> {
     #[serde(borrow, default)]
     pub id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub epoch: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     pub data: &'a RawValue,
 }

@@ -13,9 +13,10 @@ use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
 use super::link::{self, Link, LinkError};
+use super::replay::Gate;
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
 use super::{Backoff, Backplane, SubState, BATCH, CONNECT_TIMEOUT, PING_EVERY, REPLY_TIMEOUT};
-use crate::protocol;
+use crate::protocol::{self, MessageId};
 use crate::shard::Shard;
 
 /// Runs for the life of the shard.
@@ -79,6 +80,11 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             !waiting.is_empty() && shard.has_subscribers(topic)
         });
     }
+    // What was published while the connection was away is read from the streams once
+    // each topic is confirmed (`replay`).
+    bp.replays
+        .borrow_mut()
+        .reconnected(&topics, shard.history_on());
     count_subscribes(bp, &topics);
     let mut out = BytesMut::new();
     link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
@@ -91,6 +97,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     loop {
         let (subscribe, unsubscribe) = take_changes(shard, bp);
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            note_changes(shard, bp, &subscribe, &unsubscribe);
             count_subscribes(bp, &subscribe);
             let mut out = BytesMut::new();
             encode_channels(&mut out, b"SUBSCRIBE", &subscribe);
@@ -176,6 +183,20 @@ fn take_changes(shard: &Shard, bp: &Backplane) -> (Vec<Rc<str>>, Vec<Rc<str>>) {
     (subscribe, unsubscribe)
 }
 
+/// Topics the shard subscribes to anew get their position read (`replay`); those it
+/// leaves are forgotten.
+fn note_changes(shard: &Shard, bp: &Backplane, subscribe: &[Rc<str>], unsubscribe: &[Rc<str>]) {
+    let mut replays = bp.replays.borrow_mut();
+    for t in unsubscribe {
+        replays.unsubscribed(t);
+    }
+    if shard.history_on() {
+        for t in subscribe {
+            replays.subscribed(t);
+        }
+    }
+}
+
 fn encode_channels(out: &mut BytesMut, command: &[u8], topics: &[Rc<str>]) {
     for chunk in topics.chunks(BATCH) {
         let channels: Vec<String> = chunk.iter().map(|t| schema::topic_channel(t)).collect();
@@ -256,7 +277,19 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
             let id = env
                 .id
                 .unwrap_or_else(|| shard.node.next_message_id().into());
-            shard.deliver(topic, &protocol::message(topic, &id, None, env.data));
+            let epoch = env.epoch.as_deref();
+            let frame = protocol::message(topic, &id, epoch, env.data);
+            // A message in history has a stream id; anything else cannot be placed in
+            // the topic's order.
+            let pos = epoch.and_then(|e| id.parse::<MessageId>().ok().map(|i| (i, e)));
+            let gate = bp.replays.borrow_mut().live(topic, pos, &frame);
+            match gate {
+                Gate::All => {
+                    shard.deliver(topic, &frame);
+                }
+                Gate::AllBut(waiting) => shard.deliver_except(topic, &frame, &waiting),
+                Gate::Nobody => {}
+            }
         }
         Err(e) => bp.bad_message(m, topic, &e),
     }

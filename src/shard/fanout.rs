@@ -99,11 +99,13 @@ pub enum FanoutError {
 fn history_message(why: NotRecovered) -> &'static str {
     match why {
         NotRecovered::HistoryOff => "history is off (history_size or history_ttl_secs is 0)",
-        NotRecovered::EpochChanged => "that epoch's history is gone (the node restarted)",
+        NotRecovered::EpochChanged => {
+            "that epoch's history is gone (a node or Redis restarted without it)"
+        }
         NotRecovered::TooOld => "messages after that offset have already left history",
         NotRecovered::TooLarge => "what was missed is more than the connection's queue may hold",
         NotRecovered::UnknownOffset => "that offset was never given out",
-        NotRecovered::Unavailable => "history through the Redis backplane is not available yet",
+        NotRecovered::Unavailable => "redis could not be asked; retry",
     }
 }
 
@@ -113,10 +115,20 @@ pub async fn history(
     node: &Node,
     topic: &str,
     since: Option<MessageId>,
+    epoch: Option<&str>,
     limit: usize,
 ) -> Result<HistoryPage, FanoutError> {
     if node.backplane {
-        return Err(FanoutError::History(NotRecovered::Unavailable));
+        let cfg = node.config();
+        if cfg.history_size == 0 || cfg.history_ttl_secs == 0 {
+            return Err(FanoutError::History(NotRecovered::HistoryOff));
+        }
+        return backplane::remote::history(node, topic, since, epoch, limit)
+            .await?
+            .map_err(FanoutError::History);
+    }
+    if epoch.is_some_and(|e| e != &*node.epoch) {
+        return Err(FanoutError::History(NotRecovered::EpochChanged));
     }
     if let Some(s) = since {
         if node.last_ordered_id().is_none_or(|last| s > last) {
@@ -176,7 +188,8 @@ pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String
         return Ok(with_room(node, || broker::publish(node, topic, data)).await?);
     }
     let id = node.next_message_id();
-    backplane::remote::publish(node, topic, &id, data).await?;
+    let history = backplane::HistoryBounds::of(&node.config());
+    let id = backplane::remote::publish(node, topic, &id, data, history).await?;
     node.published.inc();
     Ok(id)
 }

@@ -181,6 +181,9 @@ impl Shard {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
         self.floors.borrow_mut().forget(key);
+        if let Some(bp) = self.backplane() {
+            bp.replays.borrow_mut().forget(key);
+        }
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
             self.fanout.topic_changed(topic);
@@ -245,6 +248,25 @@ impl Shard {
         // Already subscribed, it missed nothing since: a plain answer.
         let (ack, missed) = match since.filter(|_| change != Change::None) {
             None => (protocol::ack("subscribed", topic, reference), Vec::new()),
+            Some(since) if self.history_on() && self.backplane().is_some() => {
+                // Through Redis: the answer and the replay come from the topic's stream
+                // once Redis has the subscription.
+                let bp = self.backplane().expect("checked above");
+                let position = backplane::replay::Position {
+                    id: since.offset,
+                    epoch: Some(Rc::from(&*since.epoch)),
+                };
+                match bp.resume(topic, conn, key, position, reference) {
+                    None => {
+                        self.finish_reads();
+                        return Ok(());
+                    }
+                    Some(answer) => {
+                        self.metrics.resumes_not_recovered.inc();
+                        (answer, Vec::new())
+                    }
+                }
+            }
             Some(since) => {
                 let outcome = self.resume(key, conn, topic, since);
                 let counter = match outcome {
@@ -291,9 +313,6 @@ impl Shard {
         topic: &str,
         since: &Since<'_>,
     ) -> Result<Vec<Bytes>, NotRecovered> {
-        if self.fanout.backplane().is_some() {
-            return Err(NotRecovered::Unavailable);
-        }
         if self.history_bounds().off() {
             return Err(NotRecovered::HistoryOff);
         }
@@ -318,6 +337,79 @@ impl Shard {
             self.floors.borrow_mut().add(key, Some(topic), since.offset);
         }
         Ok(missed)
+    }
+
+    /// Whether this node keeps history (`history_size` and `history_ttl_secs` above 0).
+    pub fn history_on(&self) -> bool {
+        !self.history_bounds().off()
+    }
+
+    /// Hands out the stream reads Redis has answered (resumes, catch-ups), then sends
+    /// the reads that waited behind them.
+    pub fn finish_reads(&self) {
+        let Some(bp) = self.backplane() else {
+            return;
+        };
+        loop {
+            let done = bp.take_reads();
+            if done.is_empty() {
+                return;
+            }
+            for (topic, serial, result) in done {
+                let limit = self.cfg().outbound_queue_bytes;
+                let deliveries = {
+                    let conns = self.conns.borrow();
+                    let room = |key: ConnKey, id: u64| {
+                        conns
+                            .get(key)
+                            .filter(|c| c.id == id)
+                            .map(|c| limit.saturating_sub(c.queued()))
+                    };
+                    bp.replays.borrow_mut().finish(&topic, serial, result, room)
+                };
+                for d in deliveries {
+                    self.hand_out(&topic, d);
+                }
+                bp.start_read(&topic);
+            }
+        }
+    }
+
+    /// Queues one replay's frames.
+    fn hand_out(&self, topic: &str, d: backplane::replay::Delivery) {
+        use backplane::replay::To;
+        match d.to {
+            To::Conn { key, conn } => {
+                if self.conns.borrow().get(key).is_none_or(|c| c.id != conn) {
+                    return;
+                }
+                if let Some(recovered) = d.resumed {
+                    let counter = match recovered {
+                        true => &self.metrics.resumes_recovered,
+                        false => &self.metrics.resumes_not_recovered,
+                    };
+                    counter.inc();
+                }
+                for frame in &d.frames {
+                    let queued = self.push_to(std::iter::once(key), frame);
+                    self.metrics.deliveries.add(queued);
+                }
+            }
+            To::Others { except } => {
+                let keys: Vec<ConnKey> = match self.registry.borrow().subscribers(topic) {
+                    Some(subs) => subs
+                        .iter()
+                        .copied()
+                        .filter(|k| !except.contains(k))
+                        .collect(),
+                    None => return,
+                };
+                for frame in &d.frames {
+                    let queued = self.push_to(keys.iter().copied(), frame);
+                    self.metrics.deliveries.add(queued);
+                }
+            }
+        }
     }
 
     /// The history bounds in force.
@@ -360,6 +452,16 @@ impl Shard {
     pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
         let change = self.registry.borrow_mut().unsubscribe(key, topic);
         self.floors.borrow_mut().leave(key, topic);
+        if let Some(bp) = self.backplane() {
+            if let Some(reference) = bp.replays.borrow_mut().leave(topic, key) {
+                // Its resume was still being read: answered before `unsubscribed`.
+                let why = Err(NotRecovered::Unavailable);
+                self.reply(
+                    conn,
+                    protocol::resumed(topic, why, None, reference.as_deref()),
+                );
+            }
+        }
         self.fanout.unsubscribing(topic, conn);
         if change == Change::TopicEdge {
             self.fanout.topic_changed(Rc::from(topic));
@@ -381,10 +483,11 @@ impl Shard {
             self.node.published.inc();
             let reply = backplane::Reply::Publish {
                 conn: Rc::downgrade(conn),
-                ok: reference.map(|r| protocol::published(topic, &id, Some(r))),
+                topic: Rc::from(topic),
                 reference: reference.map(|r| r.to_owned()),
             };
-            bp.publish(topic, &id, data, reply);
+            let history = backplane::HistoryBounds::of(&self.cfg());
+            bp.publish(topic, &id, data, history, reply);
             return;
         }
         match crate::broker::publish(&self.node, topic, data) {
@@ -456,6 +559,16 @@ impl Shard {
         let queued = self.push_to(subs.iter().copied(), frame);
         self.metrics.deliveries.add(queued);
         queued
+    }
+
+    /// `deliver`, but for the connections in `except` (resumes still being read).
+    pub fn deliver_except(&self, topic: &str, frame: &Bytes, except: &[ConnKey]) {
+        let registry = self.registry.borrow();
+        let Some(subs) = registry.subscribers(topic) else {
+            return;
+        };
+        let queued = self.push_to(subs.iter().copied().filter(|k| !except.contains(k)), frame);
+        self.metrics.deliveries.add(queued);
     }
 
     /// `deliver`, skipping connections that resumed from an offset at or past `id`.

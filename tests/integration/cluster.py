@@ -44,9 +44,11 @@ def _find(program: str) -> str:
 
 
 class RedisServer:
-    """A private redis-server: no persistence, loopback only, on a free port."""
+    """A private redis-server, loopback only, on a free port; no persistence unless
+    `aof` (append-only file, fsync every second)."""
 
-    def __init__(self):
+    def __init__(self, aof: bool = False):
+        self.aof = aof
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ringway-redis-")
@@ -58,7 +60,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         cmd = [_find("redis-server"), "--port", str(self.port), "--bind", HOST,
-               "--save", "", "--appendonly", "no", "--dir", self.dir,
+               "--save", "", "--appendonly", "yes" if self.aof else "no", "--dir", self.dir,
                "--logfile", str(self._log), "--protected-mode", "no"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -82,6 +84,16 @@ class RedisServer:
 
     def restart(self) -> None:
         self.kill()
+        self.start()
+
+    def shutdown(self) -> None:
+        """SIGTERM: Redis writes its append-only file out and exits."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+    def restart_gracefully(self) -> None:
+        self.shutdown()
         self.start()
 
     def calls(self, command: str) -> int:

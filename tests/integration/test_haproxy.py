@@ -25,7 +25,9 @@ def test_a_client_that_lands_on_another_node_keeps_its_topics_and_direct_message
     async def check(c: Client, publisher, sender) -> None:
         """`c` (subscribed to "room") gets a topic message and a direct message."""
         mid = publisher.publish("room", {"via": "topic"})
-        assert await c.recv() == {"type": "message", "topic": "room", "id": mid, "data": {"via": "topic"}}
+        m = await c.recv()
+        assert (m["type"], m["topic"], m["id"], m["data"]) == ("message", "room", mid, {"via": "topic"}), m
+        assert m["epoch"] == rc.get("ringway:epoch:room")
         wait_until(lambda: registered_on(c.welcome["node"]), 5, what="gina's presence")
         r = sender.http("POST", "/v1/send", json.dumps({"user": "gina", "data": "direct"}))
         assert r.status == 200 and r.json()["online"] == 1, r.body
