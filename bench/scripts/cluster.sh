@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1}
+ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2}
 OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%d-%H%M%S)}
 GW_BIN=${GW_BIN:-target/release/ringway}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -81,6 +81,11 @@ run() {
 FANOUT1K=(fanout --subs 1000 --topics 1 --rate 10 --duration 10)
 FANOUT=(fanout --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2)
 DIRECT=(direct --subs 10000 --topics 10000 --rate 1000 --duration 10 --source-ips 2)
+# The cost of history in Redis: the same publish rate with topic streams on and off.
+PUB=(fanout --subs 100 --topics 1 --rate 2000 --duration 10)
+# A resume storm through Redis: 10,000 subscribers over 2 nodes reconnect at once, each
+# 100 messages behind, then 10 msg/s live.
+RESUME=(fanout --subs 10000 --topics 1 --behind 100 --rate 10 --duration 5 --source-ips 2)
 for i in $(seq "$RUNS"); do
   if want fanout1k-redis2; then
     start_redis; start_nodes 2 redis; run "fanout1k-redis2-$i" "${FANOUT1K[@]}"; stop_all
@@ -99,6 +104,16 @@ for i in $(seq "$RUNS"); do
   fi
   if want direct1; then
     start_nodes 1; run "direct1-$i" "${DIRECT[@]}"; stop_all
+  fi
+  if want pub-history; then
+    start_redis; start_nodes 2 redis; run "pub-history-$i" "${PUB[@]}"; stop_all
+  fi
+  if want pub-nohistory; then
+    start_redis; export RINGWAY_HISTORY_SIZE=0; start_nodes 2 redis; unset RINGWAY_HISTORY_SIZE
+    run "pub-nohistory-$i" "${PUB[@]}"; stop_all
+  fi
+  if want resume10k-redis2; then
+    start_redis; start_nodes 2 redis; run "resume10k-redis2-$i" "${RESUME[@]}"; stop_all
   fi
 done
 
@@ -122,7 +137,10 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
                     ("fanout10k-redis2", "fanout through Redis: 1 topic, 10,000 subscribers over 2 nodes, 10 msg/s"),
                     ("fanout10k-local", "baseline, one node, in-process broker: the same load"),
                     ("direct3", "direct through Redis: 10,000 users over 3 nodes, 1,000 msg/s"),
-                    ("direct1", "baseline, one node, in-process directory: the same load")):
+                    ("direct1", "baseline, one node, in-process directory: the same load"),
+                    ("pub-history", "publish through Redis, history on: 2,000 msg/s to 100 subscribers over 2 nodes"),
+                    ("pub-nohistory", "the same with history off (history_size 0)"),
+                    ("resume10k-redis2", "resume storm through Redis: 10,000 subscribers over 2 nodes, 100 behind")):
     rs = load(name)
     if not rs:
         continue
@@ -131,6 +149,8 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
     row("  messages acknowledged/s", [r["publisher"]["acked_ok"] / r["publisher"]["send_secs"] for r in rs])
     row("  deliveries per gateway CPU-second (all nodes)", [r["gateway"]["deliveries_per_cpu_sec_schedstat"] for r in rs])
     row("  lost + duplicates", [r["deliveries"]["lost"] + r["deliveries"]["duplicates"] for r in rs])
+    row("  time to recover every resuming subscriber (s)",
+        [(r.get("resume") or {}).get("recover_secs") for r in rs], "{:,.3f}")
     for p in ("p50", "p99", "p999", "max"):
         row(f"  latency {p} (ms)", [r["latency_us"][p] / 1000 for r in rs], "{:,.2f}")
     calls = [r.get("redis_calls") for r in rs if r.get("redis_calls")]
@@ -140,5 +160,10 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
             [sum(c.values()) / a for c, a in zip(calls, acked)], "{:,.2f}")
         for cmd in sorted({k for c in calls for k in c}):
             row(f"    {cmd} per message", [c.get(cmd, 0) / a for c, a in zip(calls, acked)], "{:,.2f}")
+        if name.startswith("resume"):
+            row("  stream reads (FCALL_RO) per resuming subscriber",
+                [c.get("fcall_ro", 0) / 10000 for c in calls], "{:,.4f}")
         row("  redis-server CPU-seconds (whole run)", [r["redis_cpu_secs"] for r in rs], "{:,.2f}")
+        row("  redis-server CPU-microseconds per message acknowledged",
+            [r["redis_cpu_secs"] * 1e6 / r["publisher"]["acked_ok"] for r in rs if r["redis_cpu_secs"] is not None], "{:,.1f}")
 PY
