@@ -750,7 +750,8 @@ impl Shard {
             let closing = conn.closing_since.get();
             if closing != 0 {
                 if now - closing > close_after {
-                    conn.abort(CloseReason::Client);
+                    // Unanswered: counted under the reason the close was sent for.
+                    conn.abort(conn.closing_why.get());
                 }
                 continue;
             }

@@ -70,6 +70,8 @@ pub struct ConnHandle {
     pub writing_since: Cell<u32>,
     /// Shard clock when our close frame was queued; 0 while open.
     pub closing_since: Cell<u32>,
+    /// Why that close frame was sent: the reason counted if the client never answers it.
+    pub closing_why: Cell<CloseReason>,
     pub ping_sent: Cell<bool>,
     close: Cell<Option<ShardClose>>,
     abort: Cell<Option<CloseReason>>,
@@ -91,6 +93,7 @@ impl ConnHandle {
             last_rx: Cell::new(now),
             writing_since: Cell::new(0),
             closing_since: Cell::new(0),
+            closing_why: Cell::new(CloseReason::Client),
             ping_sent: Cell::new(false),
             close: Cell::new(None),
             abort: Cell::new(None),

@@ -207,8 +207,9 @@ impl Effects for Io {
     fn send_error(&mut self, frame: Bytes) {
         self.shard.reply_error(&self.handle, frame);
     }
-    fn closing(&mut self, frame: Bytes, _why: CloseReason) {
+    fn closing(&mut self, frame: Bytes, why: CloseReason) {
         self.handle.push_unbounded(frame, &self.shard.metrics);
+        self.handle.closing_why.set(why);
         self.handle.closing_since.set(self.shard.now());
     }
     fn ack(&mut self, id: MessageId, reference: Option<&RawValue>) {
