@@ -142,6 +142,7 @@ async fn serve(
             next_heartbeat = now + Duration::from_secs(1);
         }
         queue_presence_changes(shard, bp);
+        bp.queue_inbox_reads();
         if bp.stopping.get() && !deregistered {
             deregistered = true;
             if shard.index == 0 {

@@ -15,6 +15,7 @@
 //! shard keeps serving its own connections. The schema is in `schema`.
 
 mod commands;
+pub mod inbox;
 pub mod link;
 pub mod remote;
 pub mod replay;
@@ -78,6 +79,18 @@ pub enum Reply {
         serial: u64,
         count: usize,
     },
+    /// A read of a user's inbox for a new connection (`inbox`).
+    Inbox {
+        key: usize,
+        conn: u64,
+        user: Rc<str>,
+    },
+    /// A client's `ack`: answered `acked` when it has a `ref`.
+    Ack {
+        conn: Weak<ConnHandle>,
+        id: String,
+        reference: Option<Box<RawValue>>,
+    },
     /// A request from another thread (the admin API).
     Remote(RemoteReply),
 }
@@ -134,6 +147,28 @@ pub struct Backplane {
     pub replays: RefCell<replay::Replays>,
     /// Answered stream reads, for the shard to hand out (`Shard::finish_reads`).
     reads_done: RefCell<Vec<ReadDone>>,
+    /// New connections whose user's inbox is read, and what it got meanwhile.
+    pub inboxes: RefCell<inbox::Inboxes>,
+}
+
+/// What a user's inbox of unacknowledged direct messages is bounded by.
+#[derive(Debug, Clone, Copy)]
+pub struct InboxBounds {
+    pub size: usize,
+    pub ttl_ms: u64,
+}
+
+impl InboxBounds {
+    pub fn of(cfg: &Config) -> Self {
+        Self {
+            size: cfg.direct_inbox_size,
+            ttl_ms: cfg.direct_inbox_ttl_secs.saturating_mul(1000),
+        }
+    }
+
+    pub fn on(&self) -> bool {
+        self.size > 0 && self.ttl_ms > 0
+    }
 }
 
 /// An answered stream read: topic, serial, page.
@@ -202,6 +237,7 @@ impl Backplane {
             metrics,
             replays: RefCell::default(),
             reads_done: RefCell::default(),
+            inboxes: RefCell::default(),
             direct_channel: schema::shard_channel(node, shard),
             presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
             topics: RefCell::default(),
@@ -359,6 +395,45 @@ impl Backplane {
             },
         });
         self.cmd_wake.wake();
+    }
+
+    /// A new connection of `user` gets what waits in the user's inbox (read once its
+    /// presence is registered, so a message sent meanwhile is routed to it live or
+    /// found in the inbox); until then its live direct messages are held.
+    pub fn read_inbox(&self, key: usize, conn: u64, user: &Rc<str>) {
+        if self.cmd_up() {
+            self.inboxes.borrow_mut().wait(key, conn, user.clone());
+            self.cmd_wake.wake();
+        }
+    }
+
+    /// Queues the inbox reads asked for since the last write, behind the presence
+    /// changes (`commands`).
+    fn queue_inbox_reads(&self) {
+        let reads = self.inboxes.borrow_mut().take_unsent();
+        for (key, conn, user) in reads {
+            let inbox = schema::inbox_key(&user);
+            let args: [&[u8]; 4] = [b"XRANGE", inbox.as_bytes(), b"-", b"+"];
+            self.command(&args, Reply::Inbox { key, conn, user });
+        }
+    }
+
+    /// Acknowledges `user`'s direct messages up to `id` in the user's inbox.
+    pub fn ack(&self, conn: &Rc<ConnHandle>, user: &str, id: &str, reference: Option<&RawValue>) {
+        let inbox = schema::inbox_key(user);
+        let args: [&[u8]; 5] = [
+            b"FCALL",
+            b"ringway_ack",
+            b"1",
+            inbox.as_bytes(),
+            id.as_bytes(),
+        ];
+        let reply = Reply::Ack {
+            conn: Rc::downgrade(conn),
+            id: id.to_owned(),
+            reference: reference.map(ToOwned::to_owned),
+        };
+        self.command(&args, reply);
     }
 
     /// Sends every read that waited for the command connection.
@@ -529,6 +604,32 @@ impl Backplane {
             }
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
+            }
+            Reply::Inbox { key, conn, user } => {
+                let entries = result.and_then(|frame| inbox::parse_entries(&frame));
+                self.inboxes.borrow_mut().answered(key, conn, user, entries);
+            }
+            Reply::Ack {
+                conn,
+                id,
+                reference,
+            } => {
+                let Some(conn) = conn.upgrade() else { return };
+                match result {
+                    Ok(BytesFrame::Integer(removed)) => {
+                        if let Some(r) = reference {
+                            self.reply(&conn, protocol::acked(&id, removed as usize, Some(&r)));
+                        }
+                    }
+                    Ok(_) | Err(_) => self.reply(
+                        &conn,
+                        protocol::error(
+                            ErrorCode::Unavailable,
+                            "the acknowledgement did not reach redis; send it again",
+                            reference.as_deref(),
+                        ),
+                    ),
+                }
             }
             Reply::History {
                 topic,

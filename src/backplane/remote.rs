@@ -98,30 +98,49 @@ pub async fn history(
     )
 }
 
-/// Sends a direct message with id `id` to every connection of `users`, wherever they
-/// are: one function call that looks them up and publishes once per shard holding any.
+/// Sends a direct message to every connection of `users`, wherever they are: one
+/// function call that looks them up, publishes once per shard holding any, and with
+/// `inbox` on keeps the message in each user's inbox until acknowledged (the inbox
+/// then gives the id; `id` is used otherwise).
 pub async fn send(
     node: &Node,
     users: &[String],
     id: String,
     data: &RawValue,
+    inbox: super::InboxBounds,
 ) -> Result<Sent, RemoteError> {
-    let mut args = Vec::with_capacity(users.len() + 5);
+    let keys = if inbox.on() {
+        2 * users.len()
+    } else {
+        users.len()
+    };
+    let mut args = Vec::with_capacity(keys + 7);
     args.push(Bytes::from_static(b"FCALL"));
     args.push(Bytes::from_static(b"ringway_send"));
-    args.push(Bytes::from(users.len().to_string()));
+    args.push(Bytes::from(keys.to_string()));
     args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
-    args.push(Bytes::from(id.clone()));
+    if inbox.on() {
+        args.extend(users.iter().map(|u| Bytes::from(schema::inbox_key(u))));
+        args.push(Bytes::new());
+    } else {
+        args.push(Bytes::from(id.clone()));
+    }
     args.push(Bytes::copy_from_slice(data.get().as_bytes()));
+    if inbox.on() {
+        args.push(Bytes::from(inbox.size.to_string()));
+        args.push(Bytes::from(inbox.ttl_ms.to_string()));
+    }
     match call(node, args).await? {
         BytesFrame::Array(parts) => match parts.as_slice() {
-            [BytesFrame::Integer(online), BytesFrame::Integer(shards), ..] => Ok(Sent {
-                id,
-                online: *online as usize,
-                shards: *shards as usize,
-                connections: None,
-                stored: false,
-            }),
+            [BytesFrame::Integer(online), BytesFrame::Integer(shards), BytesFrame::BulkString(given), rest @ ..] => {
+                Ok(Sent {
+                    id: String::from_utf8_lossy(given).into_owned(),
+                    online: *online as usize,
+                    shards: *shards as usize,
+                    connections: None,
+                    stored: matches!(rest.first(), Some(BytesFrame::Integer(1))),
+                })
+            }
             _ => Err(RemoteError::BadReply("ringway_send")),
         },
         _ => Err(RemoteError::BadReply("ringway_send")),

@@ -759,15 +759,32 @@ pub fn parse_page(frame: &BytesFrame, count: usize) -> Result<Page, String> {
         entries: Vec::with_capacity(entries.len()),
         cut: false,
     };
+    page.entries = stream_entries(entries).ok_or_else(bad)?;
+    if count > 0 && entries.len() >= count {
+        page.cut = true;
+        page.entries.truncate(count.saturating_sub(1));
+    }
+    Ok(page)
+}
+
+/// The entries of an `XRANGE` reply whose data (field `d`) is one JSON value; an entry
+/// someone else wrote without it is skipped. `None` when the reply is not a stream's.
+pub fn stream_entries(entries: &[BytesFrame]) -> Option<Vec<(MessageId, Box<RawValue>)>> {
+    let text = |f: &BytesFrame| match f {
+        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => {
+            std::str::from_utf8(b).ok().map(str::to_owned)
+        }
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let BytesFrame::Array(e) = entry else {
-            return Err(bad());
+            return None;
         };
         let [eid, BytesFrame::Array(fields)] = e.as_slice() else {
-            return Err(bad());
+            return None;
         };
-        let eid = id(eid).ok_or_else(bad)?;
-        // Fields are `d <data>`; an entry someone else wrote without it is skipped.
+        let eid = text(eid)?.parse::<MessageId>().ok()?;
         let data = fields
             .chunks(2)
             .find(|kv| text(&kv[0]).as_deref() == Some("d"))
@@ -775,14 +792,10 @@ pub fn parse_page(frame: &BytesFrame, count: usize) -> Result<Page, String> {
             .and_then(text)
             .and_then(|s| RawValue::from_string(s).ok());
         if let Some(data) = data {
-            page.entries.push((eid, data));
+            out.push((eid, data));
         }
     }
-    if count > 0 && entries.len() >= count {
-        page.cut = true;
-        page.entries.truncate(count.saturating_sub(1));
-    }
-    Ok(page)
+    Some(out)
 }
 
 #[cfg(test)]

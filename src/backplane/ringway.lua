@@ -49,15 +49,81 @@ local function presence_del(keys, args)
   return #keys
 end
 
--- KEYS: ringway:user:<U>...; ARGV: id ('' = generate), data (JSON).
+-- The last id a stream gave out, as (ms, seq); (0, 0) when there is no stream.
+local function last_id(key)
+  if redis.call('EXISTS', key) == 0 then return 0, 0 end
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then
+      local ms, seq = string.match(info[i + 1], '^(%d+)-(%d+)$')
+      return tonumber(ms), tonumber(seq)
+    end
+  end
+  return 0, 0
+end
+
+-- KEYS: ringway:user:<U>... [, ringway:inbox:<U>... (same users, same order)];
+-- ARGV: id ('' = generate), data (JSON) [, inbox size, inbox ttl ms].
+-- With the inbox keys, the message is also appended to each user's inbox stream (for
+-- acknowledged delivery) under one id above every one of those streams' ids.
 -- Publishes once to each shard that holds any of the users.
--- Returns {users online, shards published to, id}.
+-- Returns {users online, shards published to, id, stored (0/1)}.
 local function send(keys, args)
-  local id, bad = id_and_data(args)
-  if not id then return bad end
+  if args[2] == nil or not pcall(cjson.decode, args[2]) then
+    return redis.error_reply('ERR ringway: data must be one valid JSON value')
+  end
+  local users = #keys
+  local size = tonumber(args[3] or '0')
+  local ttl = tonumber(args[4] or '0')
+  if args[3] ~= nil then
+    if #keys % 2 ~= 0 then
+      return redis.error_reply('ERR ringway: with an inbox size, pass each user key and then each inbox key')
+    end
+    users = #keys / 2
+  end
+  if size == nil or ttl == nil or size < 0 or ttl < 0 then
+    return redis.error_reply('ERR ringway: inbox size and ttl must be numbers >= 0')
+  end
+  local stored = size > 0 and ttl > 0 and args[3] ~= nil
+  local id
+  if stored then
+    if args[1] ~= nil and args[1] ~= '' then
+      return redis.error_reply('ERR ringway: with an inbox the id is the inbox stream id; pass "" as id')
+    end
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    -- Each inbox once, though a user may be named twice.
+    local inboxes, named = {}, {}
+    for i = users + 1, #keys do
+      if not named[keys[i]] then
+        named[keys[i]] = true
+        inboxes[#inboxes + 1] = keys[i]
+      end
+    end
+    local ms, seq = now, 0
+    for _, key in ipairs(inboxes) do
+      local lms, lseq = last_id(key)
+      if lms > ms then
+        ms, seq = lms, lseq + 1
+      elseif lms == ms and lseq + 1 > seq then
+        seq = lseq + 1
+      end
+    end
+    id = string.format('%d-%d', ms, seq)
+    for _, key in ipairs(inboxes) do
+      redis.call('XADD', key, 'MAXLEN', size, id, 'd', args[2])
+      redis.call('XTRIM', key, 'MINID', string.format('%d', now - ttl + 1))
+      redis.call('PEXPIRE', key, ttl)
+    end
+  elseif args[1] == nil or args[1] == '' then
+    id = new_id()
+  else
+    id = args[1]
+  end
   local now = now_ms()
   local routes, order, done, online = {}, {}, {}, 0
-  for _, key in ipairs(keys) do
+  for i = 1, users do
+    local key = keys[i]
     if not done[key] then
       done[key] = true
       local user = string.sub(key, #USER_PREFIX + 1)
@@ -83,16 +149,15 @@ local function send(keys, args)
     redis.call('PUBLISH', SHARD_PREFIX .. route, '{"users":' .. cjson.encode(routes[route])
       .. ',"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
   end
-  return {online, #order, id}
+  return {online, #order, id, stored and 1 or 0}
 end
 
--- Whether stream id a is below stream id b.
-local function stream_id_less(a, b)
-  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
-  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
-  ams, bms = tonumber(ams), tonumber(bms)
-  if ams ~= bms then return ams < bms end
-  return tonumber(aseq) < tonumber(bseq)
+-- KEYS: ringway:inbox:<U>; ARGV: id. Acknowledges the user's direct messages up to id
+-- (cumulative). Returns how many left the inbox.
+local function ack(keys, args)
+  local ms, seq = string.match(args[1] or '', '^(%d+)-(%d+)$')
+  if not ms then return redis.error_reply('ERR ringway: ack needs a message id') end
+  return redis.call('XTRIM', keys[1], 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
 end
 
 -- A new history epoch: Redis time in microseconds, base 36.
@@ -223,6 +288,7 @@ end
 redis.register_function('ringway_presence_set', presence_set)
 redis.register_function('ringway_presence_del', presence_del)
 redis.register_function('ringway_send', send)
+redis.register_function('ringway_ack', ack)
 redis.register_function('ringway_publish', publish)
 redis.register_function{function_name = 'ringway_history', callback = history, flags = {'no-writes'}}
 redis.register_function('ringway_node_alive', node_alive)

@@ -7,6 +7,7 @@
 //! | `ringway:topic:<topic>` | channel | topic messages: `{"id":"<optional>","epoch":"<with history>","data":<JSON>}` |
 //! | `ringway:history:<topic>` | stream | the topic's history: entries `d` = data; the entry id is the message id |
 //! | `ringway:epoch:<topic>` | string | the history's epoch; a new one whenever the stream was lost |
+//! | `ringway:inbox:<user>` | stream | the user's unacknowledged direct messages: entries `d` = data; the entry id is the message id |
 //! | `ringway:shard:<node>/<shard>` | channel | direct messages for users on that shard: `{"users":["U",…],"id":"…","data":<JSON>}` |
 //! | `ringway:user:<user>` | sorted set | presence: member `<node>/<shard>/<conn>`, score = expiry (Redis time, ms); the key expires with its last member |
 //! | `ringway:nodes` | sorted set | live nodes: member node id, score = expiry (ms) |
@@ -15,7 +16,10 @@
 //! Functions (library `ringway`, loaded at start with `FUNCTION LOAD REPLACE`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
 //!   user up and publishes once per shard that holds any of them; returns
-//!   `[users online, shards published to]`.
+//!   `[users online, shards published to, id, 0]`. With `2n` keys (the user keys, then
+//!   `ringway:inbox:<U>` for each) and `"" <data> <inbox size> <inbox ttl ms>`, it also
+//!   appends the message to each user's inbox under one id; the last element is then 1.
+//! - `FCALL ringway_ack 1 ringway:inbox:<U> <id>`: removes the user's messages up to id.
 //! - `FCALL ringway_publish 3 ringway:topic:<T> ringway:history:<T> ringway:epoch:<T> ""
 //!   <data JSON> <history size> <history ttl ms>`: appends the message to the topic's
 //!   stream (trimmed to the size and age) and publishes it with the stream id as its id
@@ -38,6 +42,7 @@ pub const NODES_KEY: &str = "ringway:nodes";
 pub const NODE_PREFIX: &str = "ringway:node:";
 pub const HISTORY_PREFIX: &str = "ringway:history:";
 pub const EPOCH_PREFIX: &str = "ringway:epoch:";
+pub const INBOX_PREFIX: &str = "ringway:inbox:";
 
 /// The Lua library (Redis ≥ 7.0 functions).
 pub const LIBRARY: &str = include_str!("ringway.lua");
@@ -52,6 +57,10 @@ pub fn history_key(topic: &str) -> String {
 
 pub fn epoch_key(topic: &str) -> String {
     format!("{EPOCH_PREFIX}{topic}")
+}
+
+pub fn inbox_key(user: &str) -> String {
+    format!("{INBOX_PREFIX}{user}")
 }
 
 pub fn shard_channel(node: &str, shard: usize) -> String {

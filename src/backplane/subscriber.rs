@@ -258,7 +258,7 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
                     .id
                     .unwrap_or_else(|| shard.node.next_message_id().into());
                 for user in &env.users {
-                    shard.deliver_direct(user, &id, env.data, &[]);
+                    shard.deliver_direct_live(user, &id, env.data);
                 }
             }
             Err(e) => bp.bad_message(m, "direct", &e),

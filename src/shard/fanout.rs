@@ -199,7 +199,8 @@ pub async fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent
     if !node.backplane {
         return Ok(with_room(node, || broker::send(node, users, data)).await?);
     }
-    let sent = backplane::remote::send(node, users, node.next_message_id(), data).await?;
+    let inbox = backplane::InboxBounds::of(&node.config());
+    let sent = backplane::remote::send(node, users, node.next_message_id(), data, inbox).await?;
     node.published.inc();
     Ok(sent)
 }

@@ -183,6 +183,7 @@ impl Shard {
         self.floors.borrow_mut().forget(key);
         if let Some(bp) = self.backplane() {
             bp.replays.borrow_mut().forget(key);
+            bp.inboxes.borrow_mut().forget(key);
         }
         let gone = self.registry.borrow_mut().remove_conn(key);
         for topic in gone {
@@ -344,12 +345,16 @@ impl Shard {
         !self.history_bounds().off()
     }
 
-    /// Hands out the stream reads Redis has answered (resumes, catch-ups), then sends
-    /// the reads that waited behind them.
+    /// Hands out the stream reads Redis has answered (resumes, catch-ups, inboxes),
+    /// then sends the reads that waited behind them.
     pub fn finish_reads(&self) {
         let Some(bp) = self.backplane() else {
             return;
         };
+        let inboxes = bp.inboxes.borrow_mut().take_done();
+        for (key, conn, user, entries) in inboxes {
+            self.give_inbox(bp, key, conn, &user, entries);
+        }
         loop {
             let done = bp.take_reads();
             if done.is_empty() {
@@ -373,6 +378,61 @@ impl Shard {
                 bp.start_read(&topic);
             }
         }
+    }
+
+    /// Connection `key` (number `conn`) gets what its user's inbox held, then the live
+    /// direct messages held meanwhile that are newer.
+    fn give_inbox(
+        &self,
+        bp: &Backplane,
+        key: ConnKey,
+        conn: u64,
+        user: &str,
+        entries: Result<backplane::inbox::Entries, String>,
+    ) {
+        let Some(held) = bp.inboxes.borrow_mut().finish(key, conn) else {
+            return;
+        };
+        let entries = entries.unwrap_or_else(|e| {
+            // The messages stay in the inbox: the next connection gets them.
+            tracing::debug!(user, error = %e, "inbox read failed");
+            Vec::new()
+        });
+        let last = entries.last().map(|(id, _)| *id);
+        for (id, data) in &entries {
+            let frame = protocol::direct(user, &id.to_string(), data);
+            let queued = self.push_to(std::iter::once(key), &frame);
+            self.metrics.direct_deliveries.add(queued);
+            self.metrics.direct_given_again.add(queued);
+        }
+        for (id, frame) in held {
+            if last.is_none_or(|l| id > l) {
+                let queued = self.push_to(std::iter::once(key), &frame);
+                self.metrics.direct_deliveries.add(queued);
+            }
+        }
+    }
+
+    /// A direct message from Redis for every local connection of `user`; connections
+    /// whose inbox is still being read hold it (`backplane::inbox`).
+    pub fn deliver_direct_live(&self, user: &str, id: &str, data: &RawValue) {
+        let mut held = Vec::new();
+        if let Some(bp) = self
+            .backplane()
+            .filter(|bp| !bp.inboxes.borrow().is_empty())
+        {
+            if let Some(keys) = self.users.borrow().get(user) {
+                let frame = protocol::direct(user, id, data);
+                let mid = id.parse::<MessageId>().unwrap_or(MessageId::MAX);
+                let mut inboxes = bp.inboxes.borrow_mut();
+                held.extend(
+                    keys.iter()
+                        .copied()
+                        .filter(|k| inboxes.hold(*k, mid, &frame)),
+                );
+            }
+        }
+        self.deliver_direct(user, id, data, &held);
     }
 
     /// Queues one replay's frames.
@@ -607,7 +667,11 @@ impl Shard {
         let Some(user) = conn.user.as_ref() else {
             return;
         };
-        if self.fanout.backplane().is_some() {
+        if let Some(bp) = self.fanout.backplane() {
+            // Through Redis: read from the user's inbox once its presence is in.
+            if backplane::InboxBounds::of(&self.cfg()).on() {
+                bp.read_inbox(key, conn.id, user);
+            }
             return;
         }
         let waiting = self.node.unacked.pending(user, self.direct_bounds());
@@ -625,14 +689,13 @@ impl Shard {
 
     /// Connection `conn` acknowledges its user's direct messages up to `id`.
     pub fn ack(&self, conn: &Rc<ConnHandle>, id: MessageId, reference: Option<&RawValue>) {
-        if self.fanout.backplane().is_some() {
-            let m = "acknowledged direct messages are not available with Redis yet";
-            return self.reply_error(conn, protocol::error(ErrorCode::Unavailable, m, reference));
-        }
         let Some(user) = conn.user.as_ref() else {
             let m = "only a connection with a user (a token with `sub`) has direct messages to acknowledge";
             return self.reply_error(conn, protocol::error(ErrorCode::BadRequest, m, reference));
         };
+        if let Some(bp) = self.fanout.backplane() {
+            return bp.ack(conn, user, &id.to_string(), reference);
+        }
         let removed = self.node.unacked.ack(user, id);
         if reference.is_some() {
             self.reply(conn, protocol::acked(&id.to_string(), removed, reference));

@@ -158,8 +158,8 @@ def test_a_direct_message_reaches_only_the_shard_that_holds_the_user(redis_serve
             m = await alice.recv()
             assert m["data"] == {"y": 2} and out.stdout.startswith(m["id"] + " online=1 shards=1")
             # A service in any language: one Redis call, lookup and publish.
-            online, shards, fid = rc.fcall("ringway_send", 1, "ringway:user:alice", "", json.dumps("hey"))
-            assert (online, shards) == (1, 1)
+            online, shards, fid, stored = rc.fcall("ringway_send", 1, "ringway:user:alice", "", json.dumps("hey"))
+            assert (online, shards, stored) == (1, 1, 0)
             assert await alice.recv() == {"type": "message", "user": "alice", "id": fid, "data": "hey"}
             # Nobody by that name: nothing is published anywhere.
             assert send(n1, {"user": "nobody", "data": 1})["shards"] == 0
@@ -206,6 +206,8 @@ def test_direct_messages_follow_a_user_who_reconnects_to_another_node(redis_serv
             wait_presence(redis_server, "carol", "node2")
             sent = send(n1, {"user": "carol", "data": 1})
             assert (await c.recv())["id"] == sent["id"]
+            # Acknowledged: not given again at the next connect.
+            assert (await c.request({"op": "ack", "id": sent["id"], "ref": 1}))["type"] == "acked"
         # Gone from node 2: its entry is removed at once, not left to expire.
         wait_until(lambda: not presence(redis_server, "carol"), 5, what="presence removal")
         async with Client(n1, **as_user("carol")) as c:

@@ -33,6 +33,8 @@ def test_a_client_that_lands_on_another_node_keeps_its_topics_and_direct_message
         assert r.status == 200 and r.json()["online"] == 1, r.body
         m = await c.recv()
         assert (m["user"], m["id"], m["data"]) == ("gina", r.json()["id"], "direct")
+        # Acknowledged, so the next connection is not given it again.
+        assert (await c.request({"op": "ack", "id": m["id"], "ref": 1}))["type"] == "acked"
 
     async def connect() -> Client:
         c = await Client(lb, additional_headers=headers).__aenter__()

@@ -1,0 +1,143 @@
+//! Acknowledged direct messages through Redis: each user's inbox is a stream
+//! (`ringway:inbox:<user>`) that `ringway_send` appends to and `ringway_ack` trims. A
+//! new connection of the user reads it once its presence is registered (the read is
+//! queued behind the registration on the command connection), so a message sent while
+//! it connects is either routed to it live or found in the inbox. Live direct messages
+//! that reach the connection before the read is answered are held and follow what the
+//! inbox held, so the connection sees its messages in id order; a live copy of a
+//! message the inbox already gave may still come (at least once: clients drop ids at
+//! or below the last one they handled).
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use redis_protocol::resp2::types::BytesFrame;
+use serde_json::value::RawValue;
+
+use crate::protocol::MessageId;
+use crate::registry::ConnKey;
+
+/// A user's inbox as read: (id, data) oldest first.
+pub type Entries = Vec<(MessageId, Box<RawValue>)>;
+
+/// An answered inbox read: connection key and number, user, entries.
+pub type InboxDone = (ConnKey, u64, Rc<str>, Result<Entries, String>);
+
+#[derive(Debug)]
+struct Wait {
+    conn: u64,
+    held: Vec<(MessageId, Bytes)>,
+}
+
+/// One shard's inbox reads.
+#[derive(Debug, Default)]
+pub struct Inboxes {
+    waiting: HashMap<ConnKey, Wait>,
+    unsent: Vec<(ConnKey, u64, Rc<str>)>,
+    done: Vec<InboxDone>,
+}
+
+impl Inboxes {
+    /// Connection `key` (number `conn`) of `user` waits for the user's inbox.
+    pub fn wait(&mut self, key: ConnKey, conn: u64, user: Rc<str>) {
+        self.waiting.insert(
+            key,
+            Wait {
+                conn,
+                held: Vec::new(),
+            },
+        );
+        self.unsent.push((key, conn, user));
+    }
+
+    /// Reads to send.
+    pub fn take_unsent(&mut self) -> Vec<(ConnKey, u64, Rc<str>)> {
+        std::mem::take(&mut self.unsent)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    /// A live direct message for connection `key`: held (true) if it waits.
+    pub fn hold(&mut self, key: ConnKey, id: MessageId, frame: &Bytes) -> bool {
+        match self.waiting.get_mut(&key) {
+            Some(w) => {
+                w.held.push((id, frame.clone()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Redis answered a read.
+    pub fn answered(
+        &mut self,
+        key: ConnKey,
+        conn: u64,
+        user: Rc<str>,
+        entries: Result<Entries, String>,
+    ) {
+        self.done.push((key, conn, user, entries));
+    }
+
+    /// Answered reads since the last call.
+    pub fn take_done(&mut self) -> Vec<InboxDone> {
+        std::mem::take(&mut self.done)
+    }
+
+    /// Connection `key` (if still number `conn`) waits no more: what was held for it,
+    /// in arrival order. `None` when it went away meanwhile.
+    pub fn finish(&mut self, key: ConnKey, conn: u64) -> Option<Vec<(MessageId, Bytes)>> {
+        match self.waiting.get(&key) {
+            Some(w) if w.conn == conn => self.waiting.remove(&key).map(|w| w.held),
+            _ => None,
+        }
+    }
+
+    /// Connection `key` closed.
+    pub fn forget(&mut self, key: ConnKey) {
+        self.waiting.remove(&key);
+        self.unsent.retain(|(k, _, _)| *k != key);
+    }
+}
+
+/// The entries of an `XRANGE` reply on an inbox.
+pub fn parse_entries(frame: &BytesFrame) -> Result<Entries, String> {
+    match frame {
+        BytesFrame::Array(list) => super::replay::stream_entries(list)
+            .ok_or_else(|| "unexpected reply to XRANGE on an inbox".to_owned()),
+        BytesFrame::Error(e) => Err(e.to_string()),
+        _ => Err("unexpected reply to XRANGE on an inbox".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_connection_holds_live_messages_until_its_read_is_answered() {
+        let mut i = Inboxes::default();
+        i.wait(3, 30, Rc::from("u"));
+        assert_eq!(i.take_unsent().len(), 1);
+        let id = MessageId { ms: 5, seq: 0 };
+        assert!(i.hold(3, id, &Bytes::from_static(b"m")));
+        assert!(!i.hold(4, id, &Bytes::from_static(b"m")), "not waiting");
+        // A reused slot is not the connection that asked.
+        assert!(i.finish(3, 31).is_none());
+        assert_eq!(i.finish(3, 30).unwrap().len(), 1);
+        assert!(i.is_empty());
+        assert!(!i.hold(3, id, &Bytes::from_static(b"m")));
+    }
+
+    #[test]
+    fn a_closed_connection_is_forgotten_before_its_read_is_sent() {
+        let mut i = Inboxes::default();
+        i.wait(3, 30, Rc::from("u"));
+        i.forget(3);
+        assert!(i.take_unsent().is_empty());
+        assert!(i.is_empty());
+    }
+}
