@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2}
+ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2,direct3-noinbox}
 OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%d-%H%M%S)}
 GW_BIN=${GW_BIN:-target/release/ringway}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -102,6 +102,10 @@ for i in $(seq "$RUNS"); do
   if want direct3; then
     start_redis; start_nodes 3 redis; run "direct3-$i" "${DIRECT[@]}" --svg "$OUT/direct3-$i.svg"; stop_all
   fi
+  if want direct3-noinbox; then
+    start_redis; export RINGWAY_DIRECT_INBOX_SIZE=0; start_nodes 3 redis; unset RINGWAY_DIRECT_INBOX_SIZE
+    run "direct3-noinbox-$i" "${DIRECT[@]}"; stop_all
+  fi
   if want direct1; then
     start_nodes 1; run "direct1-$i" "${DIRECT[@]}"; stop_all
   fi
@@ -137,6 +141,7 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
                     ("fanout10k-redis2", "fanout through Redis: 1 topic, 10,000 subscribers over 2 nodes, 10 msg/s"),
                     ("fanout10k-local", "baseline, one node, in-process broker: the same load"),
                     ("direct3", "direct through Redis: 10,000 users over 3 nodes, 1,000 msg/s"),
+                    ("direct3-noinbox", "the same with inboxes off (direct_inbox_size 0)"),
                     ("direct1", "baseline, one node, in-process directory: the same load"),
                     ("pub-history", "publish through Redis, history on: 2,000 msg/s to 100 subscribers over 2 nodes"),
                     ("pub-nohistory", "the same with history off (history_size 0)"),
