@@ -67,14 +67,16 @@ trap stop_all EXIT
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 gw_pids() { local p; for p in "${PIDS[@]}"; do echo --gateway-pid "$p"; done; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# History reads (FCALL_RO ringway_history) Redis has served so far, the whole run's.
+reads() { redis-cli -p "$REDIS_PORT" INFO commandstats | awk -F'[=:,]' '/^cmdstat_fcall_ro:/ {print $3; f=1} END {if (!f) print 0}'; }
 # run NAME BENCH-ARGS…: the generator against the nodes, Redis's CPU ticks around it.
 run() {
   local name=$1; shift
   local r0=0 r1=0
-  [ -n "${REDIS:-}" ] && r0=$(cpu_ticks "$REDIS")
+  [ -n "${REDIS:-}" ] && r0=$(cpu_ticks "$REDIS") && reads0=$(reads)
   "$B" --url "ws://127.0.0.1:$PORT/ws" --admin "127.0.0.1:$APORT" $(gw_pids) \
     ${REDIS:+--redis "127.0.0.1:$REDIS_PORT"} --json "$OUT/$name.json" "$@"
-  [ -n "${REDIS:-}" ] && r1=$(cpu_ticks "$REDIS")
+  [ -n "${REDIS:-}" ] && r1=$(cpu_ticks "$REDIS") && echo "$(( $(reads) - reads0 ))" > "$OUT/$name.redis-reads"
   echo "$(( r1 - r0 ))" > "$OUT/$name.redis-ticks"
 }
 
@@ -166,8 +168,11 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
         for cmd in sorted({k for c in calls for k in c}):
             row(f"    {cmd} per message", [c.get(cmd, 0) / a for c, a in zip(calls, acked)], "{:,.2f}")
         if name.startswith("resume"):
-            row("  stream reads (FCALL_RO) per resuming subscriber",
-                [c.get("fcall_ro", 0) / 10000 for c in calls], "{:,.4f}")
+            reads = [int(open(f[:-5] + ".redis-reads").read()) for f in
+                     sorted(glob.glob(os.path.join(out, name + "-[0-9]*.json")))
+                     if os.path.exists(f[:-5] + ".redis-reads")]
+            row("  history reads (FCALL_RO) per resuming subscriber, whole run",
+                [n / 10000 for n in reads], "{:,.4f}")
         row("  redis-server CPU-seconds (whole run)", [r["redis_cpu_secs"] for r in rs], "{:,.2f}")
         row("  redis-server CPU-microseconds per message acknowledged",
             [r["redis_cpu_secs"] * 1e6 / r["publisher"]["acked_ok"] for r in rs if r["redis_cpu_secs"] is not None], "{:,.1f}")

@@ -229,9 +229,15 @@ local function publish(keys, args)
     cut = old[#old][1]
   end
   local ms = tonumber(string.match(id, '^(%d+)-'))
-  local aged = redis.call('XREVRANGE', keys[2], string.format('%d', ms - ttl), '-', 'COUNT', 1)
-  if #aged > 0 and (not cut or stream_id_less(cut, aged[1][1])) then
-    cut = aged[1][1]
+  local limit = ms - ttl
+  -- The oldest entry left: only when it has aged is the (slower) search for the last
+  -- aged one made.
+  local first = redis.call('XRANGE', keys[2], cut and ('(' .. cut) or '-', '+', 'COUNT', 1)
+  if #first > 0 and tonumber(string.match(first[1][1], '^(%d+)-')) <= limit then
+    local aged = redis.call('XREVRANGE', keys[2], string.format('%d', limit), '-', 'COUNT', 1)
+    if #aged > 0 and (not cut or stream_id_less(cut, aged[1][1])) then
+      cut = aged[1][1]
+    end
   end
   if cut then
     local cms, cseq = string.match(cut, '^(%d+)-(%d+)$')
