@@ -138,6 +138,8 @@ struct Topic {
     floors: Vec<(ConnKey, MessageId)>,
     /// The same for every subscriber, after a catch-up.
     floor_all: Option<MessageId>,
+    /// The shard left the topic while a read was in flight: its answer is dropped.
+    left: bool,
 }
 
 impl Topic {
@@ -365,8 +367,12 @@ impl Replays {
         if let Some(t) = self.topics.get_mut(topic) {
             t.waiting.clear();
             t.hold_all = false;
+            t.floors.clear();
+            t.floor_all = None;
             if t.batch.is_none() {
                 self.topics.remove(topic);
+            } else {
+                t.left = true;
             }
         }
     }
@@ -421,6 +427,10 @@ impl Replays {
             return Vec::new();
         }
         let batch = t.batch.take().expect("checked above");
+        if std::mem::take(&mut t.left) && t.waiting.is_empty() {
+            self.topics.remove(topic);
+            return Vec::new();
+        }
         if batch.generation != generation {
             let mut members = batch.members;
             // The reconnect queued a fresh catch-up; an old one would start too early.
@@ -1057,6 +1067,23 @@ mod tests {
             .finish("t", req.serial, Ok(page(4, 4, 0)), room)
             .is_empty());
         assert!(r.quiet());
+    }
+
+    #[test]
+    fn a_topic_left_during_its_read_is_forgotten_with_the_answer() {
+        let mut r = Replays::default();
+        let t: Rc<str> = Rc::from("t");
+        r.subscribed(&t);
+        let req = r.start("t").unwrap();
+        r.unsubscribed("t");
+        assert!(r
+            .finish("t", req.serial, Ok(page(1, 2, 0)), room)
+            .is_empty());
+        assert!(r.quiet());
+        assert!(
+            r.seen.is_empty(),
+            "no position kept for a topic the shard left"
+        );
     }
 
     #[test]
