@@ -160,6 +160,15 @@ local function ack(keys, args)
   return redis.call('XTRIM', keys[1], 'MINID', ms .. '-' .. string.format('%d', tonumber(seq) + 1))
 end
 
+-- Whether stream id a is below stream id b.
+local function stream_id_less(a, b)
+  local ams, aseq = string.match(a, '^(%d+)-(%d+)$')
+  local bms, bseq = string.match(b, '^(%d+)-(%d+)$')
+  ams, bms = tonumber(ams), tonumber(bms)
+  if ams ~= bms then return ams < bms end
+  return tonumber(aseq) < tonumber(bseq)
+end
+
 -- A new history epoch: Redis time in microseconds, base 36.
 local function new_epoch()
   local t = redis.call('TIME')
