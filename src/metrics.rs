@@ -108,6 +108,8 @@ pub struct ShardMetrics {
     pub resumes_not_recovered: Counter,
     /// Unacknowledged direct messages given again to a user's new connection.
     pub direct_given_again: Counter,
+    /// Frames given to a topic's subscribers by a catch-up from its Redis stream.
+    pub caught_up: Counter,
     pub error_frames: Counter,
     /// Sweeper ticks (one a second): the watchdog's sign that the shard is alive.
     pub sweeps: Counter,

@@ -24,6 +24,7 @@
 //! | `ringway_direct_unacked` | gauge | — | direct messages kept unacknowledged for their users (single node) |
 //! | `ringway_direct_unacked_dropped_total` / `ringway_direct_acked_total` | counter | — | unacknowledged direct messages dropped by a full user inbox / acknowledged |
 //! | `ringway_direct_given_again_total` | counter | shard | unacknowledged direct messages given again to a user's new connection |
+//! | `ringway_caught_up_total` | counter | shard | frames given to a topic's subscribers from its Redis stream after the shard's subscription came back (notices included) |
 //! | `ringway_publish_waits_total` | counter | — | admin API publishes and sends that waited for inbox room (`publish_wait_ms`) |
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
@@ -87,7 +88,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 20] = [
+        let counters: [ShardFamily; 21] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -161,6 +162,11 @@ impl Collector for NodeCollector {
                 "ringway_direct_given_again",
                 "Unacknowledged direct messages given again to a user's new connection",
                 |m| m.direct_given_again.get(),
+            ),
+            (
+                "ringway_caught_up",
+                "Frames given to a topic's subscribers from its Redis stream after the shard's subscription came back",
+                |m| m.caught_up.get(),
             ),
             (
                 "ringway_backplane_received",

@@ -401,10 +401,15 @@ impl Backplane {
     /// presence is registered, so a message sent meanwhile is routed to it live or
     /// found in the inbox); until then its live direct messages are held.
     pub fn read_inbox(&self, key: usize, conn: u64, user: &Rc<str>) {
-        if self.cmd_up() {
-            self.inboxes.borrow_mut().wait(key, conn, user.clone());
-            self.cmd_wake.wake();
-        }
+        // While the command connection is away the read waits for it (and is sent
+        // after the reconnect registers every connection).
+        self.inboxes.borrow_mut().wait(key, conn, user.clone());
+        self.cmd_wake.wake();
+    }
+
+    /// Lets the command task write what was queued.
+    pub fn wake_commands(&self) {
+        self.cmd_wake.wake();
     }
 
     /// Queues the inbox reads asked for since the last write, behind the presence

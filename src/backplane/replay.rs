@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
@@ -37,6 +38,8 @@ const MAX_HELD: usize = 100_000;
 const MAX_HELD_BYTES: usize = 64 * 1024 * 1024;
 /// Reads a catch-up makes before its subscribers are told `unavailable`.
 const CATCH_UP_TRIES: u8 = 3;
+/// How long a catch-up may hold its topic's subscribers while it cannot read.
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// Where a topic stands for someone: the last message id had, in history `epoch`
 /// (`None`: the topic had no history yet, so everything in the stream is after it).
@@ -62,8 +65,8 @@ pub enum Who {
     /// failed for want of Redis (retried up to `CATCH_UP_TRIES`).
     Shard { since: Position, tries: u8 },
     /// Nobody: the shard first learns where the topic stands (its `seen`), so that a
-    /// later catch-up has a position to start from.
-    Position,
+    /// later catch-up has a position to start from. `tries` as for `Shard`.
+    Position { tries: u8 },
 }
 
 /// The read to send: entries after `after` (`None`: from the first), at most `count`.
@@ -126,8 +129,9 @@ struct Batch {
 struct Topic {
     waiting: Vec<Who>,
     batch: Option<Batch>,
-    /// Every subscriber waits for a catch-up (`Who::Shard`).
+    /// Every subscriber waits for a catch-up (`Who::Shard`), since this instant.
     hold_all: bool,
+    hold_since: Option<Instant>,
     held: Vec<(MessageId, Bytes)>,
     held_bytes: usize,
     /// `held` overflowed: the batch's members are answered `unavailable`.
@@ -148,7 +152,7 @@ impl Topic {
             || self
                 .batch
                 .as_ref()
-                .is_some_and(|b| b.members.iter().any(|w| !matches!(w, Who::Position)))
+                .is_some_and(|b| b.members.iter().any(|w| !matches!(w, Who::Position { .. })))
     }
 
     fn waiting_keys(&self) -> Vec<ConnKey> {
@@ -193,10 +197,15 @@ impl Replays {
         let t = self.topics.entry(topic.clone()).or_default();
         match &who {
             Who::Shard { .. } => {
+                if !t.hold_all {
+                    t.hold_since = Some(Instant::now());
+                }
                 t.hold_all = true;
                 t.waiting.retain(|w| !matches!(w, Who::Shard { .. }));
             }
-            Who::Position if t.waiting.iter().any(|w| matches!(w, Who::Position)) => return,
+            Who::Position { .. } if t.waiting.iter().any(|w| matches!(w, Who::Position { .. })) => {
+                return
+            }
             _ => {}
         }
         t.waiting.push(who);
@@ -218,7 +227,7 @@ impl Replays {
                     // A position without an epoch is from before the stream began.
                     since.epoch.as_ref().map(|_| since.id)
                 }
-                Who::Position => continue,
+                Who::Position { .. } => continue,
             };
             replay = true;
             after = Some(match after {
@@ -332,7 +341,17 @@ impl Replays {
     /// `history`: whether this node keeps history (else nothing is read).
     pub fn reconnected(&mut self, topics: &[Rc<str>], history: bool) {
         self.generation += 1;
-        self.seen.retain(|t, _| topics.contains(t));
+        let wanted: std::collections::HashSet<&str> = topics.iter().map(|t| &**t).collect();
+        let gone: Vec<Rc<str>> = self
+            .topics
+            .keys()
+            .filter(|t| !wanted.contains(&***t))
+            .cloned()
+            .collect();
+        for t in gone {
+            self.unsubscribed(&t);
+        }
+        self.seen.retain(|t, _| wanted.contains(&**t));
         for t in self.topics.values_mut() {
             t.held.clear();
             t.held_bytes = 0;
@@ -347,17 +366,63 @@ impl Replays {
                     since: p.clone(),
                     tries: 0,
                 },
-                None => Who::Position,
+                None => Who::Position { tries: 0 },
             };
             self.wait(topic, who);
         }
+    }
+
+    /// Catch-ups that have held their topic's subscribers longer than `HOLD_LIMIT`
+    /// without a read in flight (the command connection stays away) give up: the
+    /// subscribers are told (`unavailable`), get what was held, and live messages flow
+    /// again.
+    pub fn expire(&mut self, now: Instant) -> Vec<(Rc<str>, Delivery)> {
+        let mut out = Vec::new();
+        for (topic, t) in self.topics.iter_mut() {
+            let due = t.hold_all
+                && t.batch.is_none()
+                && t.hold_since
+                    .is_some_and(|s| now.duration_since(s) > HOLD_LIMIT);
+            if !due {
+                continue;
+            }
+            t.hold_all = false;
+            t.hold_since = None;
+            t.waiting.retain(|w| !matches!(w, Who::Shard { .. }));
+            let mut frames = vec![protocol::resumed(
+                topic,
+                Err(NotRecovered::Unavailable),
+                None,
+                None,
+            )];
+            frames.extend(std::mem::take(&mut t.held).into_iter().map(|(_, f)| f));
+            t.held_bytes = 0;
+            t.overflowed = false;
+            out.push((
+                topic.clone(),
+                Delivery {
+                    to: To::Others {
+                        except: t.waiting_keys(),
+                    },
+                    frames,
+                    resumed: None,
+                },
+            ));
+        }
+        for (topic, _) in &out {
+            self.seen.remove(topic);
+            if self.topics.get(topic).is_some_and(Topic::idle) {
+                self.topics.remove(topic);
+            }
+        }
+        out
     }
 
     /// The shard subscribed to `topic` anew (its first subscriber): learn where it
     /// stands.
     pub fn subscribed(&mut self, topic: &Rc<str>) {
         if !self.seen.contains_key(topic) {
-            self.wait(topic, Who::Position);
+            self.wait(topic, Who::Position { tries: 0 });
         }
     }
 
@@ -427,14 +492,17 @@ impl Replays {
             return Vec::new();
         }
         let batch = t.batch.take().expect("checked above");
-        if std::mem::take(&mut t.left) && t.waiting.is_empty() {
-            self.topics.remove(topic);
+        if std::mem::take(&mut t.left) {
+            // Read for subscribers that are gone; anyone waiting now is read afresh.
+            if t.idle() {
+                self.topics.remove(topic);
+            }
             return Vec::new();
         }
         if batch.generation != generation {
             let mut members = batch.members;
             // The reconnect queued a fresh catch-up; an old one would start too early.
-            members.retain(|w| !matches!(w, Who::Shard { .. } | Who::Position));
+            members.retain(|w| !matches!(w, Who::Shard { .. } | Who::Position { .. }));
             members.append(&mut t.waiting);
             t.waiting = members;
             return Vec::new();
@@ -457,6 +525,12 @@ impl Replays {
                     });
                     false
                 }
+                Who::Position { tries } => {
+                    if *tries + 1 < CATCH_UP_TRIES {
+                        again.push(Who::Position { tries: *tries + 1 });
+                    }
+                    false
+                }
                 _ => true,
             });
             t.waiting.extend(again);
@@ -464,10 +538,16 @@ impl Replays {
         let held = std::mem::take(&mut t.held);
         t.held_bytes = 0;
         t.overflowed = false;
-        let still_waiting = t.waiting_keys();
+        // Connections resuming (in this read or the next) get their own replay only.
+        let mut still_waiting = t.waiting_keys();
+        still_waiting.extend(batch.members.iter().filter_map(|w| match w {
+            Who::Conn { key, .. } => Some(*key),
+            _ => None,
+        }));
         let hold_all_done = batch.members.iter().any(|w| matches!(w, Who::Shard { .. }));
         if hold_all_done {
             t.hold_all = false;
+            t.hold_since = None;
         }
         let frames = match &result {
             Ok(page) => page_frames(topic, page),
@@ -548,9 +628,26 @@ impl Replays {
                         Ok(first) => replay_after(&frames, first, &held, since.id),
                         Err(why) => {
                             // Nothing to replay from: the subscribers learn it, as a
-                            // `subscribed` answer without `ref`, and resync.
+                            // `subscribed` answer without `ref`, and resync. When the
+                            // history began anew and has lost nothing since, they get
+                            // all of the new one after the notice.
                             let mut v = vec![protocol::resumed(topic, Err(why), epoch, None)];
-                            v.extend(held.iter().map(|(_, f)| f.clone()));
+                            let whole_new_epoch = why == NotRecovered::EpochChanged
+                                && result.as_ref().is_ok_and(|p| {
+                                    !p.cut
+                                        && p.trimmed
+                                            .is_none_or(|t| t == MessageId { ms: 0, seq: 0 })
+                                });
+                            if whole_new_epoch {
+                                v.extend(replay_after(
+                                    &frames,
+                                    0,
+                                    &held,
+                                    MessageId { ms: 0, seq: 0 },
+                                ));
+                            } else {
+                                v.extend(held.iter().map(|(_, f)| f.clone()));
+                            }
                             v
                         }
                     };
@@ -562,7 +659,7 @@ impl Replays {
                         resumed: None,
                     });
                 }
-                Who::Position => {}
+                Who::Position { .. } => {}
             }
         }
         if let Some(t) = self.topics.get_mut(topic) {
@@ -1033,6 +1130,7 @@ mod tests {
             ["ack:true", "4", "5", "6", "7", "8", "9", "10", "11", "12"]
         );
         assert_eq!(seqs(&out[1].frames), ["10", "11", "12"]);
+        assert_eq!(out[1].to, To::Others { except: vec![1] });
     }
 
     #[test]
@@ -1084,6 +1182,79 @@ mod tests {
             r.seen.is_empty(),
             "no position kept for a topic the shard left"
         );
+    }
+
+    #[test]
+    fn a_connection_resuming_in_the_same_read_as_a_catch_up_gets_only_its_own_replay() {
+        let mut r = Replays::default();
+        let t: Rc<str> = Rc::from("t");
+        r.live("t", Some((id(5), "e")), &live_frame(5));
+        r.reconnected(std::slice::from_ref(&t), true);
+        r.wait(&t, conn(1, 3));
+        let req = r.start("t").unwrap();
+        let out = r.finish("t", req.serial, Ok(page(4, 7, 0)), room);
+        let mine = out
+            .iter()
+            .find(|d| matches!(d.to, To::Conn { .. }))
+            .unwrap();
+        assert_eq!(seqs(&mine.frames), ["ack:true", "4", "5", "6", "7"]);
+        let others = out
+            .iter()
+            .find(|d| matches!(d.to, To::Others { .. }))
+            .unwrap();
+        assert_eq!(others.to, To::Others { except: vec![1] });
+        assert_eq!(seqs(&others.frames), ["6", "7"]);
+    }
+
+    #[test]
+    fn a_read_for_subscribers_that_left_is_dropped_and_newcomers_are_read_afresh() {
+        let mut r = Replays::default();
+        let t: Rc<str> = Rc::from("t");
+        r.live("t", Some((id(5), "e")), &live_frame(5));
+        r.reconnected(std::slice::from_ref(&t), true);
+        let req = r.start("t").unwrap();
+        r.unsubscribed("t");
+        r.wait(&t, conn(2, 6));
+        assert!(r
+            .finish("t", req.serial, Ok(page(6, 8, 0)), room)
+            .is_empty());
+        let next = r.start("t").unwrap();
+        assert_eq!(next.after, Some(id(6)));
+        let out = r.finish("t", next.serial, Ok(page(7, 8, 0)), room);
+        assert_eq!(out.len(), 1, "no catch-up for the subscribers that left");
+        assert_eq!(seqs(&out[0].frames), ["ack:true", "7", "8"]);
+    }
+
+    #[test]
+    fn a_catch_up_that_cannot_read_gives_up_after_the_hold_limit() {
+        let mut r = Replays::default();
+        let t: Rc<str> = Rc::from("t");
+        r.live("t", Some((id(5), "e")), &live_frame(5));
+        r.reconnected(std::slice::from_ref(&t), true);
+        // The command connection is away: no read starts; messages are held.
+        assert_eq!(
+            r.live("t", Some((id(6), "e")), &live_frame(6)),
+            Gate::Nobody
+        );
+        assert!(r.expire(Instant::now()).is_empty(), "not yet");
+        let out = r.expire(Instant::now() + HOLD_LIMIT + Duration::from_secs(1));
+        assert_eq!(out.len(), 1);
+        assert_eq!(seqs(&out[0].1.frames), ["ack:false", "6"]);
+        assert_eq!(r.live("t", Some((id(7), "e")), &live_frame(7)), Gate::All);
+    }
+
+    #[test]
+    fn a_catch_up_into_a_new_epoch_that_lost_nothing_since_gives_all_of_it_after_the_notice() {
+        let mut r = Replays::default();
+        let t: Rc<str> = Rc::from("t");
+        r.live("t", Some((id(5), "e")), &live_frame(5));
+        r.reconnected(std::slice::from_ref(&t), true);
+        let req = r.start("t").unwrap();
+        let mut fresh = page(1, 2, 0);
+        fresh.epoch = Some("new".into());
+        fresh.trimmed = Some(MessageId { ms: 0, seq: 0 });
+        let out = r.finish("t", req.serial, Ok(fresh), room);
+        assert_eq!(seqs(&out[0].frames), ["ack:false", "1", "2"]);
     }
 
     #[test]

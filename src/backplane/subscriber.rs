@@ -234,6 +234,11 @@ fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<(), Link
     };
     match (&kind[..], third) {
         (b"message", BytesFrame::BulkString(payload)) => dispatch(shard, bp, channel, payload),
+        (b"subscribe", _) if channel == bp.direct_channel.as_bytes() => {
+            // Direct messages published while the channel was not subscribed wait in
+            // the users' inboxes: read them now that nothing more can slip past.
+            shard.reread_inboxes();
+        }
         (b"subscribe", _) => {
             if let Some(topic) = std::str::from_utf8(channel)
                 .ok()

@@ -390,14 +390,22 @@ impl Shard {
         user: &str,
         entries: Result<backplane::inbox::Entries, String>,
     ) {
+        let entries = match entries {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::debug!(user, error = %e, "inbox read failed");
+                if bp.inboxes.borrow_mut().retry(key, conn, Rc::from(user)) {
+                    return;
+                }
+                // Given up: it gets what was held; what waits in the inbox comes to
+                // the user's next connection (this one's acks are refused meanwhile).
+                bp.inboxes.borrow_mut().mark_unread(key, conn);
+                Vec::new()
+            }
+        };
         let Some(held) = bp.inboxes.borrow_mut().finish(key, conn) else {
             return;
         };
-        let entries = entries.unwrap_or_else(|e| {
-            // The messages stay in the inbox: the next connection gets them.
-            tracing::debug!(user, error = %e, "inbox read failed");
-            Vec::new()
-        });
         let last = entries.last().map(|(id, _)| *id);
         for (id, data) in &entries {
             let frame = protocol::direct(user, &id.to_string(), data);
@@ -411,6 +419,38 @@ impl Shard {
                 self.metrics.direct_deliveries.add(queued);
             }
         }
+    }
+
+    /// The slab key of connection `conn` (through its user's connections).
+    fn key_of(&self, conn: &ConnHandle) -> Option<ConnKey> {
+        let user = conn.user.as_ref()?;
+        let conns = self.conns.borrow();
+        self.users
+            .borrow()
+            .get(user)?
+            .iter()
+            .copied()
+            .find(|k| conns.get(*k).is_some_and(|c| c.id == conn.id))
+    }
+
+    /// After the subscriber connection came back: every identified connection reads
+    /// its user's inbox again, for the direct messages published while it was away
+    /// (at least once: what it already had comes again, and the client drops it).
+    pub fn reread_inboxes(&self) {
+        let Some(bp) = self.backplane() else {
+            return;
+        };
+        if !backplane::InboxBounds::of(&self.cfg()).on() {
+            return;
+        }
+        let conns = self.conns.borrow();
+        let mut inboxes = bp.inboxes.borrow_mut();
+        for (key, c) in conns.iter() {
+            if let Some(user) = &c.user {
+                inboxes.wait(key, c.id, user.clone());
+            }
+        }
+        bp.wake_commands();
     }
 
     /// A direct message from Redis for every local connection of `user`; connections
@@ -467,6 +507,7 @@ impl Shard {
                 for frame in &d.frames {
                     let queued = self.push_to(keys.iter().copied(), frame);
                     self.metrics.deliveries.add(queued);
+                    self.metrics.caught_up.add(queued);
                 }
             }
         }
@@ -694,6 +735,12 @@ impl Shard {
             return self.reply_error(conn, protocol::error(ErrorCode::BadRequest, m, reference));
         };
         if let Some(bp) = self.fanout.backplane() {
+            let key = self.key_of(conn);
+            if key.is_some_and(|k| !bp.inboxes.borrow().may_ack(k, conn.id)) {
+                let m = "this connection has not been given its inbox yet (redis could not be read): not acknowledged; reconnect";
+                return self
+                    .reply_error(conn, protocol::error(ErrorCode::Unavailable, m, reference));
+            }
             return bp.ack(conn, user, &id.to_string(), reference);
         }
         let removed = self.node.unacked.ack(user, id);
@@ -791,6 +838,12 @@ impl Shard {
         self.clock.set(now);
         self.metrics.sweeps.inc();
         self.follow_config();
+        if let Some(bp) = self.backplane() {
+            let expired = bp.replays.borrow_mut().expire(Instant::now());
+            for (topic, d) in expired {
+                self.hand_out(&topic, d);
+            }
+        }
         let mut history = self.history.borrow_mut();
         history.trim(now, self.history_bounds());
         self.metrics.history_messages.set(history.len() as u64);

@@ -140,3 +140,42 @@ def test_an_ack_from_an_anonymous_connection_is_a_bad_request_and_stored_follows
         assert redis_server.client().exists("ringway:inbox:dan") == 0
 
     arun(body())
+
+
+def test_a_connected_user_gets_what_was_sent_while_its_shard_lost_redis(redis_server, gateway):
+    """Redis drops the pub/sub connections while a service sends to a connected user:
+    the user's shard reads the inbox again when it is back, so every send answered 200
+    reaches the user (at least once; new ids in order), within the inbox's bound."""
+    n1, n2 = nodes(gateway, redis_server, direct_inbox_size=10000)
+    rc = redis_server.client()
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def sender():
+        while not stop.is_set():
+            r = http_request(n2.admin_port, "POST", "/v1/send",
+                             json.dumps({"user": "eve", "data": len(accepted)}))
+            assert r.status == 200, r.body
+            accepted.append(r.json()["id"])
+
+    async def body():
+        async with Client(n1, **as_user("eve")) as c:
+            wait_until(lambda: online(redis_server, "eve"), 5, what="eve's presence")
+            handled: list[str] = []
+            th = threading.Thread(target=sender)
+            th.start()
+            try:
+                for _ in range(3):
+                    await asyncio.sleep(0.3)
+                    assert rc.client_kill_filter(_type="pubsub") >= 2
+            finally:
+                stop.set()
+                await asyncio.to_thread(th.join)
+            while not handled or handled[-1] != accepted[-1]:
+                m = await c.recv(timeout=10)
+                if handled and id_key(m["id"]) <= id_key(handled[-1]):
+                    continue
+                handled.append(m["id"])
+            assert handled == accepted, "a send was skipped or came out of order"
+
+    arun(body(), timeout=60)

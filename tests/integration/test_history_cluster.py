@@ -291,3 +291,77 @@ def test_history_off_publishes_without_a_stream(redis_server, gateway, size):
 
     arun(body())
     assert redis_server.client().exists(f"ringway:history:{t}") == 0
+
+
+def test_a_full_topic_quiet_past_its_ttl_still_publishes_and_trims(redis_server, gateway):
+    """The trimming of a full stream whose oldest entries have aged runs in the publish
+    call: it must not fail the publish (the message would be kept but never sent)."""
+    (n1,) = nodes(gateway, redis_server, n=1, history_size=3, history_ttl_secs=1)
+    t = topic("aged")
+    rc = redis_server.client()
+
+    async def body():
+        async with Client(n1) as c:
+            await c.subscribe(t)
+            ids = [n1.publish(t, i) for i in range(5)]
+            assert [(await c.recv())["id"] for _ in ids] == ids
+            await asyncio.sleep(1.3)
+            mid = n1.publish(t, "after")
+            assert (await c.recv())["id"] == mid
+        info = rc.xinfo_stream(f"ringway:history:{t}")
+        assert info["length"] == 1 and info["max-deleted-entry-id"] == ids[-1]
+        # A resume from before the quiet spell is told its messages aged out.
+        async with Client(n1) as c:
+            answer = await resume(c, t, ids[2], m_epoch(rc, t))
+            assert (answer["recovered"], answer["reason"]) == (False, "too_old")
+
+    arun(body())
+
+
+def m_epoch(rc, t: str) -> str:
+    return rc.get(f"ringway:epoch:{t}")
+
+
+def test_a_dropped_subscriber_connection_catches_up_from_the_stream(redis_server, gateway):
+    """Redis drops node 1's pub/sub connections (CLIENT KILL TYPE pubsub) while node 2
+    publishes: node 1's subscriber, still connected, gets every message once and in
+    order, the ones published during the gap from the stream."""
+    n1, n2 = nodes(gateway, redis_server)
+    t = topic("dropped")
+    rc = redis_server.client()
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def publish_loop():
+        pub = n2.publisher()
+        try:
+            while not stop.is_set():
+                accepted.append(pub.publish(t, len(accepted)))
+                time.sleep(0.002)
+        finally:
+            pub.close()
+
+    async def body():
+        async with Client(n1) as sub:
+            await sub.subscribe(t)
+            got: list[str] = []
+            th = threading.Thread(target=publish_loop)
+            th.start()
+            try:
+                for _ in range(3):
+                    await asyncio.sleep(0.4)
+                    killed = rc.client_kill_filter(_type="pubsub")
+                    assert killed >= 2
+                    while len(got) < len(accepted) - 50:
+                        got.append((await sub.recv(timeout=10))["id"])
+            finally:
+                stop.set()
+                await asyncio.to_thread(th.join)
+            while len(got) < len(accepted):
+                m = await sub.recv(timeout=10)
+                got.append(m["id"])
+            await sub.silent()
+            assert got == accepted, "a message was lost, repeated or reordered"
+
+    arun(body(), timeout=60)
+    assert n1.metric("ringway_caught_up_total") > 0, "nothing came through the catch-up"
