@@ -7,7 +7,7 @@
 //! `ringway_presence_set` / `ringway_presence_del` call per `PRESENCE_BATCH`, and the
 //! heartbeat refreshes a slice of the connection table each second, so that every entry
 //! is refreshed once per third of the TTL without bursts. After a (re)connect every
-//! entry is registered at once. Shard 0 also keeps the node's registry entry alive.
+//! entry is registered at once. Shard 0 also sends the node's heartbeat every second.
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -18,6 +18,10 @@ use bytes::BytesMut;
 use super::link::{self, Link, LinkError};
 use super::schema;
 use super::{Backoff, Backplane, Command, Reply, CONNECT_TIMEOUT, REPLY_TIMEOUT};
+
+/// How long a node counts as alive after its last heartbeat (sent every second): a
+/// killed node's users count as offline, and are not routed to, within this.
+const NODE_TTL: Duration = Duration::from_secs(5);
 
 /// Presence entries per function call: each costs Redis about four commands, so a call
 /// holds Redis for well under a millisecond and sends queued behind it barely notice.
@@ -131,8 +135,10 @@ async fn serve(
                     cursor = 0;
                 }
             }
+            // The node's heartbeat, every second: a send skips the connections of a
+            // node whose heartbeat stopped (`NODE_TTL`).
+            node_alive(shard, bp);
             if tick.is_multiple_of(period_ticks) {
-                node_alive(shard, bp);
                 shard
                     .metrics
                     .presence_entries
@@ -227,7 +233,7 @@ fn refresh_presence(shard: &Shard, bp: &Backplane, from: usize, len: usize) {
 
 /// On shard 0, keeps the node's registry entry alive.
 fn node_alive(shard: &Shard, bp: &Backplane) {
-    let ttl_ms = bp.presence_ttl.as_millis().to_string();
+    let ttl_ms = NODE_TTL.as_millis().to_string();
     if shard.index == 0 {
         let node = &shard.node.id;
         let node_key = format!("{}{node}", schema::NODE_PREFIX);

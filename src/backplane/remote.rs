@@ -137,7 +137,10 @@ pub async fn send(
                     id: String::from_utf8_lossy(given).into_owned(),
                     online: *online as usize,
                     shards: *shards as usize,
-                    connections: None,
+                    connections: match rest.get(1) {
+                        Some(BytesFrame::Integer(n)) => Some(*n as usize),
+                        _ => None,
+                    },
                     stored: matches!(rest.first(), Some(BytesFrame::Integer(1))),
                 })
             }

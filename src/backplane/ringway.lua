@@ -5,6 +5,7 @@
 
 local USER_PREFIX = 'ringway:user:'
 local SHARD_PREFIX = 'ringway:shard:'
+local NODE_PREFIX = 'ringway:node:'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -66,8 +67,9 @@ end
 -- ARGV: id ('' = generate), data (JSON) [, inbox size, inbox ttl ms].
 -- With the inbox keys, the message is also appended to each user's inbox stream (for
 -- acknowledged delivery) under one id above every one of those streams' ids.
--- Publishes once to each shard that holds any of the users.
--- Returns {users online, shards published to, id, stored (0/1)}.
+-- Publishes once to each shard that holds any of the users, on nodes whose heartbeat
+-- key (ringway:node:<node>) is alive.
+-- Returns {users online, shards published to, id, stored (0/1), connections}.
 local function send(keys, args)
   if args[2] == nil or not pcall(cjson.decode, args[2]) then
     return redis.error_reply('ERR ringway: data must be one valid JSON value')
@@ -121,17 +123,30 @@ local function send(keys, args)
     id = args[1]
   end
   local now = now_ms()
-  local routes, order, done, online = {}, {}, {}, 0
+  -- A node that stopped its heartbeat (killed, cut off) holds nobody, though its
+  -- presence entries live on until their TTL.
+  local alive = {}
+  local function node_alive(node)
+    local a = alive[node]
+    if a == nil then
+      a = redis.call('EXISTS', NODE_PREFIX .. node) == 1
+      alive[node] = a
+    end
+    return a
+  end
+  local routes, order, done, online, connections = {}, {}, {}, 0, 0
   for i = 1, users do
     local key = keys[i]
     if not done[key] then
       done[key] = true
       local user = string.sub(key, #USER_PREFIX + 1)
       local members = redis.call('ZRANGE', key, now, '+inf', 'BYSCORE')
-      if #members > 0 then online = online + 1 end
+      local live = 0
       local seen = {}
       for _, member in ipairs(members) do
         local route = string.match(member, '^(.*)/[^/]*$')
+        local node = string.match(member, '^([^/]*)/')
+        if route and node_alive(node) then live = live + 1 else route = nil end
         if route and not seen[route] then
           seen[route] = true
           local list = routes[route]
@@ -143,13 +158,15 @@ local function send(keys, args)
           list[#list + 1] = user
         end
       end
+      if live > 0 then online = online + 1 end
+      connections = connections + live
     end
   end
   for _, route in ipairs(order) do
     redis.call('PUBLISH', SHARD_PREFIX .. route, '{"users":' .. cjson.encode(routes[route])
       .. ',"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
   end
-  return {online, #order, id, stored and 1 or 0}
+  return {online, #order, id, stored and 1 or 0, connections}
 end
 
 -- KEYS: ringway:inbox:<U>; ARGV: id. Acknowledges the user's direct messages up to id

@@ -16,9 +16,10 @@
 //! Functions (library `ringway`, loaded at start with `FUNCTION LOAD REPLACE`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
 //!   user up and publishes once per shard that holds any of them; returns
-//!   `[users online, shards published to, id, 0]`. With `2n` keys (the user keys, then
+//!   `[users online, shards published to, id, 0, connections]` (connections of nodes
+//!   whose heartbeat key `ringway:node:<node>` exists). With `2n` keys (the user keys, then
 //!   `ringway:inbox:<U>` for each) and `"" <data> <inbox size> <inbox ttl ms>`, it also
-//!   appends the message to each user's inbox under one id; the last element is then 1.
+//!   appends the message to each user's inbox under one id; the fourth element is then 1.
 //! - `FCALL ringway_ack 1 ringway:inbox:<U> <id>`: removes the user's messages up to id.
 //! - `FCALL ringway_publish 3 ringway:topic:<T> ringway:history:<T> ringway:epoch:<T> ""
 //!   <data JSON> <history size> <history ttl ms>`: appends the message to the topic's

@@ -158,8 +158,8 @@ def test_a_direct_message_reaches_only_the_shard_that_holds_the_user(redis_serve
             m = await alice.recv()
             assert m["data"] == {"y": 2} and out.stdout.startswith(m["id"] + " online=1 shards=1")
             # A service in any language: one Redis call, lookup and publish.
-            online, shards, fid, stored = rc.fcall("ringway_send", 1, "ringway:user:alice", "", json.dumps("hey"))
-            assert (online, shards, stored) == (1, 1, 0)
+            online, shards, fid, stored, conns = rc.fcall("ringway_send", 1, "ringway:user:alice", "", json.dumps("hey"))
+            assert (online, shards, stored, conns) == (1, 1, 0, 1)
             assert await alice.recv() == {"type": "message", "user": "alice", "id": fid, "data": "hey"}
             # Nobody by that name: nothing is published anywhere.
             assert send(n1, {"user": "nobody", "data": 1})["shards"] == 0

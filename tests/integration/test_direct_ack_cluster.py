@@ -54,7 +54,7 @@ def test_unacknowledged_messages_follow_the_user_to_any_node_until_acknowledged(
             # Sent while connected: live, and kept until acknowledged too.
             wait_until(lambda: online(redis_server, "ann"), 5, what="ann's presence")
             live = send(n2, "ann", "live")
-            assert live["online"] == 1 and live["stored"]
+            assert (live["online"], live["connections"], live["stored"]) == (1, 1, True)
             assert (await c.recv())["id"] == live["id"]
             await c.send({"op": "ack", "id": live["id"]})
             await c.silent()
@@ -75,9 +75,17 @@ def test_unacknowledged_messages_come_again_after_the_node_is_killed(redis_serve
             assert [(await c.recv())["id"] for _ in ids] == ids
             n1._kill()
             n1.stopped = True
+        # Its presence entry lives on for presence_ttl_secs, but its heartbeat stops:
+        # within 5 s a send says bob has no live connection (and keeps the message).
+        rc = redis_server.client()
+        wait_until(lambda: rc.exists("ringway:node:node1") == 0, 8, what="node1's heartbeat to expire")
+        assert rc.zrange("ringway:user:bob", 0, -1), "presence still there: the check is the heartbeat"
+        away = send(n2, "bob", "away")
+        assert (away["online"], away["connections"], away["stored"]) == (0, 0, True), away
+        ids.append(away["id"])
         async with Client(n2, **as_user("bob")) as c:
             again = [await c.recv() for _ in ids]
-            assert [(g["id"], g["data"]) for g in again] == list(zip(ids, range(3)))
+            assert [(g["id"], g["data"]) for g in again] == list(zip(ids, [0, 1, 2, "away"]))
             after = send(n2, "bob", "after")
             assert (await c.recv())["id"] == after["id"]
 
