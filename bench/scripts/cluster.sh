@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2,direct3-noinbox}
+ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2,direct3-noinbox,pubsat-history,pubsat-nohistory}
 OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%d-%H%M%S)}
 GW_BIN=${GW_BIN:-target/release/ringway}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -85,6 +85,8 @@ FANOUT=(fanout --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2)
 DIRECT=(direct --subs 10000 --topics 10000 --rate 1000 --duration 10 --source-ips 2)
 # The cost of history in Redis: the same publish rate with topic streams on and off.
 PUB=(fanout --subs 100 --topics 1 --rate 2000 --duration 10)
+# The same at saturation: publishes as fast as acknowledged (256 in flight).
+PUBSAT=(fanout --subs 100 --topics 1 --rate 0 --duration 10 --drain-secs 15)
 # A resume storm through Redis: 10,000 subscribers over 2 nodes reconnect at once, each
 # 100 messages behind, then 10 msg/s live.
 RESUME=(fanout --subs 10000 --topics 1 --behind 100 --rate 10 --duration 5 --source-ips 2)
@@ -118,6 +120,13 @@ for i in $(seq "$RUNS"); do
     start_redis; export RINGWAY_HISTORY_SIZE=0; start_nodes 2 redis; unset RINGWAY_HISTORY_SIZE
     run "pub-nohistory-$i" "${PUB[@]}"; stop_all
   fi
+  if want pubsat-history; then
+    start_redis; start_nodes 2 redis; run "pubsat-history-$i" "${PUBSAT[@]}"; stop_all
+  fi
+  if want pubsat-nohistory; then
+    start_redis; export RINGWAY_HISTORY_SIZE=0; start_nodes 2 redis; unset RINGWAY_HISTORY_SIZE
+    run "pubsat-nohistory-$i" "${PUBSAT[@]}"; stop_all
+  fi
   if want resume10k-redis2; then
     start_redis; start_nodes 2 redis; run "resume10k-redis2-$i" "${RESUME[@]}"; stop_all
   fi
@@ -147,6 +156,8 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
                     ("direct1", "baseline, one node, in-process directory: the same load"),
                     ("pub-history", "publish through Redis, history on: 2,000 msg/s to 100 subscribers over 2 nodes"),
                     ("pub-nohistory", "the same with history off (history_size 0)"),
+                    ("pubsat-history", "publish through Redis at saturation, history on: 100 subscribers over 2 nodes"),
+                    ("pubsat-nohistory", "the same with history off (history_size 0)"),
                     ("resume10k-redis2", "resume storm through Redis: 10,000 subscribers over 2 nodes, 100 behind")):
     rs = load(name)
     if not rs:
