@@ -150,6 +150,10 @@ pub struct ServeArgs {
         conflicts_with = "jwt_key"
     )]
     pub jwt_secret: Option<String>,
+    /// Bearer token required by the admin API (all but /healthz, /readyz, /metrics);
+    /// required when --admin is not a loopback address (prefer the environment variable).
+    #[arg(long, env = "RINGWAY_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// PEM public key for client JWTs (RS256, EdDSA or ES256).
     #[arg(long, env = "RINGWAY_JWT_KEY")]
     pub jwt_key: Option<PathBuf>,
@@ -194,6 +198,9 @@ impl ServeArgs {
         if args.jwt_key.is_some() {
             cfg.jwt_key = args.jwt_key;
             cfg.jwt_secret = None;
+        }
+        if args.admin_token.is_some() {
+            cfg.admin_token = args.admin_token;
         }
         if args.jwt_audience.is_some() {
             cfg.jwt_audience = args.jwt_audience;

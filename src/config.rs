@@ -46,6 +46,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin HTTP listener: health, metrics, publish API. Keep it private.
     pub admin: SocketAddr,
+    /// Bearer token the admin API requires on every endpoint but `/healthz`, `/readyz`
+    /// and `/metrics`; required when `admin` is not a loopback address. Prefer
+    /// `RINGWAY_ADMIN_TOKEN` to a flag (a flag shows in `ps`).
+    pub admin_token: Option<String>,
     /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
     pub shards: usize,
     /// I/O driver: auto, io_uring or epoll.
@@ -187,6 +191,7 @@ impl Default for Config {
             jwt_key: None,
             jwt_audience: None,
             jwt_issuer: None,
+            admin_token: None,
             allow_anonymous: false,
             presence_ttl_secs: 30,
         }
@@ -247,6 +252,7 @@ impl Config {
             history_ttl_secs,
             direct_inbox_size,
             direct_inbox_ttl_secs,
+            admin_token,
         );
         differ!(
             self,
@@ -378,6 +384,18 @@ impl Config {
             if let Err(e) = crate::backplane::RedisUrl::parse(url) {
                 return bad("redis", &e.to_string());
             }
+        }
+        if self.admin_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return bad("admin_token", "must be at least 16 bytes");
+        }
+        if self.admin_token.is_none() && !self.admin.ip().is_loopback() {
+            return bad(
+                "admin_token",
+                &format!(
+                    "required when the admin API listens beyond loopback ({}): anyone who reaches it could publish to every client",
+                    self.admin
+                ),
+            );
         }
         if self.jwt_secret.is_some() && self.jwt_key.is_some() {
             return bad(

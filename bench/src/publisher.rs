@@ -205,6 +205,11 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
         Via::Http { admin } => admin.to_string(),
         Via::Ws { host, .. } => host.clone(),
     };
+    // The admin API's bearer token, when the gateway requires one.
+    let auth = match std::env::var("RINGWAY_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
+        _ => String::new(),
+    };
     let fixed = cfg.rate > 0.0;
     let total: u64 = if fixed {
         (cfg.rate * cfg.duration.as_secs_f64()).floor() as u64
@@ -293,7 +298,7 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
                 });
                 c.out.extend_from_slice(
                     format!(
-                        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        "POST {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
                         body.len()
                     )
                     .as_bytes(),

@@ -1,6 +1,7 @@
 //! A minimal blocking client for the admin API, used by `ringway publish` / `ringway
 //! send`, the load generator and Rust services: `publish` (a topic), `send` (direct, to
-//! users) and `history` (a topic's recent messages).
+//! users) and `history` (a topic's recent messages). It sends the bearer token in
+//! `RINGWAY_ADMIN_TOKEN` when that is set.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -113,8 +114,13 @@ fn request(
         }
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // The admin API's bearer token, when the gateway requires one (`admin_token`).
+    let auth = match std::env::var("RINGWAY_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
+        _ => String::new(),
+    };
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes())?;

@@ -96,6 +96,8 @@ struct Response {
     body: String,
     /// Seconds for a `Retry-After` header (an overloaded node).
     retry_after: Option<u32>,
+    /// Ask for a bearer token (`WWW-Authenticate`).
+    challenge: bool,
 }
 
 impl Response {
@@ -105,6 +107,7 @@ impl Response {
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
             retry_after: None,
+            challenge: false,
         }
     }
     fn json(status: u16, body: String) -> Self {
@@ -113,6 +116,7 @@ impl Response {
             content_type: "application/json",
             body,
             retry_after: None,
+            challenge: false,
         }
     }
     /// A publish, send or lookup that did not go out. 503 `overloaded` means no shard
@@ -150,6 +154,7 @@ impl Response {
         let reason = match self.status {
             200 => "OK",
             400 => "Bad Request",
+            401 => "Unauthorized",
             404 => "Not Found",
             405 => "Method Not Allowed",
             411 => "Length Required",
@@ -161,10 +166,13 @@ impl Response {
             _ => "",
         };
         let conn = if keep_alive { "keep-alive" } else { "close" };
-        let retry = match self.retry_after {
+        let mut retry = match self.retry_after {
             Some(secs) => format!("Retry-After: {secs}\r\n"),
             None => String::new(),
         };
+        if self.challenge {
+            retry.push_str("WWW-Authenticate: Bearer realm=\"ringway admin\"\r\n");
+        }
         let mut out = format!(
             "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: {conn}\r\n{retry}\r\n",
             self.status,
@@ -181,7 +189,7 @@ async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
         // Read until a complete head is there.
-        let (head_len, method, path, content_length, keep_alive) = loop {
+        let (head_len, method, path, content_length, keep_alive, authorized) = loop {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
             match req.parse(&buf) {
@@ -214,12 +222,17 @@ async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
                         let _ = stream.write_all(refusal.encode(false)).await;
                         return;
                     }
+                    let authorized = authorized(
+                        ctx.node.config().admin_token.as_deref(),
+                        header("authorization"),
+                    );
                     break (
                         n,
                         req.method.unwrap_or("").to_string(),
                         req.path.unwrap_or("").to_string(),
                         len.unwrap_or(0),
                         !close,
+                        authorized,
                     );
                 }
                 Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
@@ -254,13 +267,45 @@ async fn serve_conn(ctx: Rc<Ctx>, mut stream: TcpStream) {
             }
         }
         let body = &buf[head_len..head_len + content_length];
-        let response = route(&ctx, &method, &path, body).await;
+        let open = matches!(
+            path.split_once('?').map_or(path.as_str(), |(p, _)| p),
+            "/healthz" | "/readyz" | "/metrics"
+        );
+        let response = if authorized || open {
+            route(&ctx, &method, &path, body).await
+        } else {
+            let mut r = Response::error(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <admin_token> (RINGWAY_ADMIN_TOKEN for the command line)",
+            );
+            r.challenge = true;
+            r
+        };
         buf.drain(..head_len + content_length);
         let (res, _) = stream.write_all(response.encode(keep_alive)).await;
         if res.is_err() || !keep_alive {
             return;
         }
     }
+}
+
+/// Whether a request with this `Authorization` header may use the API: always without
+/// an `admin_token`; with one, only `Bearer <token>`, compared in constant time.
+fn authorized(token: Option<&str>, header: Option<&[u8]>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+        return false;
+    };
+    let want = token.as_bytes();
+    given.len() == want.len()
+        && given
+            .iter()
+            .zip(want)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 /// Appends what the socket has to `buf`; false on EOF or error.
@@ -455,5 +500,27 @@ async fn nodes(ctx: &Ctx) -> Response {
     match fanout::nodes(&ctx.node).await {
         Ok(nodes) => Response::json(200, serde_json::json!({ "nodes": nodes }).to_string()),
         Err(e) => Response::fanout_error(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorized;
+
+    #[test]
+    fn only_the_exact_bearer_token_is_authorized_when_one_is_set() {
+        let t = Some("0123456789abcdef");
+        assert!(authorized(None, None), "no token configured: open");
+        assert!(authorized(t, Some(b"Bearer 0123456789abcdef")));
+        for bad in [
+            &b"Bearer 0123456789abcdeX"[..],
+            b"Bearer 0123456789abcde",
+            b"Bearer 0123456789abcdef0",
+            b"bearer 0123456789abcdef",
+            b"0123456789abcdef",
+        ] {
+            assert!(!authorized(t, Some(bad)), "{:?}", std::str::from_utf8(bad));
+        }
+        assert!(!authorized(t, None));
     }
 }
