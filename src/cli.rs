@@ -154,6 +154,9 @@ pub struct ServeArgs {
     /// required when --admin is not a loopback address (prefer the environment variable).
     #[arg(long, env = "RINGWAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Origins browsers may upgrade from, comma-separated (others get 403) [default: any].
+    #[arg(long, env = "RINGWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
     /// PEM public key for client JWTs (RS256, EdDSA or ES256).
     #[arg(long, env = "RINGWAY_JWT_KEY")]
     pub jwt_key: Option<PathBuf>,
@@ -243,6 +246,7 @@ impl ServeArgs {
             log_format,
             allow_anonymous,
             presence_ttl_secs,
+            allowed_origins,
         );
         cfg.validate()?;
         Ok(cfg)

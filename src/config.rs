@@ -50,6 +50,10 @@ pub struct Config {
     /// and `/metrics`; required when `admin` is not a loopback address. Prefer
     /// `RINGWAY_ADMIN_TOKEN` to a flag (a flag shows in `ps`).
     pub admin_token: Option<String>,
+    /// `Origin` values a browser may upgrade from (exact, e.g.
+    /// `https://app.example.com`); others get 403. Empty: any. A request without
+    /// `Origin` (not a browser) is let through.
+    pub allowed_origins: Vec<String>,
     /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
     pub shards: usize,
     /// I/O driver: auto, io_uring or epoll.
@@ -192,6 +196,7 @@ impl Default for Config {
             jwt_audience: None,
             jwt_issuer: None,
             admin_token: None,
+            allowed_origins: Vec::new(),
             allow_anonymous: false,
             presence_ttl_secs: 30,
         }
@@ -253,6 +258,7 @@ impl Config {
             direct_inbox_size,
             direct_inbox_ttl_secs,
             admin_token,
+            allowed_origins,
         );
         differ!(
             self,

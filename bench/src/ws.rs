@@ -273,7 +273,7 @@ mod tests {
     #[test]
     fn upgrade_round_trip_with_gateway_parser() {
         let req = upgrade_request("127.0.0.1:1", "/ws", &key_for(42), None);
-        let parsed = ringway::ws::handshake::parse(&req, 8192, false).unwrap();
+        let parsed = ringway::ws::handshake::parse(&req, 8192, false, &[]).unwrap();
         let ringway::ws::handshake::Parsed::Upgrade(up) = parsed else {
             panic!("incomplete")
         };

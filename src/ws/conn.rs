@@ -155,26 +155,27 @@ async fn handshake(
                 Err(_) => return None,
             }
         }
-        let refusal = match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo) {
-            Ok(Parsed::Partial) => continue,
-            Ok(Parsed::Upgrade(u)) => match shard.node.auth.identify(u.token.as_deref()) {
-                Ok(identity) => {
-                    // Frames pipelined behind the request, if any; no allocation otherwise.
-                    let leftover = if buf.len() > u.request_len {
-                        buf[u.request_len..].to_vec()
-                    } else {
-                        Vec::new()
-                    };
-                    let user = match identity {
-                        Identity::User(u) => Some(Rc::from(&*u)),
-                        Identity::Anonymous => None,
-                    };
-                    return Some((u, user, leftover));
-                }
-                Err(e) => Refusal::Unauthorized(e),
-            },
-            Err(r) => r,
-        };
+        let refusal =
+            match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo, &cfg.allowed_origins) {
+                Ok(Parsed::Partial) => continue,
+                Ok(Parsed::Upgrade(u)) => match shard.node.auth.identify(u.token.as_deref()) {
+                    Ok(identity) => {
+                        // Frames pipelined behind the request, if any; no allocation otherwise.
+                        let leftover = if buf.len() > u.request_len {
+                            buf[u.request_len..].to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        let user = match identity {
+                            Identity::User(u) => Some(Rc::from(&*u)),
+                            Identity::Anonymous => None,
+                        };
+                        return Some((u, user, leftover));
+                    }
+                    Err(e) => Refusal::Unauthorized(e),
+                },
+                Err(r) => r,
+            };
         shard.metrics.refused(refusal).inc();
         let _ = stream.write_all(refusal.response()).await;
         return None;

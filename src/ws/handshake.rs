@@ -10,6 +10,7 @@
 //! | 426 | no `Upgrade: websocket`, or `Sec-WebSocket-Version` other than 13 |
 //! | 431 | headers larger than the limit, or too many of them |
 //! | 401 | a missing, forged or expired token (decided by `auth`, answered here) |
+//! | 403 | an `Origin` not in `allowed_origins` (when that list is set) |
 //!
 //! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
 //! `Sec-WebSocket-Protocol` entry `bearer.<token>`, or the query parameter `token`.
@@ -83,11 +84,13 @@ pub enum Refusal {
     HeadersTooLarge,
     #[error("{0}")]
     Unauthorized(AuthError),
+    #[error("origin not allowed")]
+    Origin,
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -99,6 +102,7 @@ impl Refusal {
         Self::NotFound,
         Self::HeadersTooLarge,
         Self::Unauthorized(AuthError::Missing),
+        Self::Origin,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -108,6 +112,7 @@ impl Refusal {
             Self::NotUpgrade | Self::WsVersion => (426, "Upgrade Required"),
             Self::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Self::Unauthorized(_) => (401, "Unauthorized"),
+            Self::Origin => (403, "Forbidden"),
             _ => (400, "Bad Request"),
         }
     }
@@ -126,6 +131,7 @@ impl Refusal {
             Self::NotFound => "not_found",
             Self::HeadersTooLarge => "headers_too_large",
             Self::Unauthorized(_) => "unauthorized",
+            Self::Origin => "origin",
         }
     }
 
@@ -159,8 +165,15 @@ pub enum Parsed {
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const MAX_HEADERS: usize = 32;
 
-/// Parses the request in `buf`. `max_bytes` bounds the request; `echo` enables `/echo`.
-pub fn parse(buf: &[u8], max_bytes: usize, echo: bool) -> Result<Parsed, Refusal> {
+/// Parses the request in `buf`. `max_bytes` bounds the request; `echo` enables `/echo`;
+/// a non-empty `origins` is the list of `Origin` values allowed (a request without
+/// `Origin`, from a client that is not a browser, is let through).
+pub fn parse(
+    buf: &[u8],
+    max_bytes: usize,
+    echo: bool,
+    origins: &[String],
+) -> Result<Parsed, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -199,6 +212,16 @@ pub fn parse(buf: &[u8], max_bytes: usize, echo: bool) -> Result<Parsed, Refusal
     };
     if header("host").is_none() {
         return Err(Refusal::MissingHost);
+    }
+    if !origins.is_empty() {
+        if let Some(origin) = header("origin").map(<[u8]>::trim_ascii) {
+            if !origins
+                .iter()
+                .any(|o| o.as_bytes().eq_ignore_ascii_case(origin))
+            {
+                return Err(Refusal::Origin);
+            }
+        }
     }
     if !header("upgrade").is_some_and(|v| has_token(v, "websocket")) {
         return Err(Refusal::NotUpgrade);
@@ -305,7 +328,7 @@ mod tests {
 
     #[test]
     fn good_request_upgrades() {
-        let Ok(Parsed::Upgrade(u)) = parse(GOOD.as_bytes(), 8192, false) else {
+        let Ok(Parsed::Upgrade(u)) = parse(GOOD.as_bytes(), 8192, false, &[]) else {
             panic!()
         };
         assert_eq!(u.endpoint, Endpoint::Gateway);
@@ -314,19 +337,51 @@ mod tests {
     }
 
     #[test]
+    fn origins_outside_the_list_are_forbidden_and_a_missing_origin_passes() {
+        let allowed = ["https://app.example.com".to_owned()];
+        let from = |origin: &str| {
+            let req = GOOD.replace("Host: x\r\n", &format!("Host: x\r\n{origin}"));
+            parse(req.as_bytes(), 8192, false, &allowed)
+        };
+        assert!(matches!(
+            from("Origin: https://app.example.com\r\n"),
+            Ok(Parsed::Upgrade(_))
+        ));
+        assert!(matches!(
+            from("Origin: HTTPS://APP.example.com\r\n"),
+            Ok(Parsed::Upgrade(_))
+        ));
+        assert_eq!(
+            from("Origin: https://evil.example\r\n"),
+            Err(Refusal::Origin)
+        );
+        assert_eq!(from("Origin: null\r\n"), Err(Refusal::Origin));
+        assert!(
+            matches!(from(""), Ok(Parsed::Upgrade(_))),
+            "no Origin: not a browser"
+        );
+        let any = GOOD.replace("Host: x\r\n", "Host: x\r\nOrigin: https://evil.example\r\n");
+        assert!(matches!(
+            parse(any.as_bytes(), 8192, false, &[]),
+            Ok(Parsed::Upgrade(_))
+        ));
+        assert_eq!(Refusal::Origin.status().0, 403);
+    }
+
+    #[test]
     fn partial_then_too_large() {
         assert_eq!(
-            parse(&GOOD.as_bytes()[..40], 8192, false),
+            parse(&GOOD.as_bytes()[..40], 8192, false, &[]),
             Ok(Parsed::Partial)
         );
         assert_eq!(
-            parse(&GOOD.as_bytes()[..40], 40, false),
+            parse(&GOOD.as_bytes()[..40], 40, false, &[]),
             Err(Refusal::HeadersTooLarge)
         );
     }
 
     fn with(from: &str, to: &str) -> Result<Parsed, Refusal> {
-        parse(GOOD.replace(from, to).as_bytes(), 8192, false)
+        parse(GOOD.replace(from, to).as_bytes(), 8192, false, &[])
     }
 
     #[test]
@@ -347,7 +402,7 @@ mod tests {
         assert_eq!(with("/ws", "/other"), Err(Refusal::NotFound));
         assert_eq!(with("/ws", "/echo"), Err(Refusal::NotFound));
         assert!(matches!(
-            parse(GOOD.replace("/ws", "/echo").as_bytes(), 8192, true),
+            parse(GOOD.replace("/ws", "/echo").as_bytes(), 8192, true, &[]),
             Ok(Parsed::Upgrade(_))
         ));
         assert!(matches!(
@@ -355,7 +410,7 @@ mod tests {
             Ok(Parsed::Upgrade(_))
         ));
         assert_eq!(
-            parse(b"\x00\x01garbage\r\n\r\n", 8192, false),
+            parse(b"\x00\x01garbage\r\n\r\n", 8192, false, &[]),
             Err(Refusal::Malformed)
         );
     }

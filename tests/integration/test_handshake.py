@@ -251,3 +251,25 @@ def test_echo_endpoint_echoes_text_and_binary(gateway):
 def test_echo_disabled_by_default_is_404(gateway):
     gw = gateway()
     assert status_of(gw.raw_http(request(path="/echo"))) == 404
+
+
+def test_allowed_origins_forbid_other_browsers_and_let_non_browsers_in(gateway):
+    """With `allowed_origins`, a browser upgrade from another origin gets 403 (counted
+    under reason="origin"); the listed origin upgrades, and so does a client that sends
+    no Origin (not a browser)."""
+    from websockets.exceptions import InvalidStatus
+
+    gw = gateway(allowed_origins="https://app.example.com,https://other.example.com")
+
+    async def body():
+        async with Client(gw, origin="https://other.example.com") as c:
+            assert c.welcome["type"] == "welcome"
+        async with Client(gw) as c:  # the websockets client sends no Origin by default
+            assert c.welcome["type"] == "welcome"
+        with pytest.raises(InvalidStatus) as refused:
+            async with Client(gw, origin="https://evil.example"):
+                pass
+        assert refused.value.response.status_code == 403
+
+    arun(body())
+    assert gw.metric("ringway_handshake_failures_total", reason="origin") == 1
