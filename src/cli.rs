@@ -154,6 +154,9 @@ pub struct ServeArgs {
     /// required when --admin is not a loopback address (prefer the environment variable).
     #[arg(long, env = "RINGWAY_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Connections the node holds at most; beyond it upgrades get 503 [default: 0, no limit].
+    #[arg(long, env = "RINGWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Origins browsers may upgrade from, comma-separated (others get 403) [default: any].
     #[arg(long, env = "RINGWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
@@ -247,6 +250,7 @@ impl ServeArgs {
             allow_anonymous,
             presence_ttl_secs,
             allowed_origins,
+            max_connections,
         );
         cfg.validate()?;
         Ok(cfg)

@@ -54,6 +54,9 @@ pub struct Config {
     /// `https://app.example.com`); others get 403. Empty: any. A request without
     /// `Origin` (not a browser) is let through.
     pub allowed_origins: Vec<String>,
+    /// Connections the node holds at most (0: no limit beyond the file limit); beyond
+    /// it an upgrade gets 503 with `Retry-After`, before the token is checked.
+    pub max_connections: usize,
     /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
     pub shards: usize,
     /// I/O driver: auto, io_uring or epoll.
@@ -197,6 +200,7 @@ impl Default for Config {
             jwt_issuer: None,
             admin_token: None,
             allowed_origins: Vec::new(),
+            max_connections: 0,
             allow_anonymous: false,
             presence_ttl_secs: 30,
         }
@@ -259,6 +263,7 @@ impl Config {
             direct_inbox_ttl_secs,
             admin_token,
             allowed_origins,
+            max_connections,
         );
         differ!(
             self,

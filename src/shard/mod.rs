@@ -204,6 +204,7 @@ impl Shard {
         }
         if let Some(conn) = self.conns.borrow_mut().try_remove(key) {
             conn.detach();
+            self.node.release_connection();
         }
         self.metrics
             .connections

@@ -147,6 +147,9 @@ pub struct Node {
     draining: AtomicBool,
     /// Messages accepted for publishing (client or API).
     pub published: Counter,
+    /// Connections open on the node, or reserved by an upgrade about to register
+    /// (`reserve_connection`), against `max_connections`.
+    open_connections: AtomicUsize,
     /// Admin API publishes and sends that waited for room in a full shard inbox.
     pub publish_waits: Counter,
     /// Verifies client tokens.
@@ -261,6 +264,22 @@ impl Node {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Holds room for one more connection, unless `max` (0: no limit) are open.
+    /// Every `true` is matched by one `release_connection`.
+    pub fn reserve_connection(&self, max: usize) -> bool {
+        let before = self.open_connections.fetch_add(1, Ordering::Relaxed);
+        if max > 0 && before >= max {
+            self.open_connections.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// A connection closed (or an upgrade that held room did not become one).
+    pub fn release_connection(&self) {
+        self.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Increases whenever the configuration is replaced.
@@ -403,6 +422,7 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         ready: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         published: Counter::default(),
+        open_connections: AtomicUsize::new(0),
         publish_waits: Counter::default(),
         auth: Authenticator::from_config(&cfg)?,
         backplane: cfg.redis.is_some(),

@@ -158,6 +158,11 @@ async fn handshake(
         let refusal =
             match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo, &cfg.allowed_origins) {
                 Ok(Parsed::Partial) => continue,
+                // Room is held before the token is checked (the costly part), and given
+                // back if the client is refused; `unregister` gives back the rest.
+                Ok(Parsed::Upgrade(_)) if !shard.node.reserve_connection(cfg.max_connections) => {
+                    Refusal::Full
+                }
                 Ok(Parsed::Upgrade(u)) => match shard.node.auth.identify(u.token.as_deref()) {
                     Ok(identity) => {
                         // Frames pipelined behind the request, if any; no allocation otherwise.
@@ -172,7 +177,10 @@ async fn handshake(
                         };
                         return Some((u, user, leftover));
                     }
-                    Err(e) => Refusal::Unauthorized(e),
+                    Err(e) => {
+                        shard.node.release_connection();
+                        Refusal::Unauthorized(e)
+                    }
                 },
                 Err(r) => r,
             };

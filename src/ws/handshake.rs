@@ -11,6 +11,7 @@
 //! | 431 | headers larger than the limit, or too many of them |
 //! | 401 | a missing, forged or expired token (decided by `auth`, answered here) |
 //! | 403 | an `Origin` not in `allowed_origins` (when that list is set) |
+//! | 503 | the node holds `max_connections` already (with `Retry-After`) |
 //!
 //! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
 //! `Sec-WebSocket-Protocol` entry `bearer.<token>`, or the query parameter `token`.
@@ -86,11 +87,13 @@ pub enum Refusal {
     Unauthorized(AuthError),
     #[error("origin not allowed")]
     Origin,
+    #[error("this node is at max_connections: retry, or connect elsewhere")]
+    Full,
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -103,6 +106,7 @@ impl Refusal {
         Self::HeadersTooLarge,
         Self::Unauthorized(AuthError::Missing),
         Self::Origin,
+        Self::Full,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -113,6 +117,7 @@ impl Refusal {
             Self::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Self::Unauthorized(_) => (401, "Unauthorized"),
             Self::Origin => (403, "Forbidden"),
+            Self::Full => (503, "Service Unavailable"),
             _ => (400, "Bad Request"),
         }
     }
@@ -132,6 +137,7 @@ impl Refusal {
             Self::HeadersTooLarge => "headers_too_large",
             Self::Unauthorized(_) => "unauthorized",
             Self::Origin => "origin",
+            Self::Full => "max_connections",
         }
     }
 
@@ -144,6 +150,7 @@ impl Refusal {
             Self::NotUpgrade => "Upgrade: websocket\r\nConnection: Upgrade\r\n",
             Self::WsVersion => "Sec-WebSocket-Version: 13\r\n",
             Self::Unauthorized(_) => "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
+            Self::Full => "Retry-After: 1\r\n",
             _ => "",
         };
         format!(

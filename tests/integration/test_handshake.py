@@ -273,3 +273,40 @@ def test_allowed_origins_forbid_other_browsers_and_let_non_browsers_in(gateway):
 
     arun(body())
     assert gw.metric("ringway_handshake_failures_total", reason="origin") == 1
+
+
+def test_max_connections_answers_503_with_retry_after_and_frees_room_on_close(gateway):
+    """At `max_connections` (node-wide, over both shards) an upgrade gets 503 with
+    Retry-After before its token is looked at; a closed connection frees its room."""
+    from websockets.exceptions import InvalidStatus
+
+    gw = gateway(max_connections=3)
+
+    async def body():
+        clients = [await Client(gw).__aenter__() for _ in range(3)]
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                async with Client(gw):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert refused.value.response.headers["Retry-After"] == "1"
+            # The ones in are unaffected.
+            assert (await clients[0].request({"op": "subscribe", "topic": "t"}))["type"] == "subscribed"
+        finally:
+            await clients.pop().__aexit__(None, None, None)
+        # Room again once the server has seen the close.
+        async def fourth():
+            try:
+                async with Client(gw) as c:
+                    return c.welcome["type"] == "welcome"
+            except InvalidStatus:
+                return False
+        deadline = time.monotonic() + 5
+        while not await fourth():
+            assert time.monotonic() < deadline, "the closed connection's room never came back"
+            await asyncio.sleep(0.05)
+        for c in clients:
+            await c.__aexit__(None, None, None)
+
+    arun(body())
+    assert gw.metric("ringway_handshake_failures_total", reason="max_connections") >= 1
