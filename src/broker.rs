@@ -123,11 +123,7 @@ pub struct Sent {
 /// function `ringway_send` does the same across nodes), and keeps it for each user
 /// until acknowledged (`shard::unacked`).
 pub fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent, Refused> {
-    let cfg = node.config();
-    let bounds = unacked::Bounds {
-        size: cfg.direct_inbox_size,
-        ttl: std::time::Duration::from_secs(cfg.direct_inbox_ttl_secs),
-    };
+    let bounds = unacked::Bounds::of(&node.config());
     // Held from the lookup to the store: a connection that joins the directory after
     // the lookup finds the message waiting (see `shard::unacked`).
     let mut held = node.unacked.hold();

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, NotRecovered};
+use crate::shard::history::Bounds as HistoryBounds;
 use crate::shard::outbound::ConnHandle;
 
 /// Time allowed for connecting to Redis (and AUTH/SELECT).
@@ -151,48 +152,8 @@ pub struct Backplane {
     pub inboxes: RefCell<inbox::Inboxes>,
 }
 
-/// What a user's inbox of unacknowledged direct messages is bounded by.
-#[derive(Debug, Clone, Copy)]
-pub struct InboxBounds {
-    pub size: usize,
-    pub ttl_ms: u64,
-}
-
-impl InboxBounds {
-    pub fn of(cfg: &Config) -> Self {
-        Self {
-            size: cfg.direct_inbox_size,
-            ttl_ms: cfg.direct_inbox_ttl_secs.saturating_mul(1000),
-        }
-    }
-
-    pub fn on(&self) -> bool {
-        self.size > 0 && self.ttl_ms > 0
-    }
-}
-
 /// An answered stream read: topic, serial, page.
 pub type ReadDone = (Rc<str>, u64, Result<replay::Page, NotRecovered>);
-
-/// What a message kept in history is bounded by, sent with each publish.
-#[derive(Debug, Clone, Copy)]
-pub struct HistoryBounds {
-    pub size: usize,
-    pub ttl_ms: u64,
-}
-
-impl HistoryBounds {
-    pub fn of(cfg: &Config) -> Self {
-        Self {
-            size: cfg.history_size,
-            ttl_ms: cfg.history_ttl_secs.saturating_mul(1000),
-        }
-    }
-
-    pub fn on(&self) -> bool {
-        self.size > 0 && self.ttl_ms > 0
-    }
-}
 
 /// `FCALL ringway_publish 3 <channel> <stream> <epoch key> <id> <data> <size> <ttl ms>`.
 /// With history on, `id` is empty (the stream gives it); the reply is `[id, receivers,
@@ -208,7 +169,7 @@ pub fn publish_args(topic: &str, id: &str, data: &RawValue, history: HistoryBoun
         Bytes::from(id.to_owned()),
         Bytes::copy_from_slice(data.get().as_bytes()),
         Bytes::from(history.size.to_string()),
-        Bytes::from(history.ttl_ms.to_string()),
+        Bytes::from(history.ttl_ms().to_string()),
     ]
 }
 
@@ -331,7 +292,7 @@ impl Backplane {
         history: HistoryBounds,
         reply: Reply,
     ) {
-        let id = if history.on() { "" } else { id };
+        let id = if history.off() { id } else { "" };
         let args = publish_args(topic, id, data, history);
         let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
         self.command(&args, reply);

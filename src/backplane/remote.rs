@@ -63,9 +63,9 @@ pub async fn publish(
     topic: &str,
     id: &str,
     data: &RawValue,
-    history: super::HistoryBounds,
+    history: crate::shard::history::Bounds,
 ) -> Result<String, RemoteError> {
-    let sent_id = if history.on() { "" } else { id };
+    let sent_id = if history.off() { id } else { "" };
     let args = super::publish_args(topic, sent_id, data, history);
     let reply = call(node, args).await?;
     super::published_id(&reply).ok_or(RemoteError::BadReply("ringway_publish"))
@@ -107,9 +107,9 @@ pub async fn send(
     users: &[String],
     id: String,
     data: &RawValue,
-    inbox: super::InboxBounds,
+    inbox: crate::shard::unacked::Bounds,
 ) -> Result<Sent, RemoteError> {
-    let keys = if inbox.on() {
+    let keys = if !inbox.off() {
         2 * users.len()
     } else {
         users.len()
@@ -119,16 +119,16 @@ pub async fn send(
     args.push(Bytes::from_static(b"ringway_send"));
     args.push(Bytes::from(keys.to_string()));
     args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
-    if inbox.on() {
+    if !inbox.off() {
         args.extend(users.iter().map(|u| Bytes::from(schema::inbox_key(u))));
         args.push(Bytes::new());
     } else {
         args.push(Bytes::from(id.clone()));
     }
     args.push(Bytes::copy_from_slice(data.get().as_bytes()));
-    if inbox.on() {
+    if !inbox.off() {
         args.push(Bytes::from(inbox.size.to_string()));
-        args.push(Bytes::from(inbox.ttl_ms.to_string()));
+        args.push(Bytes::from(inbox.ttl.as_millis().to_string()));
     }
     match call(node, args).await? {
         BytesFrame::Array(parts) => match parts.as_slice() {

@@ -188,7 +188,7 @@ pub async fn publish(node: &Node, topic: &str, data: &RawValue) -> Result<String
         return Ok(with_room(node, || broker::publish(node, topic, data)).await?);
     }
     let id = node.next_message_id();
-    let history = backplane::HistoryBounds::of(&node.config());
+    let history = super::history::Bounds::of(&node.config());
     let id = backplane::remote::publish(node, topic, &id, data, history).await?;
     node.published.inc();
     Ok(id)
@@ -199,7 +199,7 @@ pub async fn send(node: &Node, users: &[String], data: &RawValue) -> Result<Sent
     if !node.backplane {
         return Ok(with_room(node, || broker::send(node, users, data)).await?);
     }
-    let inbox = backplane::InboxBounds::of(&node.config());
+    let inbox = super::unacked::Bounds::of(&node.config());
     let sent = backplane::remote::send(node, users, node.next_message_id(), data, inbox).await?;
     node.published.inc();
     Ok(sent)

@@ -38,8 +38,21 @@ pub struct Bounds {
 }
 
 impl Bounds {
+    /// The bounds in force in `cfg`.
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        Self {
+            size: cfg.history_size,
+            ttl_secs: u32::try_from(cfg.history_ttl_secs).unwrap_or(u32::MAX),
+        }
+    }
+
     pub fn off(self) -> bool {
         self.size == 0 || self.ttl_secs == 0
+    }
+
+    /// The age bound in milliseconds (what Redis trims a topic's stream by).
+    pub fn ttl_ms(self) -> u64 {
+        u64::from(self.ttl_secs) * 1000
     }
 }
 

@@ -441,7 +441,7 @@ impl Shard {
         let Some(bp) = self.backplane() else {
             return;
         };
-        if !backplane::InboxBounds::of(&self.cfg()).on() {
+        if self.direct_bounds().off() {
             return;
         }
         let conns = self.conns.borrow();
@@ -516,11 +516,7 @@ impl Shard {
 
     /// The history bounds in force.
     fn history_bounds(&self) -> Bounds {
-        let cfg = self.cfg.borrow();
-        Bounds {
-            size: cfg.history_size,
-            ttl_secs: u32::try_from(cfg.history_ttl_secs).unwrap_or(u32::MAX),
-        }
+        Bounds::of(&self.cfg.borrow())
     }
 
     /// Up to `limit` frames of `topic` after `since` (all it holds without), oldest
@@ -588,7 +584,7 @@ impl Shard {
                 topic: Rc::from(topic),
                 reference: reference.map(|r| r.to_owned()),
             };
-            let history = backplane::HistoryBounds::of(&self.cfg());
+            let history = self.history_bounds();
             bp.publish(topic, &id, data, history, reply);
             return;
         }
@@ -711,7 +707,7 @@ impl Shard {
         };
         if let Some(bp) = self.fanout.backplane() {
             // Through Redis: read from the user's inbox once its presence is in.
-            if backplane::InboxBounds::of(&self.cfg()).on() {
+            if !self.direct_bounds().off() {
                 bp.read_inbox(key, conn.id, user);
             }
             return;
@@ -751,11 +747,7 @@ impl Shard {
     }
 
     fn direct_bounds(&self) -> unacked::Bounds {
-        let cfg = self.cfg.borrow();
-        unacked::Bounds {
-            size: cfg.direct_inbox_size,
-            ttl: Duration::from_secs(cfg.direct_inbox_ttl_secs),
-        }
+        unacked::Bounds::of(&self.cfg.borrow())
     }
 
     /// Queues `frame` on each connection under the slow-consumer policy; returns how

@@ -26,6 +26,14 @@ pub struct Bounds {
 }
 
 impl Bounds {
+    /// The bounds in force in `cfg`.
+    pub fn of(cfg: &crate::config::Config) -> Self {
+        Self {
+            size: cfg.direct_inbox_size,
+            ttl: Duration::from_secs(cfg.direct_inbox_ttl_secs),
+        }
+    }
+
     pub fn off(self) -> bool {
         self.size == 0 || self.ttl.is_zero()
     }
