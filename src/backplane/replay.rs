@@ -668,12 +668,7 @@ impl Replays {
         }
         // The shard's own position: past whatever its subscribers were just given.
         if let Ok(page) = &result {
-            let newest = held
-                .iter()
-                .rev()
-                .find(|(id, _)| *id != MessageId::MAX)
-                .map(|(id, _)| *id)
-                .or(page.entries.last().map(|(id, _)| *id));
+            let newest = newest_held.or(page.entries.last().map(|(id, _)| *id));
             match (&page.epoch, hold_all_done) {
                 (Some(e), true) => {
                     let id = newest.or(page.last).unwrap_or(MessageId { ms: 0, seq: 0 });
@@ -852,21 +847,14 @@ pub fn parse_page(frame: &BytesFrame, count: usize) -> Result<Page, String> {
     let [epoch, last, trimmed, BytesFrame::Array(entries)] = parts.as_slice() else {
         return Err(bad());
     };
-    let text = |f: &BytesFrame| match f {
-        BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => {
-            std::str::from_utf8(b).ok().map(str::to_owned)
-        }
-        _ => None,
-    };
     let id = |f: &BytesFrame| text(f).and_then(|s| s.parse::<MessageId>().ok());
     let mut page = Page {
         epoch: text(epoch),
         last: id(last),
         trimmed: id(trimmed),
-        entries: Vec::with_capacity(entries.len()),
+        entries: stream_entries(entries).ok_or_else(bad)?,
         cut: false,
     };
-    page.entries = stream_entries(entries).ok_or_else(bad)?;
     if count > 0 && entries.len() >= count {
         page.cut = true;
         page.entries.truncate(count.saturating_sub(1));
@@ -874,15 +862,19 @@ pub fn parse_page(frame: &BytesFrame, count: usize) -> Result<Page, String> {
     Ok(page)
 }
 
-/// The entries of an `XRANGE` reply whose data (field `d`) is one JSON value; an entry
-/// someone else wrote without it is skipped. `None` when the reply is not a stream's.
-pub fn stream_entries(entries: &[BytesFrame]) -> Option<Vec<(MessageId, Box<RawValue>)>> {
-    let text = |f: &BytesFrame| match f {
+/// A string reply's text (`None` for nil and anything else).
+fn text(f: &BytesFrame) -> Option<String> {
+    match f {
         BytesFrame::BulkString(b) | BytesFrame::SimpleString(b) => {
             std::str::from_utf8(b).ok().map(str::to_owned)
         }
         _ => None,
-    };
+    }
+}
+
+/// The entries of an `XRANGE` reply whose data (field `d`) is one JSON value; an entry
+/// someone else wrote without it is skipped. `None` when the reply is not a stream's.
+pub fn stream_entries(entries: &[BytesFrame]) -> Option<Vec<(MessageId, Box<RawValue>)>> {
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let BytesFrame::Array(e) = entry else {

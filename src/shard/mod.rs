@@ -422,18 +422,6 @@ impl Shard {
         }
     }
 
-    /// The slab key of connection `conn` (through its user's connections).
-    fn key_of(&self, conn: &ConnHandle) -> Option<ConnKey> {
-        let user = conn.user.as_ref()?;
-        let conns = self.conns.borrow();
-        self.users
-            .borrow()
-            .get(user)?
-            .iter()
-            .copied()
-            .find(|k| conns.get(*k).is_some_and(|c| c.id == conn.id))
-    }
-
     /// After the subscriber connection came back: every identified connection reads
     /// its user's inbox again, for the direct messages published while it was away
     /// (at least once: what it already had comes again, and the client drops it).
@@ -672,12 +660,7 @@ impl Shard {
     /// `deliver`, skipping connections that resumed from an offset at or past `id`.
     fn deliver_past_floors(&self, topic: &str, id: MessageId, frame: &Bytes) {
         let skip = self.floors.borrow_mut().skip(Some(topic), id);
-        let registry = self.registry.borrow();
-        let Some(subs) = registry.subscribers(topic) else {
-            return;
-        };
-        let queued = self.push_to(subs.iter().copied().filter(|k| !skip.contains(k)), frame);
-        self.metrics.deliveries.add(queued);
+        self.deliver_except(topic, frame, &skip);
     }
 
     /// Queues a direct message for every local connection of `user`; returns how many.
@@ -726,14 +709,19 @@ impl Shard {
     }
 
     /// Connection `conn` acknowledges its user's direct messages up to `id`.
-    pub fn ack(&self, conn: &Rc<ConnHandle>, id: MessageId, reference: Option<&RawValue>) {
+    pub fn ack(
+        &self,
+        key: ConnKey,
+        conn: &Rc<ConnHandle>,
+        id: MessageId,
+        reference: Option<&RawValue>,
+    ) {
         let Some(user) = conn.user.as_ref() else {
             let m = "only a connection with a user (a token with `sub`) has direct messages to acknowledge";
             return self.reply_error(conn, protocol::error(ErrorCode::BadRequest, m, reference));
         };
         if let Some(bp) = self.fanout.backplane() {
-            let key = self.key_of(conn);
-            if key.is_some_and(|k| !bp.inboxes.borrow().may_ack(k, conn.id)) {
+            if !bp.inboxes.borrow().may_ack(key, conn.id) {
                 let m = "this connection has not been given its inbox yet (redis could not be read): not acknowledged; reconnect";
                 return self
                     .reply_error(conn, protocol::error(ErrorCode::Unavailable, m, reference));

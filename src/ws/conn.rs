@@ -222,7 +222,7 @@ impl Effects for Io {
         self.handle.closing_since.set(self.shard.now());
     }
     fn ack(&mut self, id: MessageId, reference: Option<&RawValue>) {
-        self.shard.ack(&self.handle, id, reference);
+        self.shard.ack(self.key, &self.handle, id, reference);
     }
     fn subscribe(
         &mut self,
