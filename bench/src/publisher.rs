@@ -206,10 +206,7 @@ pub fn run(cfg: &PubCfg) -> Result<PubReport, String> {
         Via::Ws { host, .. } => host.clone(),
     };
     // The admin API's bearer token, when the gateway requires one.
-    let auth = match std::env::var("RINGWAY_ADMIN_TOKEN") {
-        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
-        _ => String::new(),
-    };
+    let auth = ringway::admin::client::auth_header();
     let fixed = cfg.rate > 0.0;
     let total: u64 = if fixed {
         (cfg.rate * cfg.duration.as_secs_f64()).floor() as u64

@@ -96,6 +96,16 @@ pub fn history(
     serde_json::from_str(&body).map_err(|_| ClientError::BadResponse)
 }
 
+/// The `Authorization` header line for the admin API's bearer token
+/// (`RINGWAY_ADMIN_TOKEN`, when set; a gateway with `admin_token` requires it), or an
+/// empty string.
+pub fn auth_header() -> String {
+    match std::env::var("RINGWAY_ADMIN_TOKEN") {
+        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
+        _ => String::new(),
+    }
+}
+
 /// One POST with `Connection: close`; returns status and body.
 pub fn post(admin: SocketAddr, path: &str, body: &str) -> Result<(u16, String), ClientError> {
     request(admin, "POST", path, body)
@@ -114,11 +124,7 @@ fn request(
         }
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    // The admin API's bearer token, when the gateway requires one (`admin_token`).
-    let auth = match std::env::var("RINGWAY_ADMIN_TOKEN") {
-        Ok(token) if !token.is_empty() => format!("Authorization: Bearer {token}\r\n"),
-        _ => String::new(),
-    };
+    let auth = auth_header();
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -19,12 +19,19 @@ local function new_id()
   return string.format('%d-%d', tonumber(t[1]) * 1000 + math.floor(us / 1000), us % 1000)
 end
 
--- ARGV[1] (id, '' = generate) and ARGV[2] (data, one JSON value) of ringway_send and
--- ringway_publish: the id to use, or nil and the error reply.
-local function id_and_data(args)
+-- The error reply for ARGV[2] (data) of ringway_send and ringway_publish when it is not
+-- one valid JSON value; nil when it is.
+local function bad_data(args)
   if args[2] == nil or not pcall(cjson.decode, args[2]) then
-    return nil, redis.error_reply('ERR ringway: data must be one valid JSON value')
+    return redis.error_reply('ERR ringway: data must be one valid JSON value')
   end
+end
+
+-- ARGV[1] (id, '' = generate) and ARGV[2] (data): the id to use, or nil and the error
+-- reply.
+local function id_and_data(args)
+  local bad = bad_data(args)
+  if bad then return nil, bad end
   if args[1] == nil or args[1] == '' then return new_id() end
   return args[1]
 end
@@ -71,9 +78,8 @@ end
 -- key (ringway:node:<node>) is alive.
 -- Returns {users online, shards published to, id, stored (0/1), connections}.
 local function send(keys, args)
-  if args[2] == nil or not pcall(cjson.decode, args[2]) then
-    return redis.error_reply('ERR ringway: data must be one valid JSON value')
-  end
+  local bad = bad_data(args)
+  if bad then return bad end
   local users = #keys
   local size = tonumber(args[3] or '0')
   local ttl = tonumber(args[4] or '0')
@@ -219,9 +225,8 @@ local function publish(keys, args)
   if #keys ~= 3 then
     return redis.error_reply('ERR ringway: pass 1 key (channel) or 3 (channel, history, epoch)')
   end
-  if args[2] == nil or not pcall(cjson.decode, args[2]) then
-    return redis.error_reply('ERR ringway: data must be one valid JSON value')
-  end
+  local bad = bad_data(args)
+  if bad then return bad end
   local size = tonumber(args[3] or '100')
   local ttl = tonumber(args[4] or '300000')
   if size == nil or ttl == nil or size < 0 or ttl < 0 then
