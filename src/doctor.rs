@@ -63,6 +63,11 @@ pub fn run(cfg: &Config) -> Vec<Check> {
         "the kernel's ceiling for LimitNOFILE",
     ));
     out.extend(sysctl_min(
+        "fs.epoll.max_user_watches",
+        1_100_000,
+        "one watch per connection in the shards' epoll sets",
+    ));
+    out.extend(sysctl_min(
         "net.core.somaxconn",
         u64::from(cfg.backlog),
         "caps each shard's listen backlog",

@@ -10,7 +10,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Reads what is available on `fd` into `buf` without blocking. `Ok(0)` is EOF;
 /// `WouldBlock` means nothing is there.
@@ -101,6 +101,112 @@ pub fn shutdown_read(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Takes a connected socket out of the runtime's hands (the reactor reads and writes
+/// it from then on). Panics if an operation of the runtime still holds the socket,
+/// which no caller allows: the upgrade's reads and writes have all completed.
+pub fn into_owned(stream: monoio::net::TcpStream) -> OwnedFd {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: `into_raw_fd` gives up the runtime's ownership of the descriptor without
+    // closing it (and removes it from the epoll driver's set), so it is owned by
+    // nobody else from here on.
+    unsafe { OwnedFd::from_raw_fd(stream.into_raw_fd()) }
+}
+
+/// Shuts the write side of a connected socket (after our close frame): the peer sees
+/// EOF once everything queued before it is delivered.
+pub fn shutdown_write(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes no pointers; a stale fd yields EBADF. Callers pass the fd
+    // of a socket they own.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A shard's readiness set for its client sockets: an epoll instance (its
+/// descriptor is itself readable while any socket in it is ready, so the runtime can
+/// wait on it, through io_uring or epoll alike).
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+/// What a socket became ready for, with the value it was added under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    pub token: u64,
+    /// Data, EOF, a reset or an error: read.
+    pub read: bool,
+    /// Room to write again.
+    pub write: bool,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: epoll_create1 takes no pointers.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by epoll_create1 and is owned by nobody else.
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Watches `fd` for input, hang-ups and room to write, edge-triggered: each
+    /// change is reported once, so a socket that stays idle or writable costs nothing
+    /// after it is added. Closing `fd` removes it.
+    pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
+            u64: token,
+        };
+        // SAFETY: `ev` is a valid epoll_event that outlives the call; the kernel copies
+        // it. A stale `fd` yields EBADF.
+        let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes up to `events.len()` readiness reports without waiting; returns how many.
+    pub fn poll(&self, events: &mut [libc::epoll_event]) -> io::Result<usize> {
+        // SAFETY: `events` is a valid, exclusively borrowed array of `events.len()`
+        // epoll_event structs; the kernel writes at most that many.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len().min(i32::MAX as usize) as i32,
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// A second handle on the same epoll instance, as a stream the runtime can wait on
+    /// for readability (`monoio::net::UnixStream::from_std`).
+    pub fn waitable(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        Ok(std::os::unix::net::UnixStream::from(self.fd.try_clone()?))
+    }
+}
+
+/// Decodes one readiness report.
+pub fn ready(ev: &libc::epoll_event) -> Ready {
+    let bits = ev.events;
+    let read = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+    Ready {
+        token: ev.u64,
+        read: bits & read != 0,
+        write: bits & (libc::EPOLLOUT | libc::EPOLLERR) as u32 != 0,
+    }
 }
 
 /// CPUs in this process's affinity mask (what `taskset`/systemd `CPUAffinity` allow).

@@ -2,10 +2,11 @@
 //! SO_REUSEPORT listener, connections, topic table and counters. Nothing on the hot path
 //! is shared; another shard is reached only through its inbox (`Inbox`).
 //!
-//! A shard runs four kinds of task: the accept loop, one task per connection
-//! (`ws::conn`), the inbox loop (cross-shard fan-out, drain) and the sweeper (pings,
-//! idle and stalled-write timeouts, close deadlines), which walks every connection once a
-//! second instead of giving each one a timer.
+//! A shard runs these tasks: the accept loop, one task per upgrade in progress
+//! (`ws::conn`), the reactor that reads and writes every established connection
+//! (`ws::reactor`), the delivery tick (`outbound`), the inbox loop (cross-shard fan-out,
+//! drain) and the sweeper (pings, idle and stalled-write timeouts, close deadlines),
+//! which walks every connection once a second instead of giving each one a timer.
 
 pub mod fanout;
 mod floors;
@@ -80,13 +81,14 @@ pub struct Shard {
     /// Messages connections already have (a resume ahead of this shard, direct
     /// messages given at connect): live copies skip them (`floors`).
     floors: RefCell<Floors>,
+    /// Reads and writes every established connection (`ws::reactor`).
+    pub reactor: crate::ws::reactor::Reactor,
 }
 
 impl Shard {
-    fn new(index: usize, cfg: Arc<Config>, node: Arc<Node>) -> Self {
+    fn new(index: usize, cfg: Arc<Config>, node: Arc<Node>) -> std::io::Result<Self> {
         let metrics = node.shards[index].metrics.clone();
         let welcome = crate::protocol::WelcomeTemplate::new(&node.id);
-        // The URL was checked by `Config::validate`.
         // The URL was checked by `Config::validate`.
         let fanout = match cfg.redis.as_deref().and_then(|u| RedisUrl::parse(u).ok()) {
             Some(url) => Fanout::Redis(Box::new(Backplane::new(
@@ -98,7 +100,7 @@ impl Shard {
             ))),
             None => Fanout::Local,
         };
-        Self {
+        Ok(Self {
             index,
             cfg: RefCell::new(cfg),
             cfg_epoch: Cell::new(0),
@@ -121,7 +123,8 @@ impl Shard {
             fanout,
             history: RefCell::default(),
             floors: RefCell::default(),
-        }
+            reactor: crate::ws::reactor::Reactor::new()?,
+        })
     }
 
     /// The configuration in force. An owned handle: hold it across awaits freely; a
@@ -161,6 +164,8 @@ impl Shard {
         self.next_conn.set(id + 1);
         let handle = Rc::new(ConnHandle::new(id, fd, self.now(), user.cloned()));
         let key = self.conns.borrow_mut().insert(handle.clone());
+        // Every entry holds a file descriptor, so keys stay far below 2^32.
+        handle.key.set(key as u32);
         self.metrics
             .connections
             .set(self.conns.borrow().len() as u64);
@@ -203,6 +208,7 @@ impl Shard {
             }
         }
         if let Some(conn) = self.conns.borrow_mut().try_remove(key) {
+            conn.key.set(u32::MAX);
             conn.detach();
             self.node.release_connection();
         }
@@ -211,6 +217,11 @@ impl Shard {
             .set(self.conns.borrow().len() as u64);
         self.metrics.closed(why).inc();
         self.update_registry_gauges();
+    }
+
+    /// Connection `key`'s handle, if it is still registered.
+    pub fn conn(&self, key: ConnKey) -> Option<Rc<ConnHandle>> {
+        self.conns.borrow().get(key).cloned()
     }
 
     pub fn update_registry_gauges(&self) {
@@ -817,6 +828,7 @@ impl Shard {
     fn sweep(&self) {
         let now = (self.started.elapsed().as_secs() as u32).saturating_add(1);
         self.clock.set(now);
+        outbound::set_clock(now);
         self.metrics.sweeps.inc();
         self.follow_config();
         if let Some(bp) = self.backplane() {
@@ -898,6 +910,7 @@ async fn run(
     };
     monoio::spawn(accept_loop(shard.clone(), listener));
     monoio::spawn(outbound::flush_loop(shard.metrics.clone()));
+    monoio::spawn(crate::ws::reactor::run(shard.clone()));
     monoio::spawn(sweeper(shard.clone()));
     if shard.fanout.backplane().is_some() {
         monoio::spawn(backplane::run_subscriber(shard.clone()));

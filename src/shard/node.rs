@@ -449,9 +449,15 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
                     }
                 }
                 let shard_node = node.clone();
-                let make = move |on_uring: bool| {
-                    let shard = Rc::new(Shard::new(i, cfg, shard_node));
-                    super::run(shard, listener, !on_uring, inbox, ready)
+                let make = move |on_uring: bool| async move {
+                    match Shard::new(i, cfg, shard_node) {
+                        Ok(shard) => {
+                            super::run(Rc::new(shard), listener, !on_uring, inbox, ready).await
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("shard {i}: epoll set: {e}")));
+                        }
+                    }
                 };
                 run_on_runtime(uring, entries, i, make);
             });

@@ -1,6 +1,7 @@
 //! A connection's shared half: its bounded send queue, the shard tick that writes it,
-//! its wake-up signal and the timestamps the shard's sweeper reads. The fan-out path,
-//! the sweeper and the connection's own task all hold an `Rc<ConnHandle>`.
+//! the list of connections the shard's reactor must look at, and the timestamps the
+//! shard's sweeper reads. The fan-out path, the sweeper and the reactor all hold an
+//! `Rc<ConnHandle>`.
 //!
 //! Sending is by tick. A delivery is queued as a `Bytes` handle to the one frame built
 //! per node; a reply, a ping or a close goes out at once with one `send` when nothing
@@ -13,19 +14,17 @@
 //! owed connection gets one `sendmsg` carrying all it is owed (`sys`). A delivery
 //! therefore costs a queue push, and a connection owed many messages costs one system
 //! call, not one per message: the cost per delivery falls as the rate rises. What the
-//! socket does not take stays queued, and the connection's own task writes it through
-//! the runtime (io_uring) as the socket drains.
+//! socket does not take stays queued: the connection is *blocked*, and the shard's
+//! reactor (`ws::reactor`) writes the rest when the socket reports room again.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::{ErrorKind, IoSlice};
 use std::os::fd::RawFd;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::sys;
@@ -43,18 +42,15 @@ pub enum Push {
     Closing,
 }
 
-/// Queued frames are coalesced into one write of up to this many bytes when the
-/// connection's task writes through the runtime (a socket that was full).
-const COALESCE_BYTES: usize = 64 * 1024;
-
 /// Frames handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
 const IOV_BATCH: usize = 64;
 
 pub struct ConnHandle {
     /// Node-unique connection number (shown as `<shard>-<id>` to clients).
     pub id: u64,
-    /// The socket, for the tick's writes; -1 once the connection is unregistered (its
-    /// task unregisters before closing it), and in unit tests (queue only).
+    /// The socket, for the tick's writes; -1 once the connection is unregistered (the
+    /// reactor unregisters it before closing the socket), and in unit tests (queue
+    /// only).
     fd: Cell<RawFd>,
     queue: RefCell<VecDeque<Bytes>>,
     queued: Cell<usize>,
@@ -63,10 +59,18 @@ pub struct ConnHandle {
     /// The queue's front frame is the rest of one partly written: nothing may go out
     /// before it, a close frame included.
     front_partial: Cell<bool>,
-    waker: Cell<Option<Waker>>,
+    /// On the reactor's work list (a close to start, an abort, more to read).
+    scheduled: Cell<bool>,
+    /// The connection's key in its shard's table; `u32::MAX` once it has left it.
+    pub key: Cell<u32>,
+    /// The established connection's socket, frame reader and protocol state, which
+    /// only the shard's reactor touches (taken out while it runs). `None` during the
+    /// upgrade. Kept here so that a connection is one allocation.
+    pub io: Cell<Option<crate::ws::conn::Conn>>,
     /// Shard clock (seconds) of the last byte received.
     pub last_rx: Cell<u32>,
-    /// Shard clock when the task's current write started; 0 when not writing.
+    /// Shard clock when the socket last refused bytes that are still queued (the
+    /// connection is blocked until the socket has room); 0 when not blocked.
     pub writing_since: Cell<u32>,
     /// Shard clock when our close frame was queued; 0 while open.
     pub closing_since: Cell<u32>,
@@ -89,7 +93,9 @@ impl ConnHandle {
             queued: Cell::new(0),
             owed: Cell::new(false),
             front_partial: Cell::new(false),
-            waker: Cell::new(None),
+            scheduled: Cell::new(false),
+            key: Cell::new(u32::MAX),
+            io: Cell::new(None),
             last_rx: Cell::new(now),
             writing_since: Cell::new(0),
             closing_since: Cell::new(0),
@@ -211,7 +217,8 @@ impl ConnHandle {
     }
 
     /// Appends a frame; the first one owed by an idle connection puts it on the tick's
-    /// list, one behind a write in progress wakes the task.
+    /// list. One behind a blocked write waits for the socket to have room (the
+    /// reactor writes it then).
     fn enqueue(self: &Rc<Self>, frame: Bytes) {
         let was_empty = self.queue.borrow().is_empty();
         self.queued.set(self.queued.get() + frame.len());
@@ -222,31 +229,59 @@ impl ConnHandle {
             }
             q.push_back(frame);
         }
-        if self.owed.get() {
-            // The tick already owes this connection its queue.
-        } else if was_empty && self.writing_since.get() == 0 {
+        // Otherwise the tick already owes this connection its queue, or the connection
+        // is blocked and the reactor writes the queue when the socket has room.
+        if !self.owed.get() && was_empty && self.writing_since.get() == 0 {
             self.owed.set(true);
             OWED.with(|o| o.add(self.clone()));
-        } else {
-            // The task is writing (or about to): it takes this frame behind the others.
-            self.wake();
         }
     }
 
     /// The tick's write: everything queued, in order, with as few `sendmsg` calls as
-    /// `IOV_BATCH` allows. What the socket does not take stays queued for the
-    /// connection's task, which is woken to write it as the socket drains. Returns
-    /// whether it wrote (called the kernel).
+    /// `IOV_BATCH` allows. What the socket does not take stays queued and the
+    /// connection is blocked until the socket has room ([`ConnHandle::write_ready`]).
+    /// Returns whether it wrote (called the kernel).
     pub fn flush_owed(&self, m: &ShardMetrics) -> bool {
-        if !self.owed.replace(false) {
+        if !self.owed.replace(false) || self.writing_since.get() != 0 {
             return false;
         }
+        self.write_queue(m)
+    }
+
+    /// The socket has room again: writes what a blocked connection still owes.
+    /// Returns whether it wrote.
+    pub fn write_ready(&self, m: &ShardMetrics) -> bool {
+        if self.writing_since.get() == 0 || self.owed.get() {
+            return false;
+        }
+        let since = self.writing_since.replace(0);
+        let before = self.queued.get();
+        let wrote = self.write_queue(m);
+        if self.writing_since.get() != 0 && self.queued.get() == before {
+            // Nothing taken: the write-timeout clock keeps running from its start.
+            self.writing_since.set(since);
+        }
+        wrote
+    }
+
+    /// Writes the queue now, ahead of the tick: for a connection about to close,
+    /// which must not leave frames behind. Does nothing while blocked.
+    pub fn flush_now(&self, m: &ShardMetrics) -> bool {
+        self.owed.set(false);
+        if self.writing_since.get() != 0 {
+            return false;
+        }
+        self.write_queue(m)
+    }
+
+    /// Whether the socket refused bytes that are still queued.
+    pub fn blocked(&self) -> bool {
+        self.writing_since.get() != 0
+    }
+
+    fn write_queue(&self, m: &ShardMetrics) -> bool {
         let fd = self.fd.get();
         if fd < 0 || self.abort.get().is_some() {
-            return false;
-        }
-        if self.writing_since.get() != 0 {
-            self.wake();
             return false;
         }
         let mut wrote = false;
@@ -284,7 +319,8 @@ impl ConnHandle {
         if self.queue.borrow().is_empty() {
             release_queue(&mut self.queue.borrow_mut());
         } else {
-            self.wake();
+            // The socket is full: the reactor writes the rest when it has room.
+            self.writing_since.set(CLOCK.with(Cell::get).max(1));
         }
         wrote
     }
@@ -311,51 +347,9 @@ impl ConnHandle {
         m.frames_out.add(frames);
     }
 
-    /// Takes the next write for the connection's task: one frame, or several small ones
-    /// coalesced. Returns the buffer and how many frames it holds.
-    pub fn take_batch(&self) -> Option<(Bytes, u64)> {
-        let mut q = self.queue.borrow_mut();
-        let Some(first) = q.pop_front() else {
-            release_queue(&mut q);
-            return None;
-        };
-        // The task writes the whole batch (or drops the connection).
-        self.front_partial.set(false);
-        if first.len() >= COALESCE_BYTES
-            || q.front()
-                .is_none_or(|n| first.len() + n.len() > COALESCE_BYTES)
-        {
-            return Some((first, 1));
-        }
-        let mut buf = BytesMut::with_capacity(COALESCE_BYTES);
-        buf.extend_from_slice(&first);
-        let mut frames = 1;
-        while let Some(next) = q.front() {
-            if buf.len() + next.len() > COALESCE_BYTES {
-                break;
-            }
-            buf.extend_from_slice(next);
-            q.pop_front();
-            frames += 1;
-        }
-        Some((buf.freeze(), frames))
-    }
-
-    /// Accounts for `n` bytes the task wrote to the socket.
-    pub fn written(&self, n: usize) {
-        self.queued.set(self.queued.get().saturating_sub(n));
-    }
-
     /// Whether any frame waits to be written.
     pub fn has_queued(&self) -> bool {
         !self.queue.borrow().is_empty()
-    }
-
-    /// Whether the connection's task should write the queue itself: frames wait and no
-    /// tick is about to write them (the socket was full), or `finishing` (the task is
-    /// about to close the socket and must not leave frames behind).
-    pub fn task_owes(&self, finishing: bool) -> bool {
-        self.has_queued() && (finishing || !self.owed.get())
     }
 
     /// Bytes queued and not yet written.
@@ -372,7 +366,7 @@ impl ConnHandle {
         self.front_partial.set(false);
     }
 
-    /// Asks the task to send a close frame (first request wins).
+    /// Asks the connection to send a close frame (first request wins).
     pub fn request_close(&self, req: ShardClose) {
         if self.closing_since.get() == 0 && !self.close_pending() {
             self.close.set(Some(req));
@@ -389,7 +383,7 @@ impl ConnHandle {
         self.close.take().map(ShardClose::request)
     }
 
-    /// Tells the task to drop the socket now (write stalled, close timed out).
+    /// Drops the socket at the reactor's next turn (write stalled, close timed out).
     pub fn abort(&self, why: CloseReason) {
         if self.abort.get().is_none() {
             self.abort.set(Some(why));
@@ -401,47 +395,18 @@ impl ConnHandle {
         self.abort.get()
     }
 
+    /// Puts the connection on the reactor's work list (once). A connection the reactor
+    /// has not adopted yet is looked at when it is.
     fn wake(&self) {
-        if let Some(w) = self.waker.take() {
-            w.wake();
+        let key = self.key.get();
+        if key != u32::MAX && !self.scheduled.replace(true) {
+            WORK.with(|w| w.add(key));
         }
     }
 
-    /// Resolves when the task has something to write, a close to start, or an abort.
-    pub fn work(&self) -> Signal<'_> {
-        Signal {
-            handle: self,
-            abort_only: false,
-        }
-    }
-
-    /// Resolves only on abort (raced against a write in progress).
-    pub fn aborted_signal(&self) -> Signal<'_> {
-        Signal {
-            handle: self,
-            abort_only: true,
-        }
-    }
-}
-
-/// Future returned by [`ConnHandle::work`] and [`ConnHandle::aborted_signal`].
-pub struct Signal<'a> {
-    handle: &'a ConnHandle,
-    abort_only: bool,
-}
-
-impl Future for Signal<'_> {
-    type Output = ();
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let h = self.handle;
-        let ready = h.abort.get().is_some()
-            || (!self.abort_only && (h.close_pending() || h.task_owes(false)));
-        if ready {
-            Poll::Ready(())
-        } else {
-            h.waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        }
+    /// Taken off the work list: the reactor is looking at it now.
+    pub fn unschedule(&self) {
+        self.scheduled.set(false);
     }
 }
 
@@ -501,11 +466,61 @@ impl Owed {
 thread_local! {
     /// One per shard thread: shards share nothing.
     static OWED: Owed = Owed::default();
+    /// The connections (shard keys) the reactor must look at: a close to start, an
+    /// abort, a read cut short.
+    static WORK: Work = Work::default();
+    /// The shard's clock (`Shard::now`), for the blocked-since stamps written here.
+    static CLOCK: Cell<u32> = const { Cell::new(1) };
+}
+
+/// Sets the clock that blocked-since stamps read (the shard's sweeper does, each second).
+pub fn set_clock(now: u32) {
+    CLOCK.with(|c| c.set(now));
+}
+
+#[derive(Default)]
+struct Work {
+    keys: RefCell<Vec<u32>>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl Work {
+    fn add(&self, key: u32) {
+        let mut keys = self.keys.borrow_mut();
+        keys.push(key);
+        if keys.len() == 1 {
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+/// Puts connection `key` on the work list (a read the reactor cut short).
+pub fn schedule(key: u32) {
+    WORK.with(|w| w.add(key));
+}
+
+/// Moves the work list into `into` (which must be empty).
+pub fn take_work(into: &mut Vec<u32>) {
+    WORK.with(|w| std::mem::swap(&mut *w.keys.borrow_mut(), into));
+}
+
+/// Whether the work list has entries; if not, `cx` is woken when it gets one.
+pub fn work_waiting(cx: &mut Context<'_>) -> bool {
+    WORK.with(|w| {
+        if w.keys.borrow().is_empty() {
+            w.waker.set(Some(cx.waker().clone()));
+            false
+        } else {
+            true
+        }
+    })
 }
 
 /// The tick: writes every owed connection's queue (see the module comment). Returns
-/// how many connections were written (a connection the task writes, or one already
-/// written when a full queue flushed it early, is not).
+/// how many connections were written (a blocked connection, or one already written
+/// when a full queue flushed it early, is not).
 pub fn flush_all(m: &ShardMetrics) -> usize {
     let mut batch = OWED.with(|o| std::mem::take(&mut *o.conns.borrow_mut()));
     let mut n = 0;
@@ -573,7 +588,7 @@ mod tests {
             h.push(Bytes::from(vec![0; 600]), 1000, false, &M),
             Push::Closing
         );
-        assert!(h.take_batch().is_none());
+        assert!(!h.has_queued());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
         flush_all(&M);
@@ -590,9 +605,9 @@ mod tests {
                 Push::Queued
             );
         }
-        // Nothing is written before the tick, and the task is not asked to write.
+        // Nothing is written before the tick.
         assert_eq!((m.bytes_out.get(), h.queued()), (0, 1000));
-        assert!(!h.task_owes(false));
+        assert!(!h.blocked());
         assert_eq!(flush_all(&m), 1);
         assert_eq!(
             (m.frames_out.get(), m.bytes_out.get(), h.queued()),
@@ -615,7 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn what_the_socket_refuses_stays_queued_for_the_task_in_order() {
+    fn what_the_socket_refuses_stays_queued_until_it_has_room_in_order() {
         use std::io::Read;
         let (h, _server, mut peer) = pair();
         let m = ShardMetrics::default();
@@ -632,8 +647,8 @@ mod tests {
             }
             assert!(pushed < 64 << 20, "socket never filled");
         }
-        // The task owes the rest now, and a later frame goes behind it, never around it.
-        assert!(h.task_owes(false));
+        // Blocked now, and a later frame goes behind the rest, never around it.
+        assert!(h.blocked());
         assert_eq!(
             h.push(Bytes::from_static(b"last"), 1 << 30, false, &m),
             Push::Queued
@@ -641,17 +656,26 @@ mod tests {
         assert_eq!(
             flush_all(&m),
             0,
-            "a connection the task is writing is not owed to the tick"
+            "a blocked connection is not owed to the tick"
         );
-        let sent_directly = m.bytes_out.get() as usize;
-        let mut rest = Vec::new();
-        while let Some((b, _)) = h.take_batch() {
-            rest.extend_from_slice(&b);
+        // The reader drains the socket; each time it has room the rest goes out.
+        peer.set_nonblocking(true).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        for _ in 0..100_000 {
+            match peer.read(&mut buf) {
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    h.write_ready(&m);
+                }
+                Err(e) => panic!("{e}"),
+            }
+            if got.len() == pushed + 4 {
+                break;
+            }
         }
-        let mut got = vec![0u8; sent_directly];
-        peer.read_exact(&mut got).unwrap();
-        got.extend_from_slice(&rest);
         assert_eq!(got.len(), pushed + 4);
+        assert!(!h.blocked() && !h.has_queued());
         assert_eq!(&got[..5], b"first");
         assert_eq!(&got[got.len() - 4..], b"last");
         assert!(got[5..got.len() - 4].iter().all(|b| *b == 7));
@@ -710,7 +734,7 @@ mod tests {
             Push::Closing
         );
         assert_eq!(h.aborted(), Some(CloseReason::SlowConsumer));
-        assert!(h.take_batch().is_none());
+        assert!(!h.has_queued());
         flush_all(&M);
     }
 
@@ -726,7 +750,7 @@ mod tests {
             Push::Closing
         );
         assert_eq!(h.aborted(), None);
-        assert!(h.take_batch().is_none());
+        assert!(!h.has_queued());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
         flush_all(&M);
@@ -770,7 +794,7 @@ mod tests {
             Push::Dropped
         );
         assert!(h.take_close_request().is_none());
-        assert_eq!(h.take_batch().unwrap().1, 1);
+        assert_eq!(h.queue.borrow().len(), 1);
         flush_all(&M);
     }
 
@@ -783,22 +807,5 @@ mod tests {
         drop(server);
         assert_eq!(flush_all(&m), 0, "a detached connection is not written");
         assert_eq!(m.bytes_out.get(), 0);
-    }
-
-    #[test]
-    fn small_frames_coalesce_for_the_task_and_accounting_balances() {
-        let h = handle(-1);
-        h.writing_since.set(1);
-        for _ in 0..10 {
-            h.push(Bytes::from_static(b"0123456789"), 1 << 20, false, &M);
-        }
-        h.push(Bytes::from(vec![1; COALESCE_BYTES]), 1 << 20, false, &M);
-        let (b, n) = h.take_batch().unwrap();
-        assert_eq!((b.len(), n), (100, 10));
-        h.written(b.len());
-        let (b, n) = h.take_batch().unwrap();
-        assert_eq!((b.len(), n), (COALESCE_BYTES, 1));
-        h.written(b.len());
-        assert_eq!(h.queued(), 0);
     }
 }

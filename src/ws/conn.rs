@@ -1,19 +1,20 @@
-//! The connection task: the I/O shell around the handshake parser, the frame reader
-//! and the protocol state machine (`session`), whose effects it carries out against the
-//! shard. One task per connection; it alone reads the socket, and writes what a tick
-//! could not.
+//! A connection: the I/O shell around the handshake parser, the frame reader and the
+//! protocol state machine (`session`), whose effects it carries out against the shard.
+//! The upgrade runs as a task of its own (`serve`); the established connection is a
+//! [`Conn`] held by the shard's reactor (`reactor`), which calls it when its socket is
+//! ready or the shard has asked something of it. Nothing here waits.
 //!
-//! Memory: an idle connection owns no read buffer. The task waits for readiness
-//! (io_uring PollAdd or epoll), then reads with `recv(MSG_DONTWAIT)` into the shard's
-//! scratch buffer. Only a frame cut by the end of a read is copied into a
-//! per-connection buffer, which is freed as soon as the frame is complete.
+//! Memory: an idle connection owns no read buffer. It is read with
+//! `recv(MSG_DONTWAIT)` into the shard's scratch buffer when the reactor reports it
+//! readable. Only a frame cut by the end of a read is copied into a per-connection
+//! buffer, which is freed as soon as the frame is complete.
 //!
 //! Lifecycle: handshake (own timeout) → open → closing (our close frame sent, write
 //! side shut, waiting for the peer's close or EOF, bounded by the sweeper) → done. Every
 //! registered connection is unregistered exactly once, with its close reason.
 
 use std::io::ErrorKind;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -34,25 +35,23 @@ use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Shard, SCRATCH_BYTES};
 use crate::sys;
 
-/// Serves one accepted socket until it closes. The caller has counted it in
-/// the shard's handshakes in progress; this lowers the count when the upgrade ends.
+/// Upgrades one accepted socket and hands the connection to the shard's reactor. The
+/// caller has counted it in the shard's handshakes in progress; this lowers the count
+/// when the upgrade ends.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    // Everything the upgrade needs lives in this boxed future and is freed when it
-    // ends: an established connection's task holds only its `Conn` and the read loop.
-    // `handshaking` was raised by the accept loop when it spawned this task.
-    let upgraded = Box::pin(upgrade(shard.clone(), stream)).await;
+    let upgraded = upgrade(shard.clone(), stream).await;
     shard.handshake_ended();
-    drop(shard); // the connection holds its own reference from here on
-    let Some(mut conn) = upgraded else {
-        return;
-    };
-    let why = conn.run().await;
-    conn.io.shard.unregister(conn.io.key, why);
+    if let Some((key, handle, conn)) = upgraded {
+        shard.reactor.adopt(&shard, key, &handle, conn);
+    }
 }
 
 /// Runs the handshake under its timeout, registers the connection and sends the 101
 /// response with the welcome frame. `None` when refused, abandoned or timed out.
-async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
+async fn upgrade(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+) -> Option<(ConnKey, Rc<ConnHandle>, Conn)> {
     let _ = stream.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
     let (upgrade, user, leftover) =
@@ -98,7 +97,7 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
         };
         m.bytes_out.add(sent as u64);
         if sent < out.len() {
-            // Counted as a frame when the connection task writes it.
+            // Counted as a frame when the rest is written.
             handle.push_rest(&out, sent, m);
         } else if welcome {
             m.frames_out.inc();
@@ -113,15 +112,15 @@ async fn upgrade(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Conn> {
     if shard.draining() {
         handle.request_close(ShardClose::Shutdown);
     }
-    Some(Conn {
-        stream,
-        fd,
+    let conn = Conn {
+        fd: sys::into_owned(stream),
         reader: Reader::default(),
-        pending: leftover,
+        pending: (!leftover.is_empty()).then(|| Box::new(leftover)),
         write_shut: false,
+        read_more: false,
         session: Session::new(endpoint),
-        io: Io { shard, handle, key },
-    })
+    };
+    Some((key, handle, conn))
 }
 
 /// Reads the upgrade request and identifies the client; answers a refusal itself.
@@ -190,31 +189,42 @@ async fn handshake(
     }
 }
 
-struct Conn {
-    stream: TcpStream,
-    fd: RawFd,
+/// An established connection's own state, kept in its handle and run by the shard's
+/// reactor.
+pub struct Conn {
+    fd: OwnedFd,
     reader: Reader,
-    /// Bytes of a frame cut by the end of a read; empty (no allocation) otherwise.
-    pending: Vec<u8>,
+    /// Bytes of a frame cut by the end of a read; `None` (no allocation) otherwise. Boxed
+    /// so that it costs every idle connection one word instead of three.
+    #[allow(clippy::box_collection)]
+    pending: Option<Box<Vec<u8>>>,
     write_shut: bool,
+    /// A read stopped before the socket was empty (fairness): read again next turn.
+    read_more: bool,
     session: Session,
-    io: Io,
 }
 
-/// The session's effects, carried out against the shard (split from `Conn` so the
-/// reader can borrow the pending buffer while the session runs).
-struct Io {
-    shard: Rc<Shard>,
-    handle: Rc<ConnHandle>,
+/// What a connection acts on: its shard and its handle. The session's effects are
+/// carried out through it (apart from `Conn`, so the reader can borrow the pending
+/// buffer while the session runs).
+pub struct Io<'a> {
+    shard: &'a Shard,
+    handle: &'a Rc<ConnHandle>,
     key: ConnKey,
 }
 
-impl Effects for Io {
+impl<'a> Io<'a> {
+    pub fn new(shard: &'a Shard, handle: &'a Rc<ConnHandle>, key: ConnKey) -> Self {
+        Self { shard, handle, key }
+    }
+}
+
+impl Effects for Io<'_> {
     fn send(&mut self, frame: Bytes) {
-        self.shard.reply(&self.handle, frame);
+        self.shard.reply(self.handle, frame);
     }
     fn send_error(&mut self, frame: Bytes) {
-        self.shard.reply_error(&self.handle, frame);
+        self.shard.reply_error(self.handle, frame);
     }
     fn closing(&mut self, frame: Bytes, why: CloseReason) {
         self.handle.push_unbounded(frame, &self.shard.metrics);
@@ -222,7 +232,7 @@ impl Effects for Io {
         self.handle.closing_since.set(self.shard.now());
     }
     fn ack(&mut self, id: MessageId, reference: Option<&RawValue>) {
-        self.shard.ack(self.key, &self.handle, id, reference);
+        self.shard.ack(self.key, self.handle, id, reference);
     }
     fn subscribe(
         &mut self,
@@ -231,77 +241,124 @@ impl Effects for Io {
         reference: Option<&RawValue>,
     ) -> Result<(), SubscribeError> {
         self.shard
-            .subscribe(self.key, &self.handle, topic, since, reference)
+            .subscribe(self.key, self.handle, topic, since, reference)
     }
     fn unsubscribe(&mut self, topic: &str) {
-        self.shard.unsubscribe(self.key, &self.handle, topic);
+        self.shard.unsubscribe(self.key, self.handle, topic);
     }
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>) {
-        self.shard.publish(&self.handle, topic, data, reference);
+        self.shard.publish(self.handle, topic, data, reference);
     }
 }
 
 // === impl Conn ===
 
 impl Conn {
-    async fn run(&mut self) -> CloseReason {
-        if !self.pending.is_empty() {
-            let mut first = std::mem::take(&mut self.pending);
-            self.on_data(&mut first);
-        }
-        loop {
-            if let Some(why) = self.io.handle.aborted() {
-                return self.session.why().unwrap_or(why);
-            }
-            let finishing = self.session.state() != State::Open;
-            if self.io.handle.task_owes(finishing) || self.needs_shutdown() {
-                // Boxed: the write path's state exists only while writing, not in every
-                // idle connection's task.
-                if let Err(why) = Box::pin(self.flush()).await {
-                    return why;
-                }
-            }
-            if self.session.state() == State::Done {
-                return self.session.why().unwrap_or(CloseReason::Client);
-            }
-            if let Some(req) = self.io.handle.take_close_request() {
-                self.session.on_close_request(req, &mut self.io);
-                continue;
-            }
-            let readable = monoio::select! {
-                r = self.stream.readable(false) => Some(r.is_ok()),
-                _ = self.io.handle.work() => None,
-            };
-            match readable {
-                Some(false) => return CloseReason::IoError,
-                Some(true) => {
-                    if let Err(why) = self.read_ready() {
-                        return why;
-                    }
-                }
-                None => {}
-            }
-        }
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
-    /// Reads what the socket has (bounded per wake-up for fairness) and handles it.
-    fn read_ready(&mut self) -> Result<(), CloseReason> {
-        let shard = self.io.shard.clone();
+    /// Adopted by the reactor: handles what came pipelined behind the upgrade request.
+    pub fn start(&mut self, io: &mut Io) -> Option<CloseReason> {
+        if let Some(mut first) = self.pending.take() {
+            self.on_data(io, &mut first);
+        }
+        None
+    }
+
+    /// The socket reported input (or EOF, or an error) and/or room to write.
+    pub fn on_ready(&mut self, io: &mut Io, ev: sys::Ready) -> Option<CloseReason> {
+        if ev.write {
+            io.handle.write_ready(&io.shard.metrics);
+        }
+        if ev.read {
+            if let Err(why) = self.read_ready(io) {
+                return Some(why);
+            }
+        }
+        None
+    }
+
+    /// On the work list: a close request, an abort, or a read to finish.
+    pub fn on_work(&mut self, io: &mut Io) -> Option<CloseReason> {
+        if std::mem::take(&mut self.read_more) {
+            if let Err(why) = self.read_ready(io) {
+                return Some(why);
+            }
+        }
+        None
+    }
+
+    pub fn take_read_more(&mut self) -> bool {
+        self.read_more
+    }
+
+    /// After every event: starts a requested close, writes what a closing connection
+    /// still owes, shuts the write side after our close frame, and says when the
+    /// connection is finished (`Some`, with the reason to count).
+    pub fn step(&mut self, io: &mut Io) -> Option<CloseReason> {
+        let handle = io.handle;
+        loop {
+            if let Some(why) = handle.aborted() {
+                return Some(self.session.why().unwrap_or(why));
+            }
+            let Some(req) = handle.take_close_request() else {
+                break;
+            };
+            self.session.on_close_request(req, io);
+        }
+        let state = self.session.state();
+        if state != State::Open && handle.has_queued() {
+            // Closing: written now rather than at the tick, so that the shutdown and
+            // the close can follow as soon as the socket has taken it.
+            handle.flush_now(&io.shard.metrics);
+            if let Some(why) = handle.aborted() {
+                return Some(self.session.why().unwrap_or(why));
+            }
+        }
+        if handle.has_queued() {
+            // Left for the tick, or for the socket to have room.
+            return None;
+        }
+        if matches!(state, State::Closing { .. }) && !self.write_shut {
+            self.write_shut = true;
+            let _ = sys::shutdown_write(self.fd.as_raw_fd());
+        }
+        if state == State::Done {
+            return Some(self.session.why().unwrap_or(CloseReason::Client));
+        }
+        None
+    }
+
+    /// Unregisters the connection (which detaches its handle, so no tick writes to its
+    /// descriptor again), then closes the socket.
+    pub fn finish(self, shard: &Shard, key: ConnKey, why: CloseReason) {
+        shard.unregister(key, why);
+        drop(self.fd);
+    }
+
+    /// Reads what the socket has (bounded per turn for fairness) and handles it.
+    fn read_ready(&mut self, io: &mut Io) -> Result<(), CloseReason> {
+        let fd = self.fd.as_raw_fd();
+        let shard = io.shard;
         let mut scratch = shard.scratch.borrow_mut();
         let mut total = 0;
         loop {
-            match sys::recv_nonblocking(self.fd, &mut scratch) {
+            match sys::recv_nonblocking(fd, &mut scratch) {
                 Ok(0) => return Err(self.session.why().unwrap_or(CloseReason::Client)),
                 Ok(n) => {
                     total += n;
                     shard.metrics.bytes_in.add(n as u64);
-                    self.io.handle.last_rx.set(shard.now());
-                    self.io.handle.ping_sent.set(false);
-                    self.on_data(&mut scratch[..n]);
-                    if self.session.state() == State::Done
-                        || n < scratch.len()
-                        || total >= 4 * SCRATCH_BYTES
-                    {
+                    io.handle.last_rx.set(shard.now());
+                    io.handle.ping_sent.set(false);
+                    self.on_data(io, &mut scratch[..n]);
+                    if self.session.state() == State::Done || n < scratch.len() {
+                        return Ok(());
+                    }
+                    if total >= 4 * SCRATCH_BYTES {
+                        // The socket is edge-triggered: nothing reports the rest, so
+                        // the reactor comes back for it.
+                        self.read_more = true;
                         return Ok(());
                     }
                 }
@@ -313,87 +370,53 @@ impl Conn {
     }
 
     /// Feeds received bytes to the frame reader, keeping a cut frame for later.
-    fn on_data(&mut self, data: &mut [u8]) {
+    fn on_data(&mut self, io: &mut Io, data: &mut [u8]) {
         if !self.session.reads_input() {
             return;
         }
-        let cfg = self.io.shard.cfg();
+        let cfg = io.shard.cfg();
         let max = cfg.max_message_bytes;
         let limits = Limits {
             max_topic_bytes: cfg.max_topic_bytes,
             max_subscriptions: cfg.max_subscriptions,
             client_publish: cfg.client_publish,
         };
-        let (session, io) = (&mut self.session, &mut self.io);
+        let session = &mut self.session;
         let mut handler = |ev: Event<'_>| {
             io.shard.metrics.frames_in.inc();
             session.on_event(ev, &limits, io)
         };
-        let result = if self.pending.is_empty() {
-            let r = self.reader.feed(data, max, &mut handler);
-            if let Ok(fed) = &r {
-                if fed.flow == Flow::Continue && fed.consumed < data.len() {
-                    let need = fed.pending_frame.unwrap_or(0).min(max + 14);
-                    self.pending.reserve(need);
-                    self.pending.extend_from_slice(&data[fed.consumed..]);
+        let result = match self.pending.as_deref_mut() {
+            None => {
+                let r = self.reader.feed(data, max, &mut handler);
+                if let Ok(fed) = &r {
+                    if fed.flow == Flow::Continue && fed.consumed < data.len() {
+                        let rest = &data[fed.consumed..];
+                        let need = fed.pending_frame.unwrap_or(0).min(max + 14);
+                        let mut cut = Vec::with_capacity(need.max(rest.len()));
+                        cut.extend_from_slice(rest);
+                        self.pending = Some(Box::new(cut));
+                    }
                 }
+                r.map(|_| ())
             }
-            r.map(|_| ())
-        } else {
-            self.pending.extend_from_slice(data);
-            let r = self.reader.feed(&mut self.pending, max, &mut handler);
-            match &r {
-                Ok(fed) if fed.flow == Flow::Continue => {
-                    self.pending.drain(..fed.consumed);
+            Some(pending) => {
+                pending.extend_from_slice(data);
+                let r = self.reader.feed(pending, max, &mut handler);
+                match &r {
+                    Ok(fed) if fed.flow == Flow::Continue => {
+                        pending.drain(..fed.consumed);
+                    }
+                    _ => pending.clear(),
                 }
-                _ => self.pending.clear(),
+                if pending.is_empty() {
+                    self.pending = None;
+                }
+                r.map(|_| ())
             }
-            if self.pending.is_empty() {
-                self.pending = Vec::new();
-            }
-            r.map(|_| ())
         };
         if let Err(e) = result {
-            self.session.on_read_error(e, &mut self.io);
+            self.session.on_read_error(e, io);
         }
-    }
-
-    /// Our close frame is queued or out and the write side is still open.
-    fn needs_shutdown(&self) -> bool {
-        matches!(self.session.state(), State::Closing { .. }) && !self.write_shut
-    }
-
-    /// Writes everything queued. After our close frame is out, shuts the write side.
-    async fn flush(&mut self) -> Result<(), CloseReason> {
-        let handle = self.io.handle.clone();
-        let metrics = &self.io.shard.metrics;
-        while let Some((buf, frames)) = handle.take_batch() {
-            let len = buf.len();
-            handle.writing_since.set(self.io.shard.now());
-            let written = monoio::select! {
-                r = self.stream.write_all(buf) => Some(r.0),
-                _ = handle.aborted_signal() => None,
-            };
-            handle.writing_since.set(0);
-            match written {
-                Some(Ok(_)) => {}
-                Some(Err(_)) => return Err(self.session.why().unwrap_or(CloseReason::IoError)),
-                None => {
-                    return Err(self
-                        .session
-                        .why()
-                        .or(handle.aborted())
-                        .unwrap_or(CloseReason::IoError))
-                }
-            }
-            handle.written(len);
-            metrics.frames_out.add(frames);
-            metrics.bytes_out.add(len as u64);
-        }
-        if self.needs_shutdown() {
-            self.write_shut = true;
-            let _ = monoio::io::AsyncWriteRent::shutdown(&mut self.stream).await;
-        }
-        Ok(())
     }
 }
