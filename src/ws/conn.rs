@@ -289,7 +289,8 @@ impl Conn {
         None
     }
 
-    pub fn take_read_more(&mut self) -> bool {
+    /// A read stopped short and waits for the next turn (`on_work` does it).
+    pub fn read_more(&self) -> bool {
         self.read_more
     }
 

@@ -50,29 +50,27 @@ impl Reactor {
             return;
         }
         handle.io.set(Some(conn));
-        self.turn(shard, key, |conn, io| conn.start(io));
+        self.turn(shard, key, handle, |conn, io| conn.start(io));
     }
 
-    /// Runs `f` on connection `key`, then carries out what it left to do: finish it,
-    /// or come back for the rest of a read cut short.
+    /// Runs `f` on connection `key` (whose registered handle is `handle`), then carries
+    /// out what it left to do: finish it, or come back for the rest of a read cut short.
     fn turn(
         &self,
         shard: &Shard,
         key: ConnKey,
+        handle: &Rc<ConnHandle>,
         f: impl FnOnce(&mut Conn, &mut Io) -> Option<CloseReason>,
     ) {
-        let Some(handle) = shard.conn(key) else {
-            return;
-        };
         // Out of its handle while it runs: nothing it sets off can reach it again.
         let Some(mut conn) = handle.io.take() else {
             return;
         };
-        let mut io = Io::new(shard, &handle, key);
+        let mut io = Io::new(shard, handle, key);
         match f(&mut conn, &mut io).or_else(|| conn.step(&mut io)) {
             Some(why) => conn.finish(shard, key, why),
             None => {
-                let again = conn.take_read_more();
+                let again = conn.read_more();
                 handle.io.set(Some(conn));
                 if again {
                     outbound::schedule(key as u32);
@@ -85,10 +83,10 @@ impl Reactor {
         let key = (ev.token & u64::from(u32::MAX)) as ConnKey;
         let id = (ev.token >> 32) as u32;
         // A report for a socket closed earlier in this batch, whose key was reused.
-        if shard.conn(key).is_none_or(|h| h.id as u32 != id) {
+        let Some(handle) = shard.conn(key).filter(|h| h.id as u32 == id) else {
             return;
-        }
-        self.turn(shard, key, |conn, io| conn.on_ready(io, ev));
+        };
+        self.turn(shard, key, &handle, |conn, io| conn.on_ready(io, ev));
     }
 
     fn work(&self, shard: &Shard, key: u32) {
@@ -97,7 +95,7 @@ impl Reactor {
             return;
         };
         handle.unschedule();
-        self.turn(shard, key, |conn, io| conn.on_work(io));
+        self.turn(shard, key, &handle, |conn, io| conn.on_work(io));
     }
 }
 
