@@ -3,11 +3,16 @@
 //! subscriber, and the shard decides what that means (nothing for the in-process
 //! broker; SUBSCRIBE/UNSUBSCRIBE for a backplane).
 //!
+//! Each topic also holds its delivery log on this shard (`shard::topic_log`), made at
+//! its first message.
+//!
 //! Cost: subscribe and unsubscribe are O(1) hash operations; removing a connection is
 //! O(its topics). A topic's entry is freed when its last subscriber leaves.
 
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
+
+use crate::shard::topic_log::TopicLog;
 
 /// Index of a connection in its shard's slab.
 pub type ConnKey = usize;
@@ -29,9 +34,16 @@ pub enum SubscribeError {
     TooMany,
 }
 
-#[derive(Debug, Default)]
+/// One topic's subscribers on this shard.
+#[derive(Default)]
+struct Topic {
+    conns: HashSet<ConnKey>,
+    log: Option<Rc<TopicLog>>,
+}
+
+#[derive(Default)]
 pub struct Registry {
-    by_topic: HashMap<Rc<str>, HashSet<ConnKey>>,
+    by_topic: HashMap<Rc<str>, Topic>,
     by_conn: HashMap<ConnKey, Vec<Rc<str>>>,
     subscriptions: usize,
 }
@@ -60,7 +72,7 @@ impl Registry {
         }
         let (name, set) = match self.by_topic.get_key_value(topic) {
             Some((name, _)) => (name.clone(), None),
-            None => (Rc::<str>::from(topic), Some(HashSet::new())),
+            None => (Rc::<str>::from(topic), Some(Topic::default())),
         };
         topics.push(name.clone());
         let edge = set.is_some();
@@ -68,7 +80,7 @@ impl Registry {
             Some(s) => self.by_topic.entry(name).or_insert(s),
             None => self.by_topic.get_mut(topic).expect("present"),
         };
-        set.insert(conn);
+        set.conns.insert(conn);
         self.subscriptions += 1;
         Ok(if edge {
             Change::TopicEdge
@@ -108,11 +120,11 @@ impl Registry {
         let Some(set) = self.by_topic.get_mut(topic) else {
             return Change::None;
         };
-        if !set.remove(&conn) {
+        if !set.conns.remove(&conn) {
             return Change::None;
         }
         self.subscriptions -= 1;
-        if set.is_empty() {
+        if set.conns.is_empty() {
             self.by_topic.remove(topic);
             Change::TopicEdge
         } else {
@@ -127,7 +139,19 @@ impl Registry {
 
     /// Local subscribers of `topic`.
     pub fn subscribers(&self, topic: &str) -> Option<&HashSet<ConnKey>> {
-        self.by_topic.get(topic)
+        self.by_topic.get(topic).map(|t| &t.conns)
+    }
+
+    /// Local subscribers of `topic` and its delivery log (made now if it has none).
+    pub fn delivery(&mut self, topic: &str) -> Option<(&HashSet<ConnKey>, &Rc<TopicLog>)> {
+        let t = self.by_topic.get_mut(topic)?;
+        let log = t.log.get_or_insert_with(TopicLog::new);
+        Some((&t.conns, log))
+    }
+
+    /// `topic`'s delivery log, if it has had a message.
+    pub fn log(&self, topic: &str) -> Option<&Rc<TopicLog>> {
+        self.by_topic.get(topic).and_then(|t| t.log.as_ref())
     }
 
     /// Topics with at least one local subscriber.

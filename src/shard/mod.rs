@@ -13,6 +13,7 @@ mod floors;
 pub mod history;
 mod node;
 pub mod outbound;
+pub mod topic_log;
 pub mod unacked;
 
 use std::cell::{Cell, RefCell};
@@ -258,6 +259,11 @@ impl Shard {
                 .borrow_mut()
                 .subscribe(key, topic, self.cfg().max_subscriptions)?;
         self.update_registry_gauges();
+        if change != Change::None {
+            if let Some(log) = self.registry.borrow().log(topic) {
+                log.joined(key, conn.id);
+            }
+        }
         // Already subscribed, it missed nothing since: a plain answer.
         let (ack, missed) = match since.filter(|_| change != Change::None) {
             None => (protocol::ack("subscribed", topic, reference), Vec::new()),
@@ -547,6 +553,12 @@ impl Shard {
     /// Connection `key` unsubscribes from `topic`; a `subscribed` reply still waiting
     /// for Redis goes out first.
     pub fn unsubscribe(&self, key: ConnKey, conn: &Rc<ConnHandle>, topic: &str) {
+        if let Some(log) = self.registry.borrow().log(topic) {
+            // What reached the shard before the unsubscribe is still written; what
+            // comes after is not.
+            conn.close_run(log);
+            log.left(conn.id);
+        }
         let change = self.registry.borrow_mut().unsubscribe(key, topic);
         self.floors.borrow_mut().leave(key, topic);
         if let Some(bp) = self.backplane() {
@@ -647,25 +659,20 @@ impl Shard {
         self.users.borrow().values().map(Vec::len).sum()
     }
 
-    /// Queues `frame` for every local subscriber of `topic`; returns deliveries queued.
-    pub fn deliver(&self, topic: &str, frame: &Bytes) -> u64 {
-        let registry = self.registry.borrow();
-        let Some(subs) = registry.subscribers(topic) else {
-            return 0;
-        };
-        let queued = self.push_to(subs.iter().copied(), frame);
-        self.metrics.deliveries.add(queued);
-        queued
+    /// Hands `frame` to every local subscriber of `topic`: one append to the topic's
+    /// log, which the tick writes to each of them (`topic_log`).
+    pub fn deliver(&self, topic: &str, frame: &Bytes) {
+        self.deliver_except(topic, frame, &[]);
     }
 
     /// `deliver`, but for the connections in `except` (resumes still being read).
     pub fn deliver_except(&self, topic: &str, frame: &Bytes, except: &[ConnKey]) {
-        let registry = self.registry.borrow();
-        let Some(subs) = registry.subscribers(topic) else {
+        let mut registry = self.registry.borrow_mut();
+        let Some((subs, log)) = registry.delivery(topic) else {
             return;
         };
-        let queued = self.push_to(subs.iter().copied().filter(|k| !except.contains(k)), frame);
-        self.metrics.deliveries.add(queued);
+        let conns = self.conns.borrow();
+        log.append(frame, subs, &conns, except, &self.metrics);
     }
 
     /// `deliver`, skipping connections that resumed from an offset at or past `id`.
@@ -909,7 +916,15 @@ async fn run(
         }
     };
     monoio::spawn(accept_loop(shard.clone(), listener));
-    monoio::spawn(outbound::flush_loop(shard.metrics.clone()));
+    let policy = {
+        let shard = shard.clone();
+        move || {
+            let cfg = shard.cfg.borrow();
+            let drop_when_full = cfg.slow_consumer == SlowConsumer::Drop;
+            (cfg.outbound_queue_bytes, drop_when_full)
+        }
+    };
+    monoio::spawn(outbound::flush_loop(shard.metrics.clone(), policy));
     monoio::spawn(crate::ws::reactor::run(shard.clone()));
     monoio::spawn(sweeper(shard.clone()));
     if shard.fanout.backplane().is_some() {

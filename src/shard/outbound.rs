@@ -3,21 +3,25 @@
 //! shard's sweeper reads. The fan-out path, the sweeper and the reactor all hold an
 //! `Rc<ConnHandle>`.
 //!
-//! Sending is by tick. A delivery is queued as a `Bytes` handle to the one frame built
-//! per node; a reply, a ping or a close goes out at once with one `send` when nothing
-//! waits for the connection, and queues behind what does otherwise (so the stream keeps
-//! its order). The first frame queued for a connection with no write in flight puts it
-//! on its shard's owed list and
-//! wakes the shard's flush task ([`flush_loop`]). That task runs after every task that
-//! was already ready (the inbox batch, the connections' reads, the Redis subscriber), so
-//! everything that reached the shard since the last tick is applied first; then each
-//! owed connection gets one `sendmsg` carrying all it is owed (`sys`). A delivery
-//! therefore costs a queue push, and a connection owed many messages costs one system
-//! call, not one per message: the cost per delivery falls as the rate rises. What the
-//! socket does not take stays queued: the connection is *blocked*, and the shard's
-//! reactor (`ws::reactor`) writes the rest when the socket reports room again.
+//! Sending is by tick. A topic message costs one append to its topic's log on the
+//! shard (`topic_log`); each subscriber is owed a *run* of that log, handed to it once
+//! per tick, not a queue entry per message. A reply, a ping or a close goes out at once
+//! with one `send` when nothing waits for the connection, and queues behind what does
+//! otherwise (closing any run before it, so the stream keeps its order). The first
+//! thing owed to a connection with no write in flight puts it on its shard's owed list
+//! and wakes the shard's flush task ([`flush_loop`]). That task runs after every task
+//! that was already ready (the inbox batch, the connections' reads, the Redis
+//! subscriber), so everything that reached the shard since the last tick is applied
+//! first; then each owed connection gets one `sendmsg` gathering all it is owed, its
+//! runs read in place from the logs (`sys`). A connection owed many messages costs one
+//! system call and no per-message work but the gather: the cost per delivery falls as
+//! the rate rises. What the socket does not take stays owed: the connection is
+//! *blocked*, and the shard's reactor (`ws::reactor`) writes the rest when the socket
+//! reports room again. Runs still unwritten when the tick ends become `Bytes` handles
+//! in the connection's own queue, under the slow-consumer limit (`settle`), and the
+//! logs empty.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, Ref, RefCell};
 use std::collections::VecDeque;
 use std::io::{ErrorKind, IoSlice};
 use std::os::fd::RawFd;
@@ -26,6 +30,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use super::topic_log::TopicLog;
 use crate::metrics::{CloseReason, ShardMetrics};
 use crate::sys;
 
@@ -45,6 +50,29 @@ pub enum Push {
 /// Frames handed to one `sendmsg` at most (the kernel's IOV_MAX is 1024).
 const IOV_BATCH: usize = 64;
 
+/// One thing a connection is owed.
+pub enum Item {
+    /// A frame of its own (a reply, a direct message, a frame a tick left unwritten).
+    Frame(Bytes),
+    /// A run of topic frames read in place: `log`'s frames `from .. to`, where `to`
+    /// is `OPEN` while the run is the last item and takes later appends
+    /// (`topic_log`).
+    Log {
+        log: Rc<TopicLog>,
+        from: u32,
+        to: u32,
+    },
+}
+
+/// The end of a run that still takes appends.
+const OPEN: u32 = u32::MAX;
+
+/// Frames `from .. to` of `frames` (`to` may be `OPEN`).
+fn run(frames: &[Bytes], from: u32, to: u32) -> &[Bytes] {
+    let end = (to as usize).min(frames.len());
+    &frames[(from as usize).min(end)..end]
+}
+
 pub struct ConnHandle {
     /// Node-unique connection number (shown as `<shard>-<id>` to clients).
     pub id: u64,
@@ -52,7 +80,11 @@ pub struct ConnHandle {
     /// reactor unregisters it before closing the socket), and in unit tests (queue
     /// only).
     fd: Cell<RawFd>,
-    queue: RefCell<VecDeque<Bytes>>,
+    /// What the connection is owed, in order: frames, and runs of topic frames read
+    /// in place from their topic's log (`Item::Log`).
+    queue: RefCell<VecDeque<Item>>,
+    /// Bytes of the queue's frames (`Item::Frame`); runs of topic frames are counted
+    /// when written, or when the tick ends with them unwritten (`settle`).
     queued: Cell<usize>,
     /// On the shard's owed list: the next tick writes the queue.
     owed: Cell<bool>,
@@ -220,20 +252,149 @@ impl ConnHandle {
     /// list. One behind a blocked write waits for the socket to have room (the
     /// reactor writes it then).
     fn enqueue(self: &Rc<Self>, frame: Bytes) {
-        let was_empty = self.queue.borrow().is_empty();
         self.queued.set(self.queued.get() + frame.len());
         {
             let mut q = self.queue.borrow_mut();
             if q.capacity() == 0 {
                 *q = spare_queue();
             }
-            q.push_back(frame);
+            // A run still taking appends ends here: what reaches the shard after this
+            // frame goes out after it.
+            self.seal(&mut q, None);
+            q.push_back(Item::Frame(frame));
         }
-        // Otherwise the tick already owes this connection its queue, or the connection
-        // is blocked and the reactor writes the queue when the socket has room.
-        if !self.owed.get() && was_empty && self.writing_since.get() == 0 {
-            self.owed.set(true);
-            OWED.with(|o| o.add(self.clone()));
+        if self.writing_since.get() == 0 {
+            self.owe();
+        }
+    }
+
+    /// Puts the connection on the tick's list (once per tick). A blocked connection is
+    /// not: the reactor writes its queue when the socket has room.
+    fn owe(self: &Rc<Self>) {
+        if !self.owed.replace(true) {
+            TICK.with(|t| t.add(&t.owed, self.clone()));
+        }
+    }
+
+    /// Closes the open run at the back of `q`, if any, at its log's current length: the
+    /// connection then waits on that log for its next append. With `only`, just a run
+    /// on that log, and the connection does not wait (`close_run`). Returns whether a
+    /// run was closed.
+    fn seal(&self, q: &mut VecDeque<Item>, only: Option<&Rc<TopicLog>>) -> bool {
+        let Some(Item::Log { log, from, to }) = q.back_mut() else {
+            return false;
+        };
+        if *to != OPEN || only.is_some_and(|l| !Rc::ptr_eq(l, log)) {
+            return false;
+        }
+        *to = log.appended();
+        if only.is_none() {
+            log.wait(self.key.get(), self.id);
+        }
+        if *from >= *to {
+            q.pop_back();
+        }
+        true
+    }
+
+    /// The tick's first message on `log` (or the first since this connection's last
+    /// run there ended): the connection reads the log from `from` on.
+    pub fn open_run(self: &Rc<Self>, log: &Rc<TopicLog>, from: u32, m: &ShardMetrics) {
+        if self.closing_since.get() != 0
+            || self.close_pending()
+            || self.abort.get().is_some()
+            || self.fd.get() < 0
+        {
+            m.dropped.inc();
+            return;
+        }
+        {
+            let mut q = self.queue.borrow_mut();
+            if q.capacity() == 0 {
+                *q = spare_queue();
+            }
+            if let Some(Item::Log { log: back, to, .. }) = q.back() {
+                if *to == OPEN && Rc::ptr_eq(back, log) {
+                    return;
+                }
+            }
+            self.seal(&mut q, None);
+            q.push_back(Item::Log {
+                log: log.clone(),
+                from,
+                to: OPEN,
+            });
+        }
+        if self.writing_since.get() == 0 {
+            self.owe();
+        } else {
+            // Blocked: if the socket has no room by the tick's end, the run becomes
+            // queued frames then, under the limit.
+            TICK.with(|t| t.add(&t.held, self.clone()));
+        }
+    }
+
+    /// Ends this connection's open run on `log` at its current length, without waiting
+    /// for the next append (an unsubscribe, or a message it must skip). Returns whether
+    /// it had one.
+    pub fn close_run(&self, log: &Rc<TopicLog>) -> bool {
+        self.seal(&mut self.queue.borrow_mut(), Some(log))
+    }
+
+    /// At the tick's end, the runs this connection was not written whole become frames
+    /// of its own queue (the log empties), each admitted under the slow-consumer
+    /// limit: under `drop` a frame that would pass it is skipped; under `close` the
+    /// connection is closed as `admit` does.
+    pub fn settle(&self, limit: usize, drop_when_full: bool, m: &ShardMetrics) {
+        let has_runs = self
+            .queue
+            .borrow()
+            .iter()
+            .any(|i| matches!(i, Item::Log { .. }));
+        if !has_runs {
+            return;
+        }
+        let old = std::mem::replace(&mut *self.queue.borrow_mut(), spare_queue());
+        let (mut delivered, mut dropped) = (0, 0);
+        let mut over = false;
+        {
+            let mut q = self.queue.borrow_mut();
+            for item in old {
+                let (log, from, to) = match item {
+                    Item::Frame(f) => {
+                        if !over {
+                            q.push_back(Item::Frame(f));
+                        }
+                        continue;
+                    }
+                    Item::Log { log, from, to } => (log, from, to),
+                };
+                for f in run(&log.frames(), from, to) {
+                    let queued = self.queued.get();
+                    if !over && (queued == 0 || queued + f.len() <= limit) {
+                        self.queued.set(queued + f.len());
+                        q.push_back(Item::Frame(f.clone()));
+                        delivered += 1;
+                    } else {
+                        dropped += 1;
+                        over |= !drop_when_full;
+                    }
+                }
+            }
+        }
+        m.deliveries.add(delivered);
+        m.dropped.add(dropped);
+        if over {
+            let stuck = self.writing_since.get() != 0 || self.front_partial.get();
+            release_queue(&mut self.queue.borrow_mut());
+            self.queued.set(0);
+            self.front_partial.set(false);
+            self.request_close(ShardClose::SlowConsumer);
+            if stuck {
+                self.abort(CloseReason::SlowConsumer);
+            }
+        } else if self.queue.borrow().is_empty() {
+            release_queue(&mut self.queue.borrow_mut());
         }
     }
 
@@ -290,16 +451,40 @@ impl ConnHandle {
             if q.is_empty() {
                 break;
             }
+            // The runs among the first items, borrowed from their logs for the call.
+            let logs: [Option<Ref<'_, Vec<Bytes>>>; IOV_BATCH] =
+                std::array::from_fn(|i| match q.get(i) {
+                    Some(Item::Log { log, .. }) => Some(log.frames()),
+                    _ => None,
+                });
             let mut iov = [IoSlice::new(&[]); IOV_BATCH];
             let mut n = 0;
             let mut total = 0;
-            for (slot, frame) in iov.iter_mut().zip(q.iter()) {
-                *slot = IoSlice::new(frame);
-                total += frame.len();
-                n += 1;
+            'gather: for (item, frames) in q.iter().zip(logs.iter()) {
+                let frames = match (item, frames) {
+                    (Item::Frame(f), _) => std::slice::from_ref(f),
+                    (Item::Log { from, to, .. }, Some(frames)) => run(frames, *from, *to),
+                    (Item::Log { .. }, None) => unreachable!("borrowed above"),
+                };
+                for frame in frames {
+                    if n == IOV_BATCH {
+                        break 'gather;
+                    }
+                    iov[n] = IoSlice::new(frame);
+                    total += frame.len();
+                    n += 1;
+                }
+            }
+            if n == 0 {
+                // Only runs with nothing in them yet: nothing to write.
+                drop(logs);
+                drop(q);
+                self.consume(0, m);
+                break;
             }
             let sent = sys::send_vectored_nonblocking(fd, &iov[..n]);
             wrote = true;
+            drop(logs);
             drop(q);
             match sent {
                 Ok(written) => {
@@ -325,26 +510,74 @@ impl ConnHandle {
         wrote
     }
 
-    /// Drops the `written` bytes at the front of the queue, counting whole frames.
+    /// Drops the `written` bytes at the front of the queue, counting whole frames (and
+    /// as deliveries, those read from a log). A frame of a run partly written leaves
+    /// its rest as a frame of its own at the front. A run written whole leaves the
+    /// queue; if it was open, the connection waits on its log for the next append.
     fn consume(&self, mut written: usize, m: &ShardMetrics) {
         m.bytes_out.add(written as u64);
-        self.queued.set(self.queued.get().saturating_sub(written));
         let mut q = self.queue.borrow_mut();
-        let mut frames = 0;
-        while written > 0 {
-            let Some(front) = q.front_mut() else { break };
-            if front.len() <= written {
-                written -= front.len();
-                q.pop_front();
-                frames += 1;
-                self.front_partial.set(false);
-            } else {
-                *front = front.slice(written..);
-                written = 0;
-                self.front_partial.set(true);
-            }
+        let (mut frames, mut delivered) = (0, 0);
+        while let Some(front) = q.front_mut() {
+            let rest = match front {
+                Item::Frame(f) => {
+                    if written == 0 {
+                        break;
+                    }
+                    let n = f.len().min(written);
+                    written -= n;
+                    self.queued.set(self.queued.get() - n);
+                    if n < f.len() {
+                        *f = f.slice(n..);
+                        self.front_partial.set(true);
+                        break;
+                    }
+                    q.pop_front();
+                    frames += 1;
+                    self.front_partial.set(false);
+                    continue;
+                }
+                Item::Log { log, from, to } => {
+                    let entries = log.frames();
+                    let pending = run(&entries, *from, *to);
+                    let mut whole = 0;
+                    while whole < pending.len() && pending[whole].len() <= written {
+                        written -= pending[whole].len();
+                        whole += 1;
+                    }
+                    frames += whole as u64;
+                    delivered += whole as u64;
+                    let rest = (whole < pending.len() && written > 0)
+                        .then(|| pending[whole].slice(written..));
+                    let consumed = whole + usize::from(rest.is_some());
+                    let done = consumed == pending.len();
+                    *from += consumed as u32;
+                    drop(entries);
+                    if done {
+                        if *to == OPEN {
+                            log.wait(self.key.get(), self.id);
+                        }
+                        q.pop_front();
+                        self.front_partial.set(false);
+                    }
+                    match rest {
+                        Some(rest) => rest,
+                        None if done => continue,
+                        None => break,
+                    }
+                }
+            };
+            // A frame of a run went out in part: its rest leads the queue.
+            written = 0;
+            delivered += 1;
+            self.queued.set(self.queued.get() + rest.len());
+            q.push_front(Item::Frame(rest));
+            self.front_partial.set(true);
+            break;
         }
+        debug_assert_eq!(written, 0, "more written than was queued");
         m.frames_out.add(frames);
+        m.deliveries.add(delivered);
     }
 
     /// Whether any frame waits to be written.
@@ -421,16 +654,16 @@ thread_local! {
     /// each time left the freed blocks scattered between longer-lived ones (the
     /// allocator could not return those pages), which showed as resident memory per
     /// idle connection after a subscribe reply or a ping.
-    static SPARE: RefCell<Vec<VecDeque<Bytes>>> = const { RefCell::new(Vec::new()) };
+    static SPARE: RefCell<Vec<VecDeque<Item>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Empty queue storage, reused when there is some.
-fn spare_queue() -> VecDeque<Bytes> {
+fn spare_queue() -> VecDeque<Item> {
     SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_default()
 }
 
 /// Empties `q` and keeps its storage for the next connection that needs one.
-fn release_queue(q: &mut VecDeque<Bytes>) {
+fn release_queue(q: &mut VecDeque<Item>) {
     let mut storage = std::mem::take(q);
     if storage.capacity() == 0 || storage.capacity() > SPARE_QUEUE_SLOTS {
         return;
@@ -444,33 +677,52 @@ fn release_queue(q: &mut VecDeque<Bytes>) {
     });
 }
 
-/// The connections of this thread's shard owed a write at the next tick.
+/// What this thread's shard's next tick must do: the connections owed a write, the
+/// blocked ones handed runs (settled at the tick's end if still unwritten), and the
+/// topic logs appended to (emptied at its end).
 #[derive(Default)]
-struct Owed {
-    conns: RefCell<Vec<Rc<ConnHandle>>>,
+struct Tick {
+    owed: RefCell<Vec<Rc<ConnHandle>>>,
+    held: RefCell<Vec<Rc<ConnHandle>>>,
+    logs: RefCell<Vec<Rc<TopicLog>>>,
+    /// Ticks ended so far: a topic log's entries belong to the tick of this number.
+    number: Cell<u64>,
     waker: Cell<Option<Waker>>,
 }
 
-impl Owed {
-    fn add(&self, conn: Rc<ConnHandle>) {
-        let mut conns = self.conns.borrow_mut();
-        conns.push(conn);
-        if conns.len() == 1 {
-            if let Some(w) = self.waker.take() {
-                w.wake();
-            }
+impl Tick {
+    fn add<T>(&self, list: &RefCell<Vec<T>>, item: T) {
+        list.borrow_mut().push(item);
+        if let Some(w) = self.waker.take() {
+            w.wake();
         }
+    }
+
+    fn pending(&self) -> bool {
+        !self.owed.borrow().is_empty()
+            || !self.held.borrow().is_empty()
+            || !self.logs.borrow().is_empty()
     }
 }
 
 thread_local! {
     /// One per shard thread: shards share nothing.
-    static OWED: Owed = Owed::default();
+    static TICK: Tick = Tick::default();
     /// The connections (shard keys) the reactor must look at: a close to start, an
     /// abort, a read cut short.
     static WORK: Work = Work::default();
     /// The shard's clock (`Shard::now`), for the blocked-since stamps written here.
     static CLOCK: Cell<u32> = const { Cell::new(1) };
+}
+
+/// The number of the tick in progress (see `topic_log`).
+pub fn tick() -> u64 {
+    TICK.with(|t| t.number.get())
+}
+
+/// `log` had its first append of this tick: it is emptied when the tick ends.
+pub fn appended(log: Rc<TopicLog>) {
+    TICK.with(|t| t.add(&t.logs, log));
 }
 
 /// Sets the clock that blocked-since stamps read (the shard's sweeper does, each second).
@@ -518,41 +770,64 @@ pub fn work_waiting(cx: &mut Context<'_>) -> bool {
     })
 }
 
-/// The tick: writes every owed connection's queue (see the module comment). Returns
+/// The tick: writes every owed connection's queue (see the module comment), then
+/// settles the runs that stayed unwritten under the slow-consumer limit (`limit`
+/// bytes; `drop_when_full` for the `drop` policy) and empties the topic logs. Returns
 /// how many connections were written (a blocked connection, or one already written
 /// when a full queue flushed it early, is not).
-pub fn flush_all(m: &ShardMetrics) -> usize {
-    let mut batch = OWED.with(|o| std::mem::take(&mut *o.conns.borrow_mut()));
+pub fn flush_all(m: &ShardMetrics, limit: usize, drop_when_full: bool) -> usize {
+    let (mut batch, mut held, mut logs) = TICK.with(|t| {
+        (
+            std::mem::take(&mut *t.owed.borrow_mut()),
+            std::mem::take(&mut *t.held.borrow_mut()),
+            std::mem::take(&mut *t.logs.borrow_mut()),
+        )
+    });
     let mut n = 0;
-    for conn in batch.drain(..) {
+    for conn in &batch {
         n += usize::from(conn.flush_owed(m));
     }
-    // Keep the list's storage for the next tick unless one was started meanwhile.
-    OWED.with(|o| {
-        let mut conns = o.conns.borrow_mut();
-        if conns.is_empty() {
-            *conns = batch;
+    for conn in batch.drain(..).chain(held.drain(..)) {
+        conn.settle(limit, drop_when_full, m);
+    }
+    for log in logs.drain(..) {
+        log.clear();
+    }
+    // Keep the lists' storage for the next tick unless one was started meanwhile.
+    TICK.with(|t| {
+        t.number.set(t.number.get() + 1);
+        for (list, spare) in [(&t.owed, batch), (&t.held, held)] {
+            let mut list = list.borrow_mut();
+            if list.is_empty() {
+                *list = spare;
+            }
+        }
+        let mut list = t.logs.borrow_mut();
+        if list.is_empty() {
+            *list = logs;
         }
     });
     n
 }
 
 /// The shard's flush task: waits until a connection is owed a write, lets every task
-/// that is ready run first (the runtime's queue is first in, first out), then ticks.
-pub async fn flush_loop(m: std::sync::Arc<ShardMetrics>) {
+/// that is ready run first (the runtime's queue is first in, first out), then ticks
+/// under the slow-consumer policy `policy` gives (limit in bytes, whether to drop).
+pub async fn flush_loop(m: std::sync::Arc<ShardMetrics>, policy: impl Fn() -> (usize, bool)) {
     loop {
         std::future::poll_fn(|cx| {
-            OWED.with(|o| {
-                if o.conns.borrow().is_empty() {
-                    o.waker.set(Some(cx.waker().clone()));
-                    Poll::Pending
-                } else {
+            TICK.with(|t| {
+                if t.pending() {
                     Poll::Ready(())
+                } else {
+                    t.waker.set(Some(cx.waker().clone()));
+                    Poll::Pending
                 }
             })
         })
         .await;
-        let writes = flush_all(&m);
+        let (limit, drop_when_full) = policy();
+        let writes = flush_all(&m, limit, drop_when_full);
         m.ticks.inc();
         m.tick_writes.add(writes as u64);
     }
@@ -563,6 +838,9 @@ mod tests {
     use super::*;
 
     static M: std::sync::LazyLock<ShardMetrics> = std::sync::LazyLock::new(ShardMetrics::default);
+
+    /// A slow-consumer limit no test here reaches through `settle`.
+    const LIMIT: usize = 1 << 30;
 
     fn handle(fd: RawFd) -> Rc<ConnHandle> {
         Rc::new(ConnHandle::new(1, fd, 0, None))
@@ -591,7 +869,7 @@ mod tests {
         assert!(!h.has_queued());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
-        flush_all(&M);
+        flush_all(&M, LIMIT, false);
     }
 
     #[test]
@@ -608,7 +886,7 @@ mod tests {
         // Nothing is written before the tick.
         assert_eq!((m.bytes_out.get(), h.queued()), (0, 1000));
         assert!(!h.blocked());
-        assert_eq!(flush_all(&m), 1);
+        assert_eq!(flush_all(&m, LIMIT, false), 1);
         assert_eq!(
             (m.frames_out.get(), m.bytes_out.get(), h.queued()),
             (10, 1000, 0)
@@ -625,7 +903,7 @@ mod tests {
         // The next frame starts a new tick, in reused storage.
         h.push(Bytes::from_static(b"next"), 1 << 20, false, &m);
         assert_eq!(SPARE.with(|s| s.borrow().len()), spare - 1);
-        assert_eq!(flush_all(&m), 1);
+        assert_eq!(flush_all(&m, LIMIT, false), 1);
         assert_eq!(m.frames_out.get(), 11);
     }
 
@@ -641,7 +919,7 @@ mod tests {
         loop {
             h.push(chunk.clone(), 1 << 30, false, &m);
             pushed += chunk.len();
-            flush_all(&m);
+            flush_all(&m, LIMIT, false);
             if h.queued() > 0 {
                 break;
             }
@@ -654,7 +932,7 @@ mod tests {
             Push::Queued
         );
         assert_eq!(
-            flush_all(&m),
+            flush_all(&m, LIMIT, false),
             0,
             "a blocked connection is not owed to the tick"
         );
@@ -698,7 +976,7 @@ mod tests {
         h.push(Bytes::from_static(b"msg"), 1 << 20, false, &m);
         h.reply(Bytes::from_static(b"ack"), 1 << 20, &m);
         assert_eq!(m.frames_out.get(), 1);
-        flush_all(&m);
+        flush_all(&m, LIMIT, false);
         let mut got = [0u8; 10];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"pongmsgack");
@@ -716,7 +994,7 @@ mod tests {
                 Push::Queued
             );
         }
-        flush_all(&m);
+        flush_all(&m, LIMIT, false);
         assert_eq!((m.bytes_out.get(), h.queued()), (40 * 1024, 0));
         assert!(h.take_close_request().is_none());
     }
@@ -735,7 +1013,7 @@ mod tests {
         );
         assert_eq!(h.aborted(), Some(CloseReason::SlowConsumer));
         assert!(!h.has_queued());
-        flush_all(&M);
+        flush_all(&M, LIMIT, false);
     }
 
     #[test]
@@ -753,7 +1031,7 @@ mod tests {
         assert!(!h.has_queued());
         let req = h.take_close_request().unwrap();
         assert_eq!((req.code, req.why), (1008, CloseReason::SlowConsumer));
-        flush_all(&M);
+        flush_all(&M, LIMIT, false);
     }
 
     #[test]
@@ -767,7 +1045,7 @@ mod tests {
             h.push(Bytes::from(vec![0; 10]), 1000, false, &M),
             Push::Closing
         );
-        flush_all(&M);
+        flush_all(&M, LIMIT, false);
     }
 
     #[test]
@@ -795,7 +1073,7 @@ mod tests {
         );
         assert!(h.take_close_request().is_none());
         assert_eq!(h.queue.borrow().len(), 1);
-        flush_all(&M);
+        flush_all(&M, LIMIT, false);
     }
 
     #[test]
@@ -805,7 +1083,11 @@ mod tests {
         h.push(Bytes::from_static(b"late"), 1 << 20, false, &m);
         h.detach();
         drop(server);
-        assert_eq!(flush_all(&m), 0, "a detached connection is not written");
+        assert_eq!(
+            flush_all(&m, LIMIT, false),
+            0,
+            "a detached connection is not written"
+        );
         assert_eq!(m.bytes_out.get(), 0);
     }
 }
