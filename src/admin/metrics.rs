@@ -11,8 +11,8 @@
 //! | `ringway_closes_total` | counter | shard, reason | connections closed, by cause |
 //! | `ringway_frames_in_total` / `ringway_frames_out_total` | counter | shard | WebSocket frames |
 //! | `ringway_bytes_in_total` / `ringway_bytes_out_total` | counter | shard | socket bytes |
-//! | `ringway_deliveries_total` | counter | shard | topic messages queued to subscribers |
-//! | `ringway_dropped_total` | counter | shard | deliveries not queued (slow consumer) |
+//! | `ringway_deliveries_total` | counter | shard | topic messages given to subscribers (written to the socket, or queued for it) |
+//! | `ringway_dropped_total` | counter | shard | deliveries not given (slow consumer under `drop`, or past its limit under `close`, or a connection already closing) |
 //! | `ringway_inbox_full_total` | counter | shard | messages refused because this shard's inbox stayed full (once each) |
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
@@ -115,12 +115,12 @@ impl Collector for NodeCollector {
             ),
             (
                 "ringway_deliveries",
-                "Topic messages queued to subscribers",
+                "Topic messages given to subscribers (written, or queued for a full socket)",
                 |m| m.deliveries.get(),
             ),
             (
                 "ringway_dropped",
-                "Deliveries not queued because the subscriber was too slow",
+                "Deliveries not given: the subscriber was too slow, or its connection was closing",
                 |m| m.dropped.get(),
             ),
             (

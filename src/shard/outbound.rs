@@ -13,9 +13,10 @@
 //! that was already ready (the inbox batch, the connections' reads, the Redis
 //! subscriber), so everything that reached the shard since the last tick is applied
 //! first; then each owed connection gets one `sendmsg` gathering all it is owed, its
-//! runs read in place from the logs (`sys`). A connection owed many messages costs one
-//! system call and no per-message work but the gather: the cost per delivery falls as
-//! the rate rises. What the socket does not take stays owed: the connection is
+//! runs read in place from the logs (`sys`). A connection owed many messages of one
+//! topic costs one system call and no per-message work but the gather (messages of
+//! topics that interleave, or replies between them, cost a run each): the cost per
+//! delivery falls as the rate rises. What the socket does not take stays owed: the connection is
 //! *blocked*, and the shard's reactor (`ws::reactor`) writes the rest when the socket
 //! reports room again. Runs still unwritten when the tick ends become `Bytes` handles
 //! in the connection's own queue, under the slow-consumer limit (`settle`), and the
@@ -91,6 +92,8 @@ pub struct ConnHandle {
     /// The queue's front frame is the rest of one partly written: nothing may go out
     /// before it, a close frame included.
     front_partial: Cell<bool>,
+    /// On the tick's list of blocked connections handed runs (settled at its end).
+    held: Cell<bool>,
     /// On the reactor's work list (a close to start, an abort, more to read).
     scheduled: Cell<bool>,
     /// The connection's key in its shard's table; `u32::MAX` once it has left it.
@@ -126,6 +129,7 @@ impl ConnHandle {
             owed: Cell::new(false),
             front_partial: Cell::new(false),
             scheduled: Cell::new(false),
+            held: Cell::new(false),
             key: Cell::new(u32::MAX),
             io: Cell::new(None),
             last_rx: Cell::new(now),
@@ -138,7 +142,8 @@ impl ConnHandle {
         }
     }
 
-    /// Queues a delivery for the next tick if the queue stays within `limit` bytes (an
+    /// Queues a frame for this connection alone (a direct message, a resume's missed
+    /// frames, a catch-up) for the next tick if the queue stays within `limit` bytes (an
     /// empty queue takes one frame of any size); otherwise applies the slow-consumer
     /// policy (see [`ConnHandle::admit`]).
     pub fn push(
@@ -194,6 +199,15 @@ impl ConnHandle {
     ) -> Option<Push> {
         if self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some() {
             return Some(Push::Closing);
+        }
+        if self.held.get() && self.writing_since.get() != 0 {
+            // Blocked with runs handed this tick: they are older than this frame, so
+            // they are judged first, under the policy of the last tick.
+            let drop_runs = TICK.with(|t| t.drop_when_full.get());
+            self.settle(limit, drop_runs, m);
+            if self.close_pending() || self.abort.get().is_some() {
+                return Some(Push::Closing);
+            }
         }
         if self.queued.get() > 0 && self.queued.get() + len > limit && self.owed.get() {
             self.flush_owed(m);
@@ -327,7 +341,7 @@ impl ConnHandle {
         }
         if self.writing_since.get() == 0 {
             self.owe();
-        } else {
+        } else if !self.held.replace(true) {
             // Blocked: if the socket has no room by the tick's end, the run becomes
             // queued frames then, under the limit.
             TICK.with(|t| t.add(&t.held, self.clone()));
@@ -346,6 +360,7 @@ impl ConnHandle {
     /// limit: under `drop` a frame that would pass it is skipped; under `close` the
     /// connection is closed as `admit` does.
     pub fn settle(&self, limit: usize, drop_when_full: bool, m: &ShardMetrics) {
+        self.held.set(false);
         let has_runs = self
             .queue
             .borrow()
@@ -354,37 +369,40 @@ impl ConnHandle {
         if !has_runs {
             return;
         }
-        let old = std::mem::replace(&mut *self.queue.borrow_mut(), spare_queue());
+        let mut old = std::mem::take(&mut *self.queue.borrow_mut());
+        let mut q = spare_queue();
         let (mut delivered, mut dropped) = (0, 0);
         let mut over = false;
-        {
-            let mut q = self.queue.borrow_mut();
-            for item in old {
-                let (log, from, to) = match item {
-                    Item::Frame(f) => {
-                        if !over {
-                            q.push_back(Item::Frame(f));
-                        }
-                        continue;
-                    }
-                    Item::Log { log, from, to } => (log, from, to),
-                };
-                for f in run(&log.frames(), from, to) {
-                    let queued = self.queued.get();
-                    if !over && (queued == 0 || queued + f.len() <= limit) {
-                        self.queued.set(queued + f.len());
-                        q.push_back(Item::Frame(f.clone()));
-                        delivered += 1;
-                    } else {
-                        dropped += 1;
-                        over |= !drop_when_full;
-                    }
+        for item in old.drain(..) {
+            let (log, from, to) = match item {
+                Item::Frame(f) => {
+                    q.push_back(Item::Frame(f));
+                    continue;
+                }
+                Item::Log { log, from, to } => (log, from, to),
+            };
+            if to == OPEN {
+                // Settled before the tick's end (`admit`): later appends come as a new
+                // run.
+                log.wait(self.key.get(), self.id);
+            }
+            for f in run(&log.frames(), from, to) {
+                let queued = self.queued.get();
+                if !over && (queued == 0 || queued + f.len() <= limit) {
+                    self.queued.set(queued + f.len());
+                    q.push_back(Item::Frame(f.clone()));
+                    delivered += 1;
+                } else {
+                    dropped += 1;
+                    over |= !drop_when_full;
                 }
             }
         }
-        m.deliveries.add(delivered);
-        m.dropped.add(dropped);
+        release_queue(&mut old);
+        *self.queue.borrow_mut() = q;
         if over {
+            // Closed as a slow consumer: what was settled is discarded with the rest.
+            m.dropped.add(dropped + delivered);
             let stuck = self.writing_since.get() != 0 || self.front_partial.get();
             release_queue(&mut self.queue.borrow_mut());
             self.queued.set(0);
@@ -393,7 +411,11 @@ impl ConnHandle {
             if stuck {
                 self.abort(CloseReason::SlowConsumer);
             }
-        } else if self.queue.borrow().is_empty() {
+            return;
+        }
+        m.deliveries.add(delivered);
+        m.dropped.add(dropped);
+        if self.queue.borrow().is_empty() {
             release_queue(&mut self.queue.borrow_mut());
         }
     }
@@ -416,9 +438,9 @@ impl ConnHandle {
             return false;
         }
         let since = self.writing_since.replace(0);
-        let before = self.queued.get();
+        let before = m.bytes_out.get();
         let wrote = self.write_queue(m);
-        if self.writing_since.get() != 0 && self.queued.get() == before {
+        if self.writing_since.get() != 0 && m.bytes_out.get() == before {
             // Nothing taken: the write-timeout clock keeps running from its start.
             self.writing_since.set(since);
         }
@@ -687,6 +709,8 @@ struct Tick {
     logs: RefCell<Vec<Rc<TopicLog>>>,
     /// Ticks ended so far: a topic log's entries belong to the tick of this number.
     number: Cell<u64>,
+    /// The slow-consumer policy the last tick applied (`drop` rather than `close`).
+    drop_when_full: Cell<bool>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -777,6 +801,7 @@ pub fn work_waiting(cx: &mut Context<'_>) -> bool {
 /// when a full queue flushed it early, is not).
 pub fn flush_all(m: &ShardMetrics, limit: usize, drop_when_full: bool) -> usize {
     let (mut batch, mut held, mut logs) = TICK.with(|t| {
+        t.drop_when_full.set(drop_when_full);
         (
             std::mem::take(&mut *t.owed.borrow_mut()),
             std::mem::take(&mut *t.held.borrow_mut()),
@@ -1074,6 +1099,106 @@ mod tests {
         assert!(h.take_close_request().is_none());
         assert_eq!(h.queue.borrow().len(), 1);
         flush_all(&M, LIMIT, false);
+    }
+
+    /// A connection whose socket is full: its handle, sockets, and what it has queued.
+    fn blocked_pair(
+        m: &ShardMetrics,
+    ) -> (Rc<ConnHandle>, std::net::TcpStream, std::net::TcpStream) {
+        let (h, server, peer) = pair();
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        for _ in 0..1024 {
+            if h.blocked() {
+                break;
+            }
+            h.push(chunk.clone(), 1 << 30, false, m);
+            flush_all(m, LIMIT, false);
+        }
+        assert!(h.blocked(), "socket never filled");
+        (h, server, peer)
+    }
+
+    /// `conn` alone subscribed to each of `logs`, as the shard's slab and topic table.
+    fn subscribed(
+        conn: &Rc<ConnHandle>,
+    ) -> (slab::Slab<Rc<ConnHandle>>, std::collections::HashSet<usize>) {
+        let mut conns = slab::Slab::new();
+        let key = conns.insert(conn.clone());
+        conn.key.set(key as u32);
+        (conns, [key].into())
+    }
+
+    fn runs(h: &ConnHandle) -> usize {
+        h.queue
+            .borrow()
+            .iter()
+            .filter(|i| matches!(i, Item::Log { .. }))
+            .count()
+    }
+
+    #[test]
+    fn a_blocked_connection_handed_interleaved_runs_is_settled_once_in_order() {
+        let m = ShardMetrics::default();
+        let (h, _server, _peer) = blocked_pair(&m);
+        let (conns, subs) = subscribed(&h);
+        let (a, b) = (TopicLog::new(), TopicLog::new());
+        for i in 0..100u8 {
+            let log = if i % 2 == 0 { &a } else { &b };
+            log.append(&Bytes::from(vec![i; 10]), &subs, &conns, &[], &m);
+        }
+        // Topics that alternate cost a run per message, but one entry on the tick's list.
+        assert_eq!(runs(&h), 100);
+        assert_eq!(TICK.with(|t| t.held.borrow().len()), 1);
+        let before = h.queued();
+        flush_all(&m, LIMIT, false);
+        assert_eq!(runs(&h), 0);
+        assert_eq!(h.queued(), before + 1000);
+        let q = h.queue.borrow();
+        let tail: Vec<u8> = q
+            .iter()
+            .rev()
+            .take(100)
+            .map(|i| match i {
+                Item::Frame(f) => f[0],
+                Item::Log { .. } => unreachable!(),
+            })
+            .collect();
+        assert!(
+            tail.iter().rev().copied().eq(0..100u8),
+            "settled out of order"
+        );
+    }
+
+    #[test]
+    fn runs_of_a_blocked_connection_are_judged_before_a_newer_reply() {
+        let m = ShardMetrics::default();
+        let (h, _server, _peer) = blocked_pair(&m);
+        // The last tick ran under the drop policy.
+        flush_all(&m, LIMIT, true);
+        let (conns, subs) = subscribed(&h);
+        let log = TopicLog::new();
+        for i in 0..3u8 {
+            log.append(&Bytes::from(vec![i; 60]), &subs, &conns, &[], &m);
+        }
+        let limit = h.queued() + 100;
+        // The first run frame fits, the next two do not; the reply, newer, then fits.
+        assert_eq!(
+            h.reply(Bytes::from_static(b"0123456789"), limit, &m),
+            Push::Queued
+        );
+        assert_eq!(m.dropped.get(), 2);
+        assert_eq!(runs(&h), 0);
+        let q = h.queue.borrow();
+        let last: Vec<usize> = q
+            .iter()
+            .rev()
+            .take(2)
+            .map(|i| match i {
+                Item::Frame(f) => f.len(),
+                Item::Log { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(last, [10, 60]);
     }
 
     #[test]
