@@ -17,6 +17,8 @@
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
 //! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
+//! | `ringway_congestion_waits_total` | counter | shard | inbox messages held back because most of the shard's connections were blocked (publishers feel it) |
+//! | `ringway_blocked_connections` | gauge | shard | connections whose socket refused bytes still owed (sampled each second) |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
 //! | `ringway_history_messages` | gauge | shard | topic messages held for resume and `/v1/history` |
 //! | `ringway_resumes_total` | counter | shard, recovered | subscribes with `since`, by outcome |
@@ -88,7 +90,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 21] = [
+        let counters: [ShardFamily; 22] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -144,6 +146,11 @@ impl Collector for NodeCollector {
                 |m| m.tick_writes.get(),
             ),
             (
+                "ringway_congestion_waits",
+                "Inbox messages held back because most of the shard's connections were blocked",
+                |m| m.congestion_waits.get(),
+            ),
+            (
                 "ringway_handshake_timeouts",
                 "Sockets that did not finish the upgrade in time",
                 |m| m.handshake_timeouts.get(),
@@ -193,7 +200,7 @@ impl Collector for NodeCollector {
                 .map(|(l, v)| (l, ConstCounter::new(v)));
             family(&mut enc, name, help, MetricType::Counter, samples)?;
         }
-        let gauges: [ShardFamily; 7] = [
+        let gauges: [ShardFamily; 8] = [
             ("ringway_connections", "Open WebSocket connections", |m| {
                 m.connections.get()
             }),
@@ -206,6 +213,11 @@ impl Collector for NodeCollector {
                 "ringway_subscriptions",
                 "Connection-topic subscriptions",
                 |m| m.subscriptions.get(),
+            ),
+            (
+                "ringway_blocked_connections",
+                "Connections whose socket refused bytes still owed (sampled each second)",
+                |m| m.blocked.get(),
             ),
             (
                 "ringway_history_messages",

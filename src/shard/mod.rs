@@ -616,6 +616,37 @@ impl Shard {
         }
     }
 
+    /// Whether so many of this shard's connections are behind that taking more
+    /// messages from the inbox would only push them past the slow-consumer limit: at
+    /// least `CONGESTED_MIN`, and a quarter of them, have queues more than half full.
+    /// A few slow clients, however slow, never make a shard congested; they are slow
+    /// consumers.
+    fn congested(&self) -> bool {
+        let at_risk = outbound::at_risk();
+        at_risk >= CONGESTED_MIN && at_risk * 4 >= self.conns.borrow().len()
+    }
+
+    /// Holds the inbox back while the shard is congested: the inbox fills, and
+    /// publishers feel it (the admin API waits, then answers 503; a client's publish is
+    /// answered `overloaded`) instead of the subscribers overflowing their queues and
+    /// being closed as slow consumers while they catch up. The wait is bounded: a
+    /// connection whose write makes no progress for `write_timeout_secs` is closed,
+    /// and the wait never lasts longer than that.
+    async fn ease_congestion(&self) {
+        // First let the tick write what was appended: sockets that take it were only
+        // owed it, not behind.
+        yield_now().await;
+        if !self.congested() {
+            return;
+        }
+        self.metrics.congestion_waits.inc();
+        let give_up = Duration::from_secs(self.cfg().write_timeout_secs.max(1));
+        let start = Instant::now();
+        while self.congested() && start.elapsed() < give_up {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// Queues a reply to a client, bounded like any other frame (a client that sends
     /// requests and never reads is a slow consumer).
     pub fn reply(&self, conn: &Rc<ConnHandle>, frame: Bytes) {
@@ -856,6 +887,7 @@ impl Shard {
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;
         let write_after = cfg.write_timeout_secs as u32;
+        self.metrics.blocked.set(outbound::blocked() as u64);
         let close_after = cfg.close_timeout_ms.div_ceil(1000) as u32;
         for (_, conn) in self.conns.borrow().iter() {
             let writing = conn.writing_since.get();
@@ -934,8 +966,17 @@ async fn run(
     let _ = ready.send(Ok(()));
     let mut handled: usize = 0;
     while let Ok(msg) = inbox.recv_async().await {
+        if shard.congested() && !matches!(msg, Inbox::Drain) {
+            shard.ease_congestion().await;
+        }
         if !shard.handle(msg) {
             break;
+        }
+        if outbound::at_risk() > 0 {
+            // A queue is over half full: one message a tick, so that no tick pushes it
+            // past the limit before the shard looks again.
+            yield_now().await;
+            continue;
         }
         // Every batch, let the tick write what the batch queued (and connection tasks
         // and the runtime run), so a burst of publishes does not pile up in subscribers'
@@ -1062,6 +1103,11 @@ const MIN_DRAIN_CLOSES_PER_TICK: usize = 10;
 /// (one write per owed connection, carrying up to this many messages of a topic),
 /// connection tasks and the runtime's completions.
 const INBOX_BATCH: usize = 64;
+
+/// A shard is congested when at least this many of its connections, and a quarter of
+/// them, have queues more than half full: the host, not a client or two, is what is
+/// slow.
+const CONGESTED_MIN: usize = 4;
 
 /// Lets every other ready task run, and the runtime submit and reap I/O, once.
 pub(crate) async fn yield_now() {

@@ -94,6 +94,8 @@ pub struct ConnHandle {
     front_partial: Cell<bool>,
     /// On the tick's list of blocked connections handed runs (settled at its end).
     held: Cell<bool>,
+    /// Counted in the shard's connections at risk (queue over half the limit).
+    at_risk: Cell<bool>,
     /// On the reactor's work list (a close to start, an abort, more to read).
     scheduled: Cell<bool>,
     /// The connection's key in its shard's table; `u32::MAX` once it has left it.
@@ -130,6 +132,7 @@ impl ConnHandle {
             front_partial: Cell::new(false),
             scheduled: Cell::new(false),
             held: Cell::new(false),
+            at_risk: Cell::new(false),
             key: Cell::new(u32::MAX),
             io: Cell::new(None),
             last_rx: Cell::new(now),
@@ -223,7 +226,7 @@ impl ConnHandle {
         // socket, or part of a frame already on the wire, the connection is dropped.
         let stuck = self.writing_since.get() != 0 || self.front_partial.get();
         release_queue(&mut self.queue.borrow_mut());
-        self.queued.set(0);
+        self.set_queued(0);
         self.front_partial.set(false);
         self.request_close(ShardClose::SlowConsumer);
         if stuck {
@@ -266,7 +269,7 @@ impl ConnHandle {
     /// list. One behind a blocked write waits for the socket to have room (the
     /// reactor writes it then).
     fn enqueue(self: &Rc<Self>, frame: Bytes) {
-        self.queued.set(self.queued.get() + frame.len());
+        self.set_queued(self.queued.get() + frame.len());
         {
             let mut q = self.queue.borrow_mut();
             if q.capacity() == 0 {
@@ -280,6 +283,20 @@ impl ConnHandle {
         if self.writing_since.get() == 0 {
             self.owe();
         }
+    }
+
+    /// Sets the bytes queued, keeping the shard's count of connections at risk
+    /// (`at_risk`) in step.
+    fn set_queued(&self, bytes: usize) {
+        self.queued.set(bytes);
+        TICK.with(|t| {
+            let half = t.half_limit.get();
+            let risk = half > 0 && bytes > half;
+            if risk != self.at_risk.replace(risk) {
+                let n = t.at_risk.get();
+                t.at_risk.set(if risk { n + 1 } else { n - 1 });
+            }
+        });
     }
 
     /// Puts the connection on the tick's list (once per tick). A blocked connection is
@@ -389,7 +406,7 @@ impl ConnHandle {
             for f in run(&log.frames(), from, to) {
                 let queued = self.queued.get();
                 if !over && (queued == 0 || queued + f.len() <= limit) {
-                    self.queued.set(queued + f.len());
+                    self.set_queued(queued + f.len());
                     q.push_back(Item::Frame(f.clone()));
                     delivered += 1;
                 } else {
@@ -405,7 +422,7 @@ impl ConnHandle {
             m.dropped.add(dropped + delivered);
             let stuck = self.writing_since.get() != 0 || self.front_partial.get();
             release_queue(&mut self.queue.borrow_mut());
-            self.queued.set(0);
+            self.set_queued(0);
             self.front_partial.set(false);
             self.request_close(ShardClose::SlowConsumer);
             if stuck {
@@ -438,6 +455,7 @@ impl ConnHandle {
             return false;
         }
         let since = self.writing_since.replace(0);
+        TICK.with(|t| t.blocked.set(t.blocked.get().saturating_sub(1)));
         let before = m.bytes_out.get();
         let wrote = self.write_queue(m);
         if self.writing_since.get() != 0 && m.bytes_out.get() == before {
@@ -528,6 +546,7 @@ impl ConnHandle {
         } else {
             // The socket is full: the reactor writes the rest when it has room.
             self.writing_since.set(CLOCK.with(Cell::get).max(1));
+            TICK.with(|t| t.blocked.set(t.blocked.get() + 1));
         }
         wrote
     }
@@ -548,7 +567,7 @@ impl ConnHandle {
                     }
                     let n = f.len().min(written);
                     written -= n;
-                    self.queued.set(self.queued.get() - n);
+                    self.set_queued(self.queued.get() - n);
                     if n < f.len() {
                         *f = f.slice(n..);
                         self.front_partial.set(true);
@@ -592,7 +611,7 @@ impl ConnHandle {
             // A frame of a run went out in part: its rest leads the queue.
             written = 0;
             delivered += 1;
-            self.queued.set(self.queued.get() + rest.len());
+            self.set_queued(self.queued.get() + rest.len());
             q.push_front(Item::Frame(rest));
             self.front_partial.set(true);
             break;
@@ -616,8 +635,11 @@ impl ConnHandle {
     /// may write to that descriptor number again.
     pub fn detach(&self) {
         self.fd.set(-1);
+        if self.writing_since.replace(0) != 0 {
+            TICK.with(|t| t.blocked.set(t.blocked.get().saturating_sub(1)));
+        }
         release_queue(&mut self.queue.borrow_mut());
-        self.queued.set(0);
+        self.set_queued(0);
         self.front_partial.set(false);
     }
 
@@ -711,6 +733,13 @@ struct Tick {
     number: Cell<u64>,
     /// The slow-consumer policy the last tick applied (`drop` rather than `close`).
     drop_when_full: Cell<bool>,
+    /// Connections blocked now (their socket refused bytes still owed).
+    blocked: Cell<usize>,
+    /// Connections whose queue holds more than half the slow-consumer limit.
+    at_risk: Cell<usize>,
+    /// Half the slow-consumer limit of the last tick (0 before one: nobody counts as
+    /// at risk until a tick has said what the limit is).
+    half_limit: Cell<usize>,
     waker: Cell<Option<Waker>>,
 }
 
@@ -742,6 +771,17 @@ thread_local! {
 /// The number of the tick in progress (see `topic_log`).
 pub fn tick() -> u64 {
     TICK.with(|t| t.number.get())
+}
+
+/// Connections of this shard blocked now (their socket refused bytes still owed).
+pub fn blocked() -> usize {
+    TICK.with(|t| t.blocked.get())
+}
+
+/// Connections of this shard whose queue holds more than half the slow-consumer
+/// limit: those the policy will close or drop for first.
+pub fn at_risk() -> usize {
+    TICK.with(|t| t.at_risk.get())
 }
 
 /// `log` had its first append of this tick: it is emptied when the tick ends.
@@ -802,6 +842,7 @@ pub fn work_waiting(cx: &mut Context<'_>) -> bool {
 pub fn flush_all(m: &ShardMetrics, limit: usize, drop_when_full: bool) -> usize {
     let (mut batch, mut held, mut logs) = TICK.with(|t| {
         t.drop_when_full.set(drop_when_full);
+        t.half_limit.set(limit / 2);
         (
             std::mem::take(&mut *t.owed.borrow_mut()),
             std::mem::take(&mut *t.held.borrow_mut()),
@@ -1199,6 +1240,28 @@ mod tests {
             })
             .collect();
         assert_eq!(last, [10, 60]);
+    }
+
+    #[test]
+    fn a_queue_over_half_the_limit_counts_as_at_risk_until_it_is_gone() {
+        let m = ShardMetrics::default();
+        let g = handle(-1);
+        g.push(Bytes::from(vec![1; 3000]), 4000, false, &m);
+        assert_eq!(
+            at_risk(),
+            0,
+            "nothing counts before a tick says what the limit is"
+        );
+        g.detach();
+        // The tick says what the limit is: 4,000 bytes.
+        flush_all(&m, 4000, false);
+        let h = handle(-1);
+        h.push(Bytes::from(vec![1; 1500]), 4000, false, &m);
+        assert_eq!(at_risk(), 0);
+        h.push(Bytes::from(vec![1; 1500]), 4000, false, &m);
+        assert_eq!(at_risk(), 1, "3,000 of 4,000 bytes queued");
+        h.detach();
+        assert_eq!(at_risk(), 0);
     }
 
     #[test]

@@ -4,9 +4,11 @@ and drops messages for it (counted in ringway_dropped_total). Either way a subsc
 that reads gets every message."""
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -338,3 +340,107 @@ def test_a_publisher_waits_for_room_instead_of_being_refused(gateway):
         return [a[1]["id"] for a in answers]
 
     burst_into_one_message_inboxes(gw, "wait", check)
+
+
+def split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The payloads of the whole server frames at the start of `buf`, and the rest."""
+    out = []
+    while len(buf) >= 2:
+        n, at = buf[1] & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, at = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, at = struct.unpack("!Q", buf[2:10])[0], 10
+        if len(buf) < at + n:
+            break
+        out.append(buf[at:at + n])
+        buf = buf[at + n:]
+    return out, buf
+
+
+def test_when_most_subscribers_lag_publishers_are_held_back_and_nobody_is_closed(gateway):
+    """Ten subscribers that read, but slower than messages are published: every one of
+    them is behind at once, so the host (not a client) is what is slow. The shard holds
+    its inbox back while they catch up, so the publisher waits instead of the
+    subscribers overflowing their queues (1 MiB) and being closed."""
+    gw = gateway(shards=1, inbox_capacity=16, outbound_queue_bytes=1 << 20)
+    t = "slow/everyone"
+    # 9 MiB for each subscriber: more than the kernel buffers of its socket and its
+    # queue hold. The inbox holds 16 messages, so one tick owes a subscriber 128 KiB at
+    # most: an eighth of its queue.
+    total = 1200
+    pad = "x" * 8192
+
+    readers = [gw.raw(rcvbuf=2048) for _ in range(10)]
+    for r in readers:
+        assert r.recv_json()["type"] == "welcome"
+        r.send_json({"op": "subscribe", "topic": t})
+        assert r.recv_json() == {"type": "subscribed", "topic": t}
+
+    def read_all():
+        # One thread reads every subscriber in turn, at most 8 KiB each per round and a
+        # round every 2 ms or more: each reads under 4 MB/s, slower than the publisher,
+        # and all at the same pace.
+        got = [[] for _ in readers]
+        bufs = [r.buf for r in readers]
+        open_ = [True for _ in readers]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(
+                o and len(g) < total for o, g in zip(open_, got)):
+            for i, r in enumerate(readers):
+                if not open_[i] or len(got[i]) >= total:
+                    continue
+                try:
+                    chunk = r.sock.recv(8192, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    open_[i] = False
+                    continue
+                payloads, bufs[i] = split_frames(bufs[i] + chunk)
+                got[i] += [json.loads(p)["id"] for p in payloads]
+            time.sleep(0.002)
+        return got
+
+    refused = []
+
+    def publish_all():
+        # A 503 means nothing was delivered: the publisher waits and sends it again.
+        p = gw.publisher()
+        ids = []
+        try:
+            while len(ids) < total:
+                try:
+                    ids.append(p.publish(t, {"i": len(ids), "pad": pad}))
+                except AssertionError as e:
+                    assert e.args[0][0] == 503, e
+                    refused.append(len(ids))
+                    time.sleep(0.05)
+            return ids
+        finally:
+            p.close()
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        try:
+            publisher = pool.submit(publish_all)
+            reading = pool.submit(read_all)
+            ids = publisher.result(timeout=60)
+            got = reading.result(timeout=60)
+        finally:
+            for r in readers:
+                r.close()
+    m = gw.metrics()
+    closes = {k: v for k, v in m.items()
+              if k.startswith("ringway_closes_total") and v and 'reason="client"' not in k}
+    waits = gw.metric("ringway_congestion_waits_total")
+    assert not closes, f"subscribers were closed: {closes} (inbox held back {waits} times)"
+    for i, g in enumerate(got):
+        assert g == ids, f"subscriber {i} got {len(g)} of {len(ids)} messages, or out of order"
+    assert gw.metric("ringway_dropped_total") == 0
+    assert waits > 0, "the inbox was never held back"
