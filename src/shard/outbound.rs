@@ -222,8 +222,14 @@ impl ConnHandle {
         if drop_when_full {
             return Some(Push::Dropped);
         }
-        // A close frame can follow only whole frames: with a write stuck on the full
-        // socket, or part of a frame already on the wire, the connection is dropped.
+        self.close_slow();
+        Some(Push::Closing)
+    }
+
+    /// The `close` policy: discards the queue and closes the connection with 1008. A
+    /// close frame can follow only whole frames: with a write stuck on the full socket,
+    /// or part of a frame already on the wire, the connection is dropped instead.
+    fn close_slow(&self) {
         let stuck = self.writing_since.get() != 0 || self.front_partial.get();
         release_queue(&mut self.queue.borrow_mut());
         self.set_queued(0);
@@ -232,7 +238,6 @@ impl ConnHandle {
         if stuck {
             self.abort(CloseReason::SlowConsumer);
         }
-        Some(Push::Closing)
     }
 
     /// Sends `frame` with one non-blocking `send` when nothing waits for this
@@ -420,14 +425,7 @@ impl ConnHandle {
         if over {
             // Closed as a slow consumer: what was settled is discarded with the rest.
             m.dropped.add(dropped + delivered);
-            let stuck = self.writing_since.get() != 0 || self.front_partial.get();
-            release_queue(&mut self.queue.borrow_mut());
-            self.set_queued(0);
-            self.front_partial.set(false);
-            self.request_close(ShardClose::SlowConsumer);
-            if stuck {
-                self.abort(CloseReason::SlowConsumer);
-            }
+            self.close_slow();
             return;
         }
         m.deliveries.add(delivered);
