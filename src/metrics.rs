@@ -117,9 +117,10 @@ pub struct ShardMetrics {
     pub ticks: Counter,
     /// Connection writes the ticks started (one `sendmsg` each, more for over 64 frames).
     pub tick_writes: Counter,
-    /// Connections whose socket refused bytes still owed (set by the sweeper).
+    /// Connections whose socket refused bytes still owed (counted by the sweeper).
     pub blocked: Gauge,
-    /// Inbox messages held back because most of the shard's connections were blocked.
+    /// Inbox messages held back because a quarter of the shard's connections had
+    /// queues over half full (`Shard::congested`).
     pub congestion_waits: Counter,
     /// Direct messages that reached this shard (its Redis channel or its inbox).
     pub direct_received: Counter,

@@ -17,7 +17,7 @@
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
 //! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
-//! | `ringway_congestion_waits_total` | counter | shard | inbox messages held back because most of the shard's connections were blocked (publishers feel it) |
+//! | `ringway_congestion_waits_total` | counter | shard | inbox messages held back because a quarter of the shard's connections had queues over half full (publishers feel it) |
 //! | `ringway_blocked_connections` | gauge | shard | connections whose socket refused bytes still owed (sampled each second) |
 //! | `ringway_topics` / `ringway_subscriptions` | gauge | shard | topic table size |
 //! | `ringway_history_messages` | gauge | shard | topic messages held for resume and `/v1/history` |
@@ -147,7 +147,7 @@ impl Collector for NodeCollector {
             ),
             (
                 "ringway_congestion_waits",
-                "Inbox messages held back because most of the shard's connections were blocked",
+                "Inbox messages held back because a quarter of the shard's connections had queues over half full",
                 |m| m.congestion_waits.get(),
             ),
             (

@@ -887,10 +887,11 @@ impl Shard {
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;
         let write_after = cfg.write_timeout_secs as u32;
-        self.metrics.blocked.set(outbound::blocked() as u64);
         let close_after = cfg.close_timeout_ms.div_ceil(1000) as u32;
+        let mut blocked = 0;
         for (_, conn) in self.conns.borrow().iter() {
             let writing = conn.writing_since.get();
+            blocked += u64::from(writing != 0);
             if writing != 0 && now - writing > write_after {
                 conn.abort(CloseReason::WriteTimeout);
                 continue;
@@ -911,6 +912,7 @@ impl Shard {
                 conn.push_unbounded(self.ping.clone(), &self.metrics);
             }
         }
+        self.metrics.blocked.set(blocked);
     }
 
     /// Starts the drain: no new connections; returns the connections to close.

@@ -200,7 +200,7 @@ impl ConnHandle {
         drop_when_full: bool,
         m: &ShardMetrics,
     ) -> Option<Push> {
-        if self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some() {
+        if self.closing() {
             return Some(Push::Closing);
         }
         if self.held.get() && self.writing_since.get() != 0 {
@@ -224,6 +224,12 @@ impl ConnHandle {
         }
         self.close_slow();
         Some(Push::Closing)
+    }
+
+    /// Whether the connection is closing (or asked to, or aborted): it takes nothing
+    /// more.
+    fn closing(&self) -> bool {
+        self.closing_since.get() != 0 || self.close_pending() || self.abort.get().is_some()
     }
 
     /// The `close` policy: discards the queue and closes the connection with 1008. A
@@ -336,11 +342,7 @@ impl ConnHandle {
     /// The tick's first message on `log` (or the first since this connection's last
     /// run there ended): the connection reads the log from `from` on.
     pub fn open_run(self: &Rc<Self>, log: &Rc<TopicLog>, from: u32, m: &ShardMetrics) {
-        if self.closing_since.get() != 0
-            || self.close_pending()
-            || self.abort.get().is_some()
-            || self.fd.get() < 0
-        {
+        if self.closing() || self.fd.get() < 0 {
             m.dropped.inc();
             return;
         }
@@ -453,7 +455,6 @@ impl ConnHandle {
             return false;
         }
         let since = self.writing_since.replace(0);
-        TICK.with(|t| t.blocked.set(t.blocked.get().saturating_sub(1)));
         let before = m.bytes_out.get();
         let wrote = self.write_queue(m);
         if self.writing_since.get() != 0 && m.bytes_out.get() == before {
@@ -544,7 +545,6 @@ impl ConnHandle {
         } else {
             // The socket is full: the reactor writes the rest when it has room.
             self.writing_since.set(CLOCK.with(Cell::get).max(1));
-            TICK.with(|t| t.blocked.set(t.blocked.get() + 1));
         }
         wrote
     }
@@ -633,9 +633,6 @@ impl ConnHandle {
     /// may write to that descriptor number again.
     pub fn detach(&self) {
         self.fd.set(-1);
-        if self.writing_since.replace(0) != 0 {
-            TICK.with(|t| t.blocked.set(t.blocked.get().saturating_sub(1)));
-        }
         release_queue(&mut self.queue.borrow_mut());
         self.set_queued(0);
         self.front_partial.set(false);
@@ -731,8 +728,6 @@ struct Tick {
     number: Cell<u64>,
     /// The slow-consumer policy the last tick applied (`drop` rather than `close`).
     drop_when_full: Cell<bool>,
-    /// Connections blocked now (their socket refused bytes still owed).
-    blocked: Cell<usize>,
     /// Connections whose queue holds more than half the slow-consumer limit.
     at_risk: Cell<usize>,
     /// Half the slow-consumer limit of the last tick (0 before one: nobody counts as
@@ -769,11 +764,6 @@ thread_local! {
 /// The number of the tick in progress (see `topic_log`).
 pub fn tick() -> u64 {
     TICK.with(|t| t.number.get())
-}
-
-/// Connections of this shard blocked now (their socket refused bytes still owed).
-pub fn blocked() -> usize {
-    TICK.with(|t| t.blocked.get())
 }
 
 /// Connections of this shard whose queue holds more than half the slow-consumer
