@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Args, Parser, Subcommand};
+use clap::builder::PossibleValuesParser;
+use clap::{Arg, ArgMatches, Args, Parser, Subcommand};
 
-use crate::config::{Config, Driver, LogFormat, SlowConsumer};
+use crate::config::{Config, LogFormat, OptionInfo, Shape, OPTIONS};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,147 +41,15 @@ pub enum Command {
     Doctor(Box<ServeArgs>),
 }
 
-/// Every option of `serve`; each also reads `RINGWAY_<NAME>` and the config file.
-#[derive(Args, Debug, Default, Clone)]
+/// The options of `serve` and `doctor`: `--config`, and a flag for every option of the
+/// option table (`config::OPTIONS`), each also read from `RINGWAY_<NAME>`.
+#[derive(Debug, Default, Clone)]
 pub struct ServeArgs {
     /// TOML config file.
-    #[arg(long, env = "RINGWAY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Client WebSocket listener [default: 0.0.0.0:8080].
-    #[arg(long, env = "RINGWAY_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Admin HTTP listener [default: 127.0.0.1:9090].
-    #[arg(long, env = "RINGWAY_ADMIN")]
-    pub admin: Option<SocketAddr>,
-    /// Shards; 0 = one per CPU [default: 0].
-    #[arg(long, env = "RINGWAY_SHARDS")]
-    pub shards: Option<usize>,
-    /// I/O driver [default: auto].
-    #[arg(long, env = "RINGWAY_DRIVER", value_enum)]
-    pub driver: Option<Driver>,
-    /// Pin each shard to its CPU [default: true].
-    #[arg(long, env = "RINGWAY_PIN_SHARDS")]
-    pub pin_shards: Option<bool>,
-    /// Node id in `welcome` [default: <hostname>-<pid>].
-    #[arg(long, env = "RINGWAY_NODE_ID")]
-    pub node_id: Option<String>,
-    /// Enable the /echo endpoint (conformance testing).
-    #[arg(long, env = "RINGWAY_ECHO")]
-    pub echo: Option<bool>,
-    /// Allow clients to publish [default: false].
-    #[arg(long, env = "RINGWAY_CLIENT_PUBLISH")]
-    pub client_publish: Option<bool>,
-    /// Largest client message in bytes; close 1009 beyond [default: 65536].
-    #[arg(long, env = "RINGWAY_MAX_MESSAGE_BYTES")]
-    pub max_message_bytes: Option<usize>,
-    /// Largest upgrade request in bytes; HTTP 431 beyond [default: 8192].
-    #[arg(long, env = "RINGWAY_MAX_HEADER_BYTES")]
-    pub max_header_bytes: Option<usize>,
-    /// Longest topic name in bytes [default: 256].
-    #[arg(long, env = "RINGWAY_MAX_TOPIC_BYTES")]
-    pub max_topic_bytes: Option<usize>,
-    /// Topics one connection may hold [default: 256].
-    #[arg(long, env = "RINGWAY_MAX_SUBSCRIPTIONS")]
-    pub max_subscriptions: Option<usize>,
-    /// Bytes queued for one connection before the slow-consumer policy applies [default: 262144].
-    #[arg(long, env = "RINGWAY_OUTBOUND_QUEUE_BYTES")]
-    pub outbound_queue_bytes: Option<usize>,
-    /// What to do with a client whose queue is full [default: close].
-    #[arg(long, env = "RINGWAY_SLOW_CONSUMER", value_enum)]
-    pub slow_consumer: Option<SlowConsumer>,
-    /// Time a new socket has to finish the upgrade [default: 5000].
-    #[arg(long, env = "RINGWAY_HANDSHAKE_TIMEOUT_MS")]
-    pub handshake_timeout_ms: Option<u64>,
-    /// Ping a connection silent this long [default: 25].
-    #[arg(long, env = "RINGWAY_PING_INTERVAL_SECS")]
-    pub ping_interval_secs: Option<u64>,
-    /// Close (1001) a connection silent this long [default: 60].
-    #[arg(long, env = "RINGWAY_IDLE_TIMEOUT_SECS")]
-    pub idle_timeout_secs: Option<u64>,
-    /// Close a connection whose write makes no progress this long [default: 10].
-    #[arg(long, env = "RINGWAY_WRITE_TIMEOUT_SECS")]
-    pub write_timeout_secs: Option<u64>,
-    /// After our close frame, wait this long for the peer's [default: 2000].
-    #[arg(long, env = "RINGWAY_CLOSE_TIMEOUT_MS")]
-    pub close_timeout_ms: Option<u64>,
-    /// On SIGTERM, time connections get to close [default: 10].
-    #[arg(long, env = "RINGWAY_DRAIN_TIMEOUT_SECS")]
-    pub drain_timeout_secs: Option<u64>,
-    /// On SIGTERM, spread the 1001 closes over this window (at least 500/s per shard) [default: 5].
-    #[arg(long, env = "RINGWAY_DRAIN_SPREAD_SECS")]
-    pub drain_spread_secs: Option<u64>,
-    /// Listen backlog per shard [default: 4096].
-    #[arg(long, env = "RINGWAY_BACKLOG")]
-    pub backlog: Option<u32>,
-    /// io_uring submission queue entries per shard [default: 4096].
-    #[arg(long, env = "RINGWAY_URING_ENTRIES")]
-    pub uring_entries: Option<u32>,
-    /// Messages a shard's inbox holds; a publish goes to every shard or none [default: 1024].
-    #[arg(long, env = "RINGWAY_INBOX_CAPACITY")]
-    pub inbox_capacity: Option<usize>,
-    /// How long an admin API publish waits for inbox room before `overloaded`; 0 refuses at once [default: 1000].
-    #[arg(long, env = "RINGWAY_PUBLISH_WAIT_MS")]
-    pub publish_wait_ms: Option<u64>,
-    /// Messages of each topic kept for resume and /v1/history; 0 turns history off [default: 100].
-    #[arg(long, env = "RINGWAY_HISTORY_SIZE")]
-    pub history_size: Option<usize>,
-    /// Messages older than this leave history, in seconds; 0 turns history off [default: 300].
-    #[arg(long, env = "RINGWAY_HISTORY_TTL_SECS")]
-    pub history_ttl_secs: Option<u64>,
-    /// Unacknowledged direct messages kept per user for its next connection; 0 = off [default: 100].
-    #[arg(long, env = "RINGWAY_DIRECT_INBOX_SIZE")]
-    pub direct_inbox_size: Option<usize>,
-    /// Unacknowledged direct messages older than this are dropped, in seconds; 0 = off [default: 300].
-    #[arg(long, env = "RINGWAY_DIRECT_INBOX_TTL_SECS")]
-    pub direct_inbox_ttl_secs: Option<u64>,
-    /// Log filter, e.g. `info` or `ringway=debug` (RUST_LOG wins) [default: info].
-    #[arg(long, env = "RINGWAY_LOG")]
-    pub log: Option<String>,
-    /// Log format: text or json [default: text].
-    #[arg(long, env = "RINGWAY_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Redis backplane URL, redis://[user:password@]host:port[/db] [default: none, single node].
-    #[arg(long, env = "RINGWAY_REDIS")]
-    pub redis: Option<String>,
-    /// HS256 secret for client JWTs (prefer the environment variable).
-    #[arg(
-        long,
-        env = "RINGWAY_JWT_SECRET",
-        hide_env_values = true,
-        conflicts_with = "jwt_key"
-    )]
-    pub jwt_secret: Option<String>,
-    /// Bearer token required by the admin API (all but /healthz, /readyz, /metrics);
-    /// required when --admin is not a loopback address (prefer the environment variable).
-    #[arg(long, env = "RINGWAY_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
-    /// Connections the node holds at most; beyond it upgrades get 503 [default: 0, no limit].
-    #[arg(long, env = "RINGWAY_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// Origins browsers may upgrade from, comma-separated (others get 403) [default: any].
-    #[arg(long, env = "RINGWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
-    pub allowed_origins: Option<Vec<String>>,
-    /// PEM public key for client JWTs (RS256, EdDSA or ES256).
-    #[arg(long, env = "RINGWAY_JWT_KEY")]
-    pub jwt_key: Option<PathBuf>,
-    /// Required `aud` of client tokens [default: not checked].
-    #[arg(long, env = "RINGWAY_JWT_AUDIENCE")]
-    pub jwt_audience: Option<String>,
-    /// Required `iss` of client tokens [default: not checked].
-    #[arg(long, env = "RINGWAY_JWT_ISSUER")]
-    pub jwt_issuer: Option<String>,
-    /// With a JWT key, let clients without a token in as anonymous [default: false].
-    #[arg(long, env = "RINGWAY_ALLOW_ANONYMOUS", num_args = 0..=1, default_missing_value = "true")]
-    pub allow_anonymous: Option<bool>,
-    /// Presence entry lifetime in Redis, in seconds [default: 30].
-    #[arg(long, env = "RINGWAY_PRESENCE_TTL_SECS")]
-    pub presence_ttl_secs: Option<u64>,
-}
-
-macro_rules! overlay {
-    ($cfg:ident, $args:ident, $($field:ident),* $(,)?) => {
-        $( if let Some(v) = $args.$field { $cfg.$field = v; } )*
-    };
+    /// The options given as flags or in the environment, with their values, in the
+    /// table's order.
+    pub set: Vec<(&'static str, Vec<String>)>,
 }
 
 impl ServeArgs {
@@ -190,70 +59,93 @@ impl ServeArgs {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
-        let args = self;
-        if args.node_id.is_some() {
-            cfg.node_id = args.node_id;
+        for (name, values) in &self.set {
+            cfg.set(name, values)?;
+            // A key given here replaces the other kind of key from the file.
+            match *name {
+                "jwt_secret" => cfg.jwt_key = None,
+                "jwt_key" => cfg.jwt_secret = None,
+                _ => {}
+            }
         }
-        if args.redis.is_some() {
-            cfg.redis = args.redis;
-        }
-        if args.jwt_secret.is_some() {
-            cfg.jwt_secret = args.jwt_secret;
-            cfg.jwt_key = None;
-        }
-        if args.jwt_key.is_some() {
-            cfg.jwt_key = args.jwt_key;
-            cfg.jwt_secret = None;
-        }
-        if args.admin_token.is_some() {
-            cfg.admin_token = args.admin_token;
-        }
-        if args.jwt_audience.is_some() {
-            cfg.jwt_audience = args.jwt_audience;
-        }
-        if args.jwt_issuer.is_some() {
-            cfg.jwt_issuer = args.jwt_issuer;
-        }
-        overlay!(
-            cfg,
-            args,
-            listen,
-            admin,
-            shards,
-            driver,
-            pin_shards,
-            echo,
-            client_publish,
-            max_message_bytes,
-            max_header_bytes,
-            max_topic_bytes,
-            max_subscriptions,
-            outbound_queue_bytes,
-            slow_consumer,
-            handshake_timeout_ms,
-            ping_interval_secs,
-            idle_timeout_secs,
-            write_timeout_secs,
-            close_timeout_ms,
-            drain_timeout_secs,
-            drain_spread_secs,
-            backlog,
-            uring_entries,
-            inbox_capacity,
-            publish_wait_ms,
-            history_size,
-            history_ttl_secs,
-            direct_inbox_size,
-            direct_inbox_ttl_secs,
-            log,
-            log_format,
-            allow_anonymous,
-            presence_ttl_secs,
-            allowed_origins,
-            max_connections,
-        );
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// The flag of one option, made from its entry in the table.
+fn option_arg(o: &OptionInfo, default: String) -> Arg {
+    let help = o.help();
+    let short = help
+        .split(". ")
+        .next()
+        .unwrap_or(&help)
+        .trim_end_matches('.');
+    let mut arg = Arg::new(o.name)
+        .long(o.flag())
+        .env(o.env())
+        .value_name(o.name.to_ascii_uppercase())
+        .help(format!("{short} [default: {default}]"))
+        .long_help(format!("{help}\n[default: {default}]"))
+        .hide_env_values(o.secret);
+    arg = match o.shape {
+        Shape::One => arg.num_args(1),
+        Shape::Switch => arg
+            .num_args(0..=1)
+            .default_missing_value("true")
+            .value_parser(["true", "false"]),
+        Shape::List => arg
+            .num_args(1)
+            .value_delimiter(',')
+            .action(clap::ArgAction::Append),
+    };
+    if !o.choices.is_empty() {
+        arg = arg.value_parser(PossibleValuesParser::new(o.choices));
+    }
+    if o.name == "jwt_secret" {
+        arg = arg.conflicts_with("jwt_key");
+    }
+    arg
+}
+
+impl clap::Args for ServeArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        cmd.arg(
+            Arg::new("config")
+                .long("config")
+                .env("RINGWAY_CONFIG")
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .help("TOML config file"),
+        )
+        .args(OPTIONS.iter().map(|o| {
+            let (default, _) = Config::shown_default(o.name).unwrap_or_default();
+            option_arg(o, default)
+        }))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for ServeArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        Ok(Self {
+            config: m.get_one::<PathBuf>("config").cloned(),
+            set: OPTIONS
+                .iter()
+                .filter_map(|o| {
+                    let values = m.get_many::<String>(o.name)?;
+                    Some((o.name, values.cloned().collect()))
+                })
+                .collect(),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
     }
 }
 
@@ -544,6 +436,15 @@ fn serve(args: ServeArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::FromArgMatches;
+
+    fn parse(flags: &[&str]) -> ServeArgs {
+        let cmd = ServeArgs::augment_args(clap::Command::new("serve"));
+        let m = cmd
+            .try_get_matches_from(std::iter::once("serve").chain(flags.iter().copied()))
+            .unwrap();
+        ServeArgs::from_arg_matches(&m).unwrap()
+    }
 
     #[test]
     fn flags_override_file() {
@@ -551,11 +452,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, "shards = 3\nmax_topic_bytes = 10\n").unwrap();
-        let args = ServeArgs {
-            config: Some(file),
-            shards: Some(1),
-            ..ServeArgs::default()
-        };
+        let args = parse(&["--config", file.to_str().unwrap(), "--shards", "1"]);
         let cfg = args.config().unwrap();
         assert_eq!(cfg.shards, 1);
         assert_eq!(cfg.max_topic_bytes, 10);
@@ -563,11 +460,7 @@ mod tests {
 
     #[test]
     fn invalid_combination_is_refused() {
-        let args = ServeArgs {
-            ping_interval_secs: Some(30),
-            idle_timeout_secs: Some(10),
-            ..ServeArgs::default()
-        };
+        let args = parse(&["--ping-interval-secs", "30", "--idle-timeout-secs", "10"]);
         assert!(args
             .config()
             .unwrap_err()

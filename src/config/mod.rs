@@ -1,27 +1,32 @@
 //! Configuration: defaults < TOML file < `RINGWAY_*` environment < command-line flags.
-//! Every option is a field of [`Config`]; its doc comment is the reference (the README's
-//! table mirrors it). Invalid values fail at start with the option's name.
+//! Every option is declared once, in the option table below (name, type, default, doc,
+//! whether a reload takes it); the struct, its defaults, the command line, the reload
+//! and the README check are made from it (`table`). Invalid values fail at start with
+//! the option's name.
+
+pub mod table;
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use serde::Deserialize;
 
+pub use table::{OptionInfo, Shape};
+
 /// Which I/O driver the shards use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Driver {
     /// io_uring when the kernel allows it, else epoll (logged).
     Auto,
     /// io_uring or fail at start.
-    #[value(name = "io_uring")]
     IoUring,
     /// epoll always (containers whose seccomp profile blocks io_uring).
     Epoll,
 }
 
 /// What happens when a connection's outbound queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowConsumer {
     /// Close the connection with 1008 "slow consumer" (the client reconnects and resumes).
@@ -31,119 +36,126 @@ pub enum SlowConsumer {
 }
 
 /// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-/// Every option, with its default.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
+table::choice!(
+    Driver => ["auto", "io_uring", "epoll"],
+    SlowConsumer => ["close", "drop"],
+    LogFormat => ["text", "json"],
+);
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("a valid default address")
+}
+
+table::options! {
     /// Client WebSocket listener (one SO_REUSEPORT socket per shard).
-    pub listen: SocketAddr,
+    listen: SocketAddr = addr("0.0.0.0:8080");
     /// Admin HTTP listener: health, metrics, publish API. Keep it private.
-    pub admin: SocketAddr,
+    admin: SocketAddr = addr("127.0.0.1:9090");
     /// Bearer token the admin API requires on every endpoint but `/healthz`, `/readyz`
     /// and `/metrics`; required when `admin` is not a loopback address. Prefer
     /// `RINGWAY_ADMIN_TOKEN` to a flag (a flag shows in `ps`).
-    pub admin_token: Option<String>,
+    admin_token: Option<String> = None, live, secret;
     /// `Origin` values a browser may upgrade from (exact, e.g.
     /// `https://app.example.com`); others get 403. Empty: any. A request without
     /// `Origin` (not a browser) is let through.
-    pub allowed_origins: Vec<String>,
+    allowed_origins: Vec<String> = Vec::new() => "any", live;
     /// Connections the node holds at most (0: no limit beyond the file limit); beyond
     /// it an upgrade gets 503 with `Retry-After`, before the token is checked.
-    pub max_connections: usize,
+    max_connections: usize = 0, live;
     /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
-    pub shards: usize,
+    shards: usize = 0;
     /// I/O driver: auto, io_uring or epoll.
-    pub driver: Driver,
+    driver: Driver = Driver::Auto;
     /// Pin shard i to the i-th CPU of the affinity mask. Turn off where the CPUs are
     /// shared with other busy processes (several nodes or a load generator on one
     /// host), so the scheduler can move shards off a busy CPU.
-    pub pin_shards: bool,
+    pin_shards: bool = true;
     /// Node id sent in `welcome`; default `<hostname>-<pid>`.
-    pub node_id: Option<String>,
+    node_id: Option<String> = None => "`<hostname>-<pid>`";
     /// Enable the `/echo` endpoint (conformance testing only).
-    pub echo: bool,
+    echo: bool = false;
     /// Allow clients to publish with `{"op":"publish"}`.
-    pub client_publish: bool,
+    client_publish: bool = false, live;
     /// Largest message a client may send, in bytes (close 1009 beyond it).
-    pub max_message_bytes: usize,
+    max_message_bytes: usize = defaults::MAX_MESSAGE_BYTES, live;
     /// Largest upgrade request (request line and headers), in bytes (HTTP 431 beyond).
-    pub max_header_bytes: usize,
+    max_header_bytes: usize = defaults::MAX_HEADER_BYTES, live;
     /// Longest topic name, in bytes.
-    pub max_topic_bytes: usize,
+    max_topic_bytes: usize = 256, live;
     /// Topics one connection may hold at once.
-    pub max_subscriptions: usize,
+    max_subscriptions: usize = 256, live;
     /// Bytes queued for one connection before the slow-consumer policy applies.
-    pub outbound_queue_bytes: usize,
+    outbound_queue_bytes: usize = defaults::OUTBOUND_QUEUE_BYTES, live;
     /// Slow-consumer policy: close or drop.
-    pub slow_consumer: SlowConsumer,
+    slow_consumer: SlowConsumer = SlowConsumer::Close, live;
     /// Time a new socket has to complete the upgrade, in milliseconds.
-    pub handshake_timeout_ms: u64,
+    handshake_timeout_ms: u64 = 5_000, live;
     /// A connection silent this long gets a ping, in seconds.
-    pub ping_interval_secs: u64,
+    ping_interval_secs: u64 = defaults::PING_INTERVAL_SECS, live;
     /// A connection silent this long (no frame, no pong) is closed, in seconds.
-    pub idle_timeout_secs: u64,
+    idle_timeout_secs: u64 = defaults::IDLE_TIMEOUT_SECS, live;
     /// A write that makes no progress this long closes the connection, in seconds.
-    pub write_timeout_secs: u64,
+    write_timeout_secs: u64 = 10, live;
     /// After sending a close frame, how long to wait for the peer's, in milliseconds.
-    pub close_timeout_ms: u64,
+    close_timeout_ms: u64 = 2_000, live;
     /// On SIGTERM, how long connections get to close before the process exits, in seconds.
-    pub drain_timeout_secs: u64,
+    drain_timeout_secs: u64 = 10, live;
     /// On SIGTERM, the window over which 1001 closes are spread (at least 500 a second
     /// per shard), so other nodes take the reconnects gradually; in seconds.
-    pub drain_spread_secs: u64,
+    drain_spread_secs: u64 = 5, live;
     /// Listen backlog per shard.
-    pub backlog: u32,
+    backlog: u32 = 4096;
     /// io_uring submission queue entries per shard.
-    pub uring_entries: u32,
+    uring_entries: u32 = 4096;
     /// Messages one shard's inbox holds; a publish goes to every shard or, if one is
     /// full, to none. Each message may fan out to thousands of subscribers, so this is
     /// a backlog of work: 1024 messages to 5,000 subscribers a shard is about two
     /// seconds of it on our 2-core hosts.
-    pub inbox_capacity: usize,
+    inbox_capacity: usize = 1024;
     /// How long an admin API publish or send waits for room in full inboxes before it
     /// is refused with `overloaded`; 0 refuses at once.
-    pub publish_wait_ms: u64,
+    publish_wait_ms: u64 = 1000, live;
     /// Messages of each topic kept for resume (`subscribe` with `since`) and
     /// `GET /v1/history`; 0 turns history off.
-    pub history_size: usize,
+    history_size: usize = 100, live;
     /// Messages older than this are dropped from history, in seconds; 0 turns history
     /// off.
-    pub history_ttl_secs: u64,
+    history_ttl_secs: u64 = 300, live;
     /// Unacknowledged direct messages kept per user, given again to the user's next
     /// connection until acknowledged (single node); 0 turns this off.
-    pub direct_inbox_size: usize,
+    direct_inbox_size: usize = 100, live;
     /// Unacknowledged direct messages older than this are dropped, in seconds; 0 turns
     /// storing off.
-    pub direct_inbox_ttl_secs: u64,
+    direct_inbox_ttl_secs: u64 = 300, live;
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` wins when set.
-    pub log: String,
+    log: String = "info".into(), live;
     /// Log format: text or json.
-    pub log_format: LogFormat,
+    log_format: LogFormat = LogFormat::Text;
     /// Redis backplane, `redis://[user:password@]host:port[/db]`. Unset: a single node
     /// with the in-process broker.
-    pub redis: Option<String>,
+    redis: Option<String> = None;
     /// HS256 secret for client JWTs. Prefer `RINGWAY_JWT_SECRET` to a flag (a flag shows
     /// in `ps`).
-    pub jwt_secret: Option<String>,
+    jwt_secret: Option<String> = None, secret;
     /// PEM public key file for client JWTs: RSA (RS256), Ed25519 (EdDSA) or P-256 (ES256).
-    pub jwt_key: Option<std::path::PathBuf>,
+    jwt_key: Option<std::path::PathBuf> = None;
     /// Required `aud` of client tokens (unset: `aud` is not checked).
-    pub jwt_audience: Option<String>,
+    jwt_audience: Option<String> = None;
     /// Required `iss` of client tokens (unset: `iss` is not checked).
-    pub jwt_issuer: Option<String>,
+    jwt_issuer: Option<String> = None;
     /// With a JWT key configured, let clients without a token connect as anonymous
     /// (they can subscribe but receive no direct messages). A bad token is always refused.
-    pub allow_anonymous: bool,
+    allow_anonymous: bool = false;
     /// Lifetime of a presence entry in Redis, in seconds; refreshed every third of it,
     /// so a crashed node's users expire within this time.
-    pub presence_ttl_secs: u64,
+    presence_ttl_secs: u64 = 30;
 }
 
 /// Defaults, each with its reason.
@@ -159,54 +171,6 @@ pub mod defaults {
     pub const IDLE_TIMEOUT_SECS: u64 = 60;
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8080".parse().expect("valid address"),
-            admin: "127.0.0.1:9090".parse().expect("valid address"),
-            shards: 0,
-            driver: Driver::Auto,
-            pin_shards: true,
-            node_id: None,
-            echo: false,
-            client_publish: false,
-            max_message_bytes: defaults::MAX_MESSAGE_BYTES,
-            max_header_bytes: defaults::MAX_HEADER_BYTES,
-            max_topic_bytes: 256,
-            max_subscriptions: 256,
-            outbound_queue_bytes: defaults::OUTBOUND_QUEUE_BYTES,
-            slow_consumer: SlowConsumer::Close,
-            handshake_timeout_ms: 5_000,
-            ping_interval_secs: defaults::PING_INTERVAL_SECS,
-            idle_timeout_secs: defaults::IDLE_TIMEOUT_SECS,
-            write_timeout_secs: 10,
-            close_timeout_ms: 2_000,
-            drain_timeout_secs: 10,
-            drain_spread_secs: 5,
-            backlog: 4096,
-            uring_entries: 4096,
-            inbox_capacity: 1024,
-            publish_wait_ms: 1000,
-            history_size: 100,
-            history_ttl_secs: 300,
-            direct_inbox_size: 100,
-            direct_inbox_ttl_secs: 300,
-            log: "info".into(),
-            log_format: LogFormat::Text,
-            redis: None,
-            jwt_secret: None,
-            jwt_key: None,
-            jwt_audience: None,
-            jwt_issuer: None,
-            admin_token: None,
-            allowed_origins: Vec::new(),
-            max_connections: 0,
-            allow_anonymous: false,
-            presence_ttl_secs: 30,
-        }
-    }
-}
-
 /// What a reload changed and what it could not.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reload {
@@ -214,82 +178,6 @@ pub struct Reload {
     pub changed: Vec<&'static str>,
     /// Options that differ but keep their old value until a restart.
     pub need_restart: Vec<&'static str>,
-}
-
-macro_rules! merge {
-    ($merged:ident, $new:ident, $list:expr, $($field:ident),* $(,)?) => {
-        $( if $merged.$field != $new.$field {
-            $list.push(stringify!($field));
-            $merged.$field = $new.$field.clone();
-        } )*
-    };
-}
-
-macro_rules! differ {
-    ($old:ident, $new:ident, $list:expr, $($field:ident),* $(,)?) => {
-        $( if $old.$field != $new.$field { $list.push(stringify!($field)); } )*
-    };
-}
-
-impl Config {
-    /// `self` with the options that can change while running taken from `new` (limits,
-    /// timeouts, the log filter); the others are listed as needing a restart.
-    pub fn reloaded(&self, new: &Config) -> (Config, Reload) {
-        let mut merged = self.clone();
-        let mut r = Reload::default();
-        merge!(
-            merged,
-            new,
-            r.changed,
-            log,
-            client_publish,
-            max_message_bytes,
-            max_header_bytes,
-            max_topic_bytes,
-            max_subscriptions,
-            outbound_queue_bytes,
-            slow_consumer,
-            handshake_timeout_ms,
-            ping_interval_secs,
-            idle_timeout_secs,
-            write_timeout_secs,
-            close_timeout_ms,
-            drain_timeout_secs,
-            drain_spread_secs,
-            publish_wait_ms,
-            history_size,
-            history_ttl_secs,
-            direct_inbox_size,
-            direct_inbox_ttl_secs,
-            admin_token,
-            allowed_origins,
-            max_connections,
-        );
-        differ!(
-            self,
-            new,
-            r.need_restart,
-            listen,
-            admin,
-            shards,
-            driver,
-            pin_shards,
-            node_id,
-            echo,
-            backlog,
-            uring_entries,
-            inbox_capacity,
-            log_format,
-            redis,
-            jwt_secret,
-            jwt_key,
-            jwt_audience,
-            jwt_issuer,
-            allow_anonymous,
-            presence_ttl_secs,
-        );
-        (merged, r)
-    }
 }
 
 /// A configuration problem, naming the option.
@@ -447,6 +335,99 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The README's option table row of each option, as the table says it should
+    /// start: name, default, whether a reload takes it.
+    fn readme_row(o: &OptionInfo) -> String {
+        let (default, literal) = Config::shown_default(o.name).unwrap();
+        let default = if literal {
+            format!("`{default}`")
+        } else {
+            default
+        };
+        let reload = if o.reload { "yes" } else { "restart" };
+        format!("| `{}` | {default} | {reload} |", o.name)
+    }
+
+    /// Every option is in the README's table, in the table's order, with the default
+    /// `--help` shows and whether a reload takes it; and the README has no other.
+    #[test]
+    fn the_readme_documents_every_option() {
+        let readme = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"));
+        let section = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .expect("README.md has a Configuration section");
+        let rows: Vec<&str> = section
+            .lines()
+            .skip_while(|l| !l.starts_with("| option |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .collect();
+        let expected: Vec<String> = OPTIONS.iter().map(readme_row).collect();
+        let found: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let cells: Vec<&str> = r.splitn(5, " | ").collect();
+                format!(
+                    "{} | {} | {} |",
+                    cells[0],
+                    cells[1],
+                    cells.get(2).unwrap_or(&"")
+                )
+            })
+            .collect();
+        let meanings_filled = rows
+            .iter()
+            .all(|r| r.splitn(4, " | ").nth(3).is_some_and(|m| m.len() > 3));
+        assert!(
+            found == expected && meanings_filled,
+            "README.md's option table should start its rows so (then the meaning):\n{}",
+            expected.join("\n")
+        );
+    }
+
+    #[test]
+    fn options_have_distinct_flags_and_a_doc() {
+        let mut flags: Vec<String> = OPTIONS.iter().map(OptionInfo::flag).collect();
+        flags.sort();
+        flags.dedup();
+        assert_eq!(flags.len(), OPTIONS.len());
+        assert!(
+            OPTIONS.iter().all(|o| o.help().len() > 10),
+            "an option lacks a doc"
+        );
+    }
+
+    #[test]
+    fn command_line_values_are_read_like_the_file() {
+        let mut c = Config::default();
+        c.set("driver", &["io_uring".into()]).unwrap();
+        assert_eq!(c.driver, Driver::IoUring);
+        c.set("slow_consumer", &["drop".into()]).unwrap();
+        assert_eq!(c.slow_consumer, SlowConsumer::Drop);
+        c.set("allowed_origins", &["https://a".into(), "https://b".into()])
+            .unwrap();
+        assert_eq!(c.allowed_origins, ["https://a", "https://b"]);
+        c.set("jwt_issuer", &["me".into()]).unwrap();
+        assert_eq!(c.jwt_issuer.as_deref(), Some("me"));
+        c.set("pin_shards", &["false".into()]).unwrap();
+        assert!(!c.pin_shards);
+        let e = c.set("shards", &["two".into()]).unwrap_err().to_string();
+        assert!(e.contains("shards") && e.contains("two"), "{e}");
+        let e = c.set("driver", &["uring".into()]).unwrap_err().to_string();
+        assert!(e.contains("io_uring"), "{e}");
+        // Every choice --help offers is one the file takes, and shows as itself.
+        for o in OPTIONS {
+            for choice in o.choices {
+                let mut c = Config::default();
+                c.set(o.name, &[choice.to_string()]).unwrap();
+                let file: Config = toml::from_str(&format!("{} = \"{choice}\"", o.name)).unwrap();
+                let (a, b) = (format!("{c:?}"), format!("{file:?}"));
+                assert_eq!(a, b, "{} = {choice}", o.name);
+            }
+        }
+    }
+
     #[test]
     fn a_reload_takes_limits_and_keeps_addresses() {
         let old = Config::default();
@@ -460,7 +441,7 @@ mod tests {
         assert_eq!(merged.max_subscriptions, 3);
         assert_eq!(merged.log, "debug");
         assert_eq!(merged.listen, old.listen);
-        assert_eq!(r.changed, vec!["log", "max_subscriptions"]);
+        assert_eq!(r.changed, vec!["max_subscriptions", "log"]);
         assert_eq!(r.need_restart, vec!["listen"]);
     }
 
