@@ -1,5 +1,6 @@
 //! Client identity: verifies the JWT a client presents at the upgrade and yields its
-//! user id (`sub`). Keys come from `jwt_secret` (HS256) or `jwt_key` (a PEM public key:
+//! user id (`sub`) and what it grants (`topics`, `publish`, `subscribe`: lists of
+//! topics, `prefix*` allowed in the first two; `crate::permissions` applies them). Keys come from `jwt_secret` (HS256) or `jwt_key` (a PEM public key:
 //! RSA for RS256, Ed25519 for EdDSA, P-256 for ES256). With neither configured every
 //! client is anonymous. `sub` and `exp` are required, `nbf` is checked when present
 //! (60 s leeway), and `aud` / `iss` when `jwt_audience` / `jwt_issuer` are set.
@@ -10,6 +11,7 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::permissions::{check_patterns, Grants};
 
 /// Why a client was refused at the upgrade (HTTP 401, this text in the body).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -34,13 +36,16 @@ pub enum AuthError {
     WrongIssuer,
     #[error("malformed token")]
     Malformed,
+    #[error("token claims `topics`, `publish` and `subscribe` must be lists of topics (`*` only at the end, and not in `subscribe`)")]
+    BadGrant,
 }
 
 /// Who a connection is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Anonymous,
-    User(Arc<str>),
+    /// The user id, and what the token grants beyond the topic namespaces.
+    User(Arc<str>, Grants),
 }
 
 /// Why the configured key cannot be used.
@@ -74,6 +79,44 @@ impl std::fmt::Debug for Authenticator {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
+    // Read as any JSON so that a claim of the wrong shape is named in the refusal
+    // rather than failing the token as malformed.
+    #[serde(default)]
+    topics: Option<serde_json::Value>,
+    #[serde(default)]
+    publish: Option<serde_json::Value>,
+    #[serde(default)]
+    subscribe: Option<serde_json::Value>,
+}
+
+impl Claims {
+    fn grants(self) -> Result<Grants, AuthError> {
+        let list = |claim: Option<serde_json::Value>, patterns: bool| match claim
+            .map(serde_json::from_value::<Vec<String>>)
+        {
+            None => Ok(None),
+            Some(Err(_)) => Err(AuthError::BadGrant),
+            Some(Ok(l)) => checked(l, patterns),
+        };
+        Ok(Grants {
+            topics: list(self.topics, true)?,
+            publish: list(self.publish, true)?,
+            subscribe: list(self.subscribe, false)?,
+        })
+    }
+}
+
+/// A claim's topics: patterns (`*` only at the end) or, for `subscribe`, exact names.
+fn checked(l: Vec<String>, patterns: bool) -> Result<Option<Box<[Box<str>]>>, AuthError> {
+    match l {
+        l if patterns && check_patterns(&l).is_ok() => Ok(Some(boxed(l))),
+        l if !patterns && l.iter().all(|t| !t.is_empty() && !t.contains('*')) => Ok(Some(boxed(l))),
+        _ => Err(AuthError::BadGrant),
+    }
+}
+
+fn boxed(l: Vec<String>) -> Box<[Box<str>]> {
+    l.into_iter().map(String::into_boxed_str).collect()
 }
 
 impl Authenticator {
@@ -140,9 +183,10 @@ impl Authenticator {
                 ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
                 _ => AuthError::Malformed,
             })?;
-        match data.claims.sub {
+        let mut claims = data.claims;
+        match claims.sub.take() {
             Some(sub) if !sub.is_empty() && sub.len() <= MAX_USER_BYTES => {
-                Ok(Identity::User(Arc::from(sub)))
+                Ok(Identity::User(Arc::from(sub), claims.grants()?))
             }
             _ => Err(AuthError::NoSubject),
         }
@@ -204,7 +248,10 @@ mod tests {
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() + 60}),
         );
-        assert_eq!(a.identify(Some(&ok)), Ok(Identity::User("u1".into())));
+        assert_eq!(
+            a.identify(Some(&ok)),
+            Ok(Identity::User("u1".into(), Grants::default()))
+        );
         let old = token(
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() - 3600}),
@@ -229,7 +276,10 @@ mod tests {
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": "chat"}),
         );
-        assert_eq!(a.identify(Some(&aud)), Ok(Identity::User("u1".into())));
+        assert_eq!(
+            a.identify(Some(&aud)),
+            Ok(Identity::User("u1".into(), Grants::default()))
+        );
     }
 
     #[test]
@@ -243,7 +293,10 @@ mod tests {
         let a = Authenticator::from_config(&cfg).unwrap();
         let claims = |aud: &str, iss: &str| serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": aud, "iss": iss});
         let ok = token("0123456789abcdef0123", claims("chat", "https://id.example"));
-        assert_eq!(a.identify(Some(&ok)), Ok(Identity::User("u1".into())));
+        assert_eq!(
+            a.identify(Some(&ok)),
+            Ok(Identity::User("u1".into(), Grants::default()))
+        );
         let other_aud = token(
             "0123456789abcdef0123",
             claims("billing", "https://id.example"),
@@ -254,6 +307,35 @@ mod tests {
             claims("chat", "https://evil.example"),
         );
         assert_eq!(a.identify(Some(&other_iss)), Err(AuthError::WrongIssuer));
+    }
+
+    #[test]
+    fn grants_come_from_the_claims_and_a_bad_one_refuses_the_token() {
+        let a = hs("0123456789abcdef0123");
+        let tok = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({"sub": "u1", "exp": now() + 60});
+            claims
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            a.identify(Some(&token("0123456789abcdef0123", claims)))
+        };
+        let Ok(Identity::User(_, g)) =
+            tok(serde_json::json!({"topics": ["a", "b:*"], "subscribe": ["c"]}))
+        else {
+            panic!("refused");
+        };
+        assert_eq!(g.topics.as_deref().map(<[_]>::len), Some(2));
+        assert!(g.publish.is_none());
+        assert_eq!(g.subscribe.as_deref().map(|l| &*l[0]), Some("c"));
+        for bad in [
+            serde_json::json!({"topics": "a"}),
+            serde_json::json!({"publish": ["a*b"]}),
+            serde_json::json!({"subscribe": ["a*"]}),
+            serde_json::json!({"topics": [1]}),
+        ] {
+            assert_eq!(tok(bad.clone()), Err(AuthError::BadGrant), "{bad}");
+        }
     }
 
     #[test]

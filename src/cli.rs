@@ -118,7 +118,7 @@ impl clap::Args for ServeArgs {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("TOML config file"),
         )
-        .args(OPTIONS.iter().map(|o| {
+        .args(OPTIONS.iter().filter(|o| !o.file).map(|o| {
             let (default, _) = Config::shown_default(o.name).unwrap_or_default();
             option_arg(o, default)
         }))
@@ -135,6 +135,7 @@ impl clap::FromArgMatches for ServeArgs {
             config: m.get_one::<PathBuf>("config").cloned(),
             set: OPTIONS
                 .iter()
+                .filter(|o| !o.file)
                 .filter_map(|o| {
                     let values = m.get_many::<String>(o.name)?;
                     Some((o.name, values.cloned().collect()))

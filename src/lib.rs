@@ -18,6 +18,7 @@ pub mod config;
 pub mod doctor;
 pub mod metrics;
 pub mod notify;
+pub mod permissions;
 pub mod protocol;
 pub mod registry;
 pub mod shard;

@@ -154,6 +154,8 @@ pub enum ErrorCode {
     BadTopic,
     TooManySubscriptions,
     PublishForbidden,
+    /// Neither the token's grants nor the topic's namespace allow it.
+    Forbidden,
     Overloaded,
     /// The backplane (Redis) cannot take the request now; retry later.
     Unavailable,
@@ -168,6 +170,7 @@ impl ErrorCode {
             Self::BadTopic => "bad_topic",
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::PublishForbidden => "publish_forbidden",
+            Self::Forbidden => "forbidden",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
         }

@@ -156,6 +156,9 @@ table::options! {
     /// Lifetime of a presence entry in Redis, in seconds; refreshed every third of it,
     /// so a crashed node's users expire within this time.
     presence_ttl_secs: u64 = 30;
+    /// Topic namespaces (`[[namespace]]` sections): who may subscribe and publish
+    /// without a grant in the token, by topic prefix (`crate::permissions`).
+    namespace: Vec<crate::permissions::Namespace> = Vec::new(), live, file;
 }
 
 /// Defaults, each with its reason.
@@ -307,6 +310,9 @@ impl Config {
         }
         if !(3..=86_400).contains(&self.presence_ttl_secs) {
             return bad("presence_ttl_secs", "must be from 3 to 86400");
+        }
+        if let Err(e) = crate::permissions::validate(&self.namespace) {
+            return bad("namespace", &e);
         }
         if let Some(id) = &self.node_id {
             if id.is_empty()

@@ -19,6 +19,8 @@ pub struct OptionInfo {
     pub reload: bool,
     /// The value is a credential: `--help` does not show it from the environment.
     pub secret: bool,
+    /// Set in the config file only (no flag, no environment variable).
+    pub file: bool,
     /// How the default reads when its value would say nothing (`none`, `any`, …).
     pub shown: Option<&'static str>,
     /// How the command line takes it.
@@ -39,6 +41,7 @@ impl OptionInfo {
             doc,
             reload: false,
             secret: false,
+            file: false,
             shown: None,
             shape,
             choices,
@@ -160,6 +163,15 @@ impl OptionValue for Vec<String> {
     }
 }
 
+impl OptionValue for Vec<crate::permissions::Namespace> {
+    fn from_args(_: &[String]) -> Result<Self, String> {
+        Err("is set in the config file only ([[namespace]] sections)".into())
+    }
+    fn show(&self) -> Option<String> {
+        None
+    }
+}
+
 /// A choice among names, read the way the config file reads it (serde), so a flag,
 /// the environment and the file accept the same names.
 macro_rules! choice {
@@ -190,11 +202,12 @@ pub(crate) use choice;
 ///
 /// ```text
 /// /// Doc comment: the reference text of the option.
-/// name: Type = default [=> "shown"] [, live] [, secret];
+/// name: Type = default [=> "shown"] [, live] [, secret] [, file];
 /// ```
 ///
 /// `shown`: the default as `--help` and the README say it, where the value itself
-/// would say nothing; `live`: a reload takes a new value; `secret`: a credential.
+/// would say nothing; `live`: a reload takes a new value; `secret`: a credential;
+/// `file`: set in the config file only.
 macro_rules! options {
     ($(
         $(#[doc = $doc:literal])+
@@ -289,6 +302,9 @@ macro_rules! flag {
     };
     ($o:ident, secret) => {
         $o.secret = true
+    };
+    ($o:ident, file) => {
+        $o.file = true
     };
 }
 pub(crate) use flag;

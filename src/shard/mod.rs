@@ -154,16 +154,19 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Adds the connection on socket `fd` (of `user`, if identified); returns its slab
-    /// key and shared handle.
+    /// Adds the connection on socket `fd` (of `user`, if identified, whose token grants
+    /// `grants`); returns its slab key and shared handle.
     pub fn register(
         &self,
         fd: std::os::fd::RawFd,
         user: Option<&Rc<str>>,
+        grants: Option<Box<crate::permissions::Grants>>,
     ) -> (ConnKey, Rc<ConnHandle>) {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
-        let handle = Rc::new(ConnHandle::new(id, fd, self.now(), user.cloned()));
+        let mut handle = ConnHandle::new(id, fd, self.now(), user.cloned());
+        handle.grants = grants;
+        let handle = Rc::new(handle);
         let key = self.conns.borrow_mut().insert(handle.clone());
         // Every entry holds a file descriptor, so keys stay far below 2^32.
         handle.key.set(key as u32);

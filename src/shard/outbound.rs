@@ -118,6 +118,8 @@ pub struct ConnHandle {
     abort: Cell<Option<CloseReason>>,
     /// The user id from the client's token; `None` for anonymous clients.
     pub user: Option<std::rc::Rc<str>>,
+    /// What the client's token grants beyond the topic namespaces; `None` when nothing.
+    pub grants: Option<Box<crate::permissions::Grants>>,
 }
 
 impl ConnHandle {
@@ -126,6 +128,7 @@ impl ConnHandle {
             id,
             fd: Cell::new(fd),
             user,
+            grants: None,
             queue: RefCell::new(VecDeque::new()),
             queued: Cell::new(0),
             owed: Cell::new(false),

@@ -29,7 +29,8 @@ use super::reader::{Event, Flow, Reader};
 use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
 use crate::metrics::CloseReason;
-use crate::protocol::{MessageId, Since};
+use crate::permissions::{Grants, Refused, Rules};
+use crate::protocol::{self, ErrorCode, MessageId, Since};
 use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Shard, SCRATCH_BYTES};
@@ -54,7 +55,7 @@ async fn upgrade(
 ) -> Option<(ConnKey, Rc<ConnHandle>, Conn)> {
     let _ = stream.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
-    let (upgrade, user, leftover) =
+    let (upgrade, (user, grants), leftover) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
             Ok(u) => u?,
             Err(_) => {
@@ -64,7 +65,7 @@ async fn upgrade(
         };
     let endpoint = upgrade.endpoint;
     let fd = stream.as_raw_fd();
-    let (key, handle) = shard.register(fd, user.as_ref());
+    let (key, handle) = shard.register(fd, user.as_ref(), grants);
     // The 101 response and the welcome frame leave in one send, built in the shard's
     // buffer; what the socket does not take goes through the connection's queue like
     // any other frame.
@@ -103,9 +104,11 @@ async fn upgrade(
             m.frames_out.inc();
         }
     }
-    // What waits unacknowledged for this user goes right behind the welcome.
+    // What waits unacknowledged for this user goes right behind the welcome, then the
+    // token's server-side subscriptions are joined, each answered `subscribed`.
     if endpoint == Endpoint::Gateway {
         shard.give_unacked(key, &handle);
+        join_granted(&shard, key, &handle);
     }
     // Accepted just before the drain began: upgrade it and ask it, like every other
     // client, to reconnect elsewhere, rather than refuse the handshake.
@@ -123,13 +126,42 @@ async fn upgrade(
     Some((key, handle, conn))
 }
 
+/// Joins the topics of the token's `subscribe` claim, as if the client had asked.
+fn join_granted(shard: &Shard, key: ConnKey, handle: &Rc<ConnHandle>) {
+    let Some(topics) = handle.grants.as_ref().and_then(|g| g.subscribe.as_ref()) else {
+        return;
+    };
+    let max_topic = shard.cfg().max_topic_bytes;
+    for topic in topics.iter() {
+        let refused = if topic.len() > max_topic {
+            Some((
+                ErrorCode::BadTopic,
+                "a topic of the token's `subscribe` claim is too long",
+            ))
+        } else if shard.subscribe(key, handle, topic, None, None).is_err() {
+            Some((
+                ErrorCode::TooManySubscriptions,
+                "the token's `subscribe` claim lists more topics than max_subscriptions",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refused {
+            shard.reply_error(handle, protocol::error(code, message, None));
+        }
+    }
+}
+
+/// The user (if identified) and what the token grants, when it grants anything.
+type Client = (Option<Rc<str>>, Option<Box<Grants>>);
+
 /// Reads the upgrade request and identifies the client; answers a refusal itself.
-/// Returns the upgrade, the user (if identified) and any bytes pipelined behind the
-/// request; `None` when refused or abandoned.
+/// Returns the upgrade, the client and any bytes pipelined behind the request; `None`
+/// when refused or abandoned.
 async fn handshake(
     shard: &Shard,
     stream: &mut TcpStream,
-) -> Option<(handshake::Upgrade, Option<Rc<str>>, Vec<u8>)> {
+) -> Option<(handshake::Upgrade, Client, Vec<u8>)> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
     let mut buf = Vec::new();
@@ -170,11 +202,13 @@ async fn handshake(
                         } else {
                             Vec::new()
                         };
-                        let user = match identity {
-                            Identity::User(u) => Some(Rc::from(&*u)),
-                            Identity::Anonymous => None,
+                        let client = match identity {
+                            Identity::User(u, g) => {
+                                (Some(Rc::from(&*u)), (!g.is_empty()).then(|| Box::new(g)))
+                            }
+                            Identity::Anonymous => (None, None),
                         };
-                        return Some((u, user, leftover));
+                        return Some((u, client, leftover));
                     }
                     Err(e) => {
                         shard.node.release_connection();
@@ -245,6 +279,19 @@ impl Effects for Io<'_> {
     }
     fn unsubscribe(&mut self, topic: &str) {
         self.shard.unsubscribe(self.key, self.handle, topic);
+    }
+    fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused> {
+        let cfg = self.shard.cfg();
+        let rules = Rules {
+            namespaces: &cfg.namespace,
+            client_publish: cfg.client_publish,
+        };
+        let grants = self.handle.grants.as_deref();
+        if publish {
+            rules.publish(grants, topic)
+        } else {
+            rules.subscribe(self.handle.user.is_some(), grants, topic)
+        }
     }
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>) {
         self.shard.publish(self.handle, topic, data, reference);
@@ -380,7 +427,6 @@ impl Conn {
         let limits = Limits {
             max_topic_bytes: cfg.max_topic_bytes,
             max_subscriptions: cfg.max_subscriptions,
-            client_publish: cfg.client_publish,
         };
         let session = &mut self.session;
         let mut handler = |ev: Event<'_>| {

@@ -13,6 +13,7 @@ use super::handshake::Endpoint;
 use super::reader::{Event, Flow, ReadError};
 use crate::close::CloseRequest;
 use crate::metrics::CloseReason;
+use crate::permissions::Refused;
 use crate::protocol::{self, ErrorCode, MessageId, Op, Since};
 use crate::registry::SubscribeError;
 
@@ -49,7 +50,10 @@ pub trait Effects {
         reference: Option<&RawValue>,
     ) -> Result<(), SubscribeError>;
     fn unsubscribe(&mut self, topic: &str);
-    /// Publish a client's message (allowed by configuration: checked here).
+    /// Whether this client may subscribe to (`publish` false) or publish on `topic`:
+    /// its token's grants and the topic's namespace (`crate::permissions`).
+    fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused>;
+    /// Publish a client's message (permitted: checked here).
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>);
     /// Acknowledge direct messages up to `id`.
     fn ack(&mut self, id: MessageId, reference: Option<&RawValue>);
@@ -60,7 +64,6 @@ pub trait Effects {
 pub struct Limits {
     pub max_topic_bytes: usize,
     pub max_subscriptions: usize,
-    pub client_publish: bool,
 }
 
 /// One connection's protocol state.
@@ -171,6 +174,13 @@ impl Session {
         let reference = req.reference;
         match req.op {
             Op::Subscribe { topic, since } => {
+                if fx.permit(false, &topic).is_err() {
+                    return fx.send_error(protocol::error(
+                        ErrorCode::Forbidden,
+                        "this connection may not subscribe to this topic",
+                        reference,
+                    ));
+                }
                 if let Err(SubscribeError::TooMany) =
                     fx.subscribe(&topic, since.as_ref(), reference)
                 {
@@ -189,16 +199,19 @@ impl Session {
                 fx.unsubscribe(&topic);
                 fx.send(protocol::ack("unsubscribed", &topic, reference));
             }
-            Op::Publish { topic, data } => {
-                if !limits.client_publish {
-                    return fx.send_error(protocol::error(
-                        ErrorCode::PublishForbidden,
-                        "client publishing is disabled on this gateway",
-                        reference,
-                    ));
-                }
-                fx.publish(&topic, data, reference);
-            }
+            Op::Publish { topic, data } => match fx.permit(true, &topic) {
+                Ok(()) => fx.publish(&topic, data, reference),
+                Err(Refused::PublishOff) => fx.send_error(protocol::error(
+                    ErrorCode::PublishForbidden,
+                    "client publishing is disabled on this gateway",
+                    reference,
+                )),
+                Err(Refused::Forbidden) => fx.send_error(protocol::error(
+                    ErrorCode::Forbidden,
+                    "this connection may not publish to this topic",
+                    reference,
+                )),
+            },
             Op::Ack { id } => fx.ack(id, reference),
         }
     }
@@ -226,6 +239,10 @@ mod tests {
         did: Vec<Did>,
         max: usize,
         topics: Vec<String>,
+        /// Anyone may publish anywhere.
+        client_publish: bool,
+        /// Topics this client may neither subscribe to nor publish on.
+        forbidden: Vec<&'static str>,
     }
 
     /// The payload of one server frame (unmasked, under 64 KiB).
@@ -269,6 +286,15 @@ mod tests {
         fn unsubscribe(&mut self, topic: &str) {
             self.did.push(Did::Unsubscribe(topic.to_owned()));
         }
+        fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused> {
+            if self.forbidden.contains(&topic) {
+                Err(Refused::Forbidden)
+            } else if publish && !self.client_publish {
+                Err(Refused::PublishOff)
+            } else {
+                Ok(())
+            }
+        }
         fn publish(&mut self, topic: &str, data: &RawValue, _: Option<&RawValue>) {
             self.did
                 .push(Did::Publish(topic.to_owned(), data.get().to_owned()));
@@ -281,14 +307,18 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_topic_bytes: 64,
         max_subscriptions: 2,
-        client_publish: false,
     };
 
     /// Feeds raw client bytes through a reader into `session`, as the connection does.
     fn feed(session: &mut Session, limits: &Limits, bytes: &[u8]) -> Recording {
+        feed_to(session, limits, bytes, Recording::default())
+    }
+
+    /// The same, into a given recording (for its permissions).
+    fn feed_to(session: &mut Session, limits: &Limits, bytes: &[u8], fx: Recording) -> Recording {
         let mut fx = Recording {
             max: limits.max_subscriptions,
-            ..Recording::default()
+            ..fx
         };
         let mut buf = bytes.to_vec();
         let mut reader = Reader::default();
@@ -363,22 +393,56 @@ mod tests {
     #[test]
     fn publish_passes_data_through_when_allowed() {
         let mut s = Session::new(Endpoint::Gateway);
-        let limits = Limits {
-            client_publish: true,
-            ..LIMITS
-        };
-        let fx = feed(
+        let fx = feed_to(
             &mut s,
-            &limits,
+            &LIMITS,
             &client(
                 OpCode::Text,
                 br#"{"op":"publish","topic":"a","data":{"x": [1,2]}}"#,
             ),
+            Recording {
+                client_publish: true,
+                ..Recording::default()
+            },
         );
         assert_eq!(
             fx.did,
             vec![Did::Publish("a".into(), r#"{"x": [1,2]}"#.into())]
         );
+    }
+
+    #[test]
+    fn a_topic_not_permitted_is_refused_and_the_connection_stays_open() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let mut bytes = client(OpCode::Text, br#"{"op":"subscribe","topic":"vip","ref":1}"#);
+        bytes.extend(client(
+            OpCode::Text,
+            br#"{"op":"publish","topic":"vip","data":1}"#,
+        ));
+        bytes.extend(client(
+            OpCode::Text,
+            br#"{"op":"subscribe","topic":"open"}"#,
+        ));
+        let fx = feed_to(
+            &mut s,
+            &LIMITS,
+            &bytes,
+            Recording {
+                client_publish: true,
+                forbidden: vec!["vip"],
+                ..Recording::default()
+            },
+        );
+        assert_eq!(
+            fx.did,
+            vec![
+                Did::Error("forbidden".into()),
+                Did::Error("forbidden".into()),
+                Did::Subscribe("open".into()),
+                Did::Send(r#"{"type":"subscribed","topic":"open"}"#.into()),
+            ]
+        );
+        assert_eq!(s.state(), State::Open);
     }
 
     #[test]

@@ -143,6 +143,18 @@ def test_wrong_type_in_file_exits_64(tmp_path):
     assert "shards" in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("text,named", [
+    ('[[namespace]]\nprefix = "a:"\n[[namespace]]\nprefix = "a:"\n', "declared twice"),
+    ('[[namespace]]\nprefix = "a:*"\n', "without `*`"),
+    ('[[namespace]]\nprefx = "a:"\n', "prefx"),
+    ('[[namespace]]\nanonymous = true\n', "prefix"),
+])
+def test_a_bad_namespace_exits_64(tmp_path, text, named):
+    p = serve_expect_exit("--config", write_config(tmp_path, text))
+    assert p.returncode == 64, p
+    assert named in p.stderr, p.stderr
+
+
 def test_unreadable_config_file_exits_64(tmp_path):
     missing = str(tmp_path / "nope.toml")
     p = serve_expect_exit("--config", missing)
