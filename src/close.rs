@@ -13,7 +13,7 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const UNSUPPORTED_DATA: u16 = 1003;
 /// 1007: invalid UTF-8 in a text message or close reason.
 pub const INVALID_PAYLOAD: u16 = 1007;
-/// 1008: a policy violation: a slow consumer.
+/// 1008: a policy violation: a slow consumer, or a client over its message rate.
 pub const POLICY_VIOLATION: u16 = 1008;
 /// 1009: a message over `max_message_bytes`.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
@@ -45,6 +45,12 @@ impl CloseRequest {
         code: GOING_AWAY,
         reason: "server shutting down",
         why: CloseReason::Shutdown,
+    };
+    /// Over `client_messages_per_sec` for `rate_limit_strikes` messages in a row.
+    pub const RATE_LIMITED: Self = Self {
+        code: POLICY_VIOLATION,
+        reason: "rate limited",
+        why: CloseReason::RateLimited,
     };
     /// A binary frame on `/ws`.
     pub const BINARY_FRAME: Self = Self {

@@ -52,10 +52,12 @@ pub enum CloseReason {
     Shutdown,
     /// The socket failed (reset, broken pipe).
     IoError,
+    /// Over its message rate `rate_limit_strikes` times in a row.
+    RateLimited,
 }
 
 impl CloseReason {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Client,
         Self::ProtocolError,
         Self::SlowConsumer,
@@ -63,6 +65,7 @@ impl CloseReason {
         Self::WriteTimeout,
         Self::Shutdown,
         Self::IoError,
+        Self::RateLimited,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -73,6 +76,7 @@ impl CloseReason {
             Self::WriteTimeout => "write_timeout",
             Self::Shutdown => "shutdown",
             Self::IoError => "io_error",
+            Self::RateLimited => "rate_limited",
         }
     }
     fn index(self) -> usize {
@@ -122,6 +126,8 @@ pub struct ShardMetrics {
     /// Inbox messages held back because a quarter of the shard's connections had
     /// queues over half full (`Shard::congested`).
     pub congestion_waits: Counter,
+    /// Client messages refused for going over `client_messages_per_sec`.
+    pub rate_limited: Counter,
     /// Direct messages that reached this shard (its Redis channel or its inbox).
     pub direct_received: Counter,
     /// Direct messages queued to this shard's connections.

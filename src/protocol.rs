@@ -156,6 +156,8 @@ pub enum ErrorCode {
     PublishForbidden,
     /// Neither the token's grants nor the topic's namespace allow it.
     Forbidden,
+    /// Over `client_messages_per_sec`: the message was not handled.
+    RateLimited,
     Overloaded,
     /// The backplane (Redis) cannot take the request now; retry later.
     Unavailable,
@@ -171,6 +173,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::PublishForbidden => "publish_forbidden",
             Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
         }

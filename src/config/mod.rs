@@ -69,6 +69,20 @@ table::options! {
     /// Connections the node holds at most (0: no limit beyond the file limit); beyond
     /// it an upgrade gets 503 with `Retry-After`, before the token is checked.
     max_connections: usize = 0, live;
+    /// Connections one client address may hold on the node at once (0: no cap); beyond
+    /// it an upgrade gets 429. Counts connections made while a cap is set.
+    max_connections_per_ip: usize = 0, live;
+    /// Connections one user (a token's `sub`) may hold on the node at once (0: no
+    /// cap); beyond it an upgrade gets 429.
+    max_connections_per_user: usize = 0, live;
+    /// Messages a connection may send per second, on average (0: no limit); beyond it
+    /// a message is refused with `rate_limited`.
+    client_messages_per_sec: u32 = 0, live;
+    /// Messages a connection may send at once before `client_messages_per_sec` applies.
+    client_burst: u32 = 50, live;
+    /// Refused messages in a row (the budget not full again in between) after which
+    /// the connection is closed with 1008; 0 never closes.
+    rate_limit_strikes: u32 = 10, live;
     /// Shards (threads, one per CPU); 0 = one per CPU in the process's affinity mask.
     shards: usize = 0;
     /// I/O driver: auto, io_uring or epoll.
@@ -310,6 +324,12 @@ impl Config {
         }
         if !(3..=86_400).contains(&self.presence_ttl_secs) {
             return bad("presence_ttl_secs", "must be from 3 to 86400");
+        }
+        if self.client_messages_per_sec > 0 && self.client_burst == 0 {
+            return bad(
+                "client_burst",
+                "must be at least 1 when client_messages_per_sec is set",
+            );
         }
         if let Err(e) = crate::permissions::validate(&self.namespace) {
             return bad("namespace", &e);

@@ -49,6 +49,19 @@ use serde_json::value::RawValue;
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
 /// One shard's state. Lives in an `Rc` on its own thread.
+/// Who an upgrade admitted, and what it holds against the node's caps (given back by
+/// `Shard::unregister`).
+#[derive(Debug, Default)]
+pub struct Admitted {
+    /// The user, if the token identified one (counted against
+    /// `max_connections_per_user`).
+    pub user: Option<Rc<str>>,
+    /// What the token grants, when it grants anything.
+    pub grants: Option<Box<crate::permissions::Grants>>,
+    /// The client address, when it was counted against `max_connections_per_ip`.
+    pub ip: Option<std::net::IpAddr>,
+}
+
 pub struct Shard {
     pub index: usize,
     /// This shard's copy of the configuration in force (see `cfg()`).
@@ -75,6 +88,11 @@ pub struct Shard {
     ping: Bytes,
     /// Connections of each identified user on this shard.
     users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
+    /// The address of each connection counted against `max_connections_per_ip`.
+    counted_ips: RefCell<HashMap<ConnKey, std::net::IpAddr>>,
+    /// Each connection's message budget (by key), while `client_messages_per_sec` is
+    /// set: made at its first message.
+    buckets: RefCell<Vec<Option<crate::limits::Bucket>>>,
     /// The rest of the node (in-process) or of the cluster (Redis).
     fanout: Fanout,
     /// Recent topic messages, for resume and `/v1/history` (single node).
@@ -121,6 +139,8 @@ impl Shard {
             stop_accepting: StopSignal::default(),
             ping: frame::server_frame(OpCode::Ping, b""),
             users: RefCell::default(),
+            counted_ips: RefCell::default(),
+            buckets: RefCell::default(),
             fanout,
             history: RefCell::default(),
             floors: RefCell::default(),
@@ -154,20 +174,27 @@ impl Shard {
         self.draining.get()
     }
 
-    /// Adds the connection on socket `fd` (of `user`, if identified, whose token grants
-    /// `grants`); returns its slab key and shared handle.
+    /// Adds the connection on socket `fd`, of the client `admitted` (which holds room
+    /// against the node's caps, given back by `unregister`); returns its slab key and
+    /// shared handle.
     pub fn register(
         &self,
         fd: std::os::fd::RawFd,
-        user: Option<&Rc<str>>,
-        grants: Option<Box<crate::permissions::Grants>>,
+        admitted: Admitted,
     ) -> (ConnKey, Rc<ConnHandle>) {
         let id = self.next_conn.get();
         self.next_conn.set(id + 1);
+        let user = admitted.user.as_ref();
         let mut handle = ConnHandle::new(id, fd, self.now(), user.cloned());
-        handle.grants = grants;
+        handle.grants = admitted.grants;
         let handle = Rc::new(handle);
         let key = self.conns.borrow_mut().insert(handle.clone());
+        if let Some(ip) = admitted.ip {
+            self.counted_ips.borrow_mut().insert(key, ip);
+        }
+        if let Some(slot) = self.buckets.borrow_mut().get_mut(key) {
+            *slot = None;
+        }
         // Every entry holds a file descriptor, so keys stay far below 2^32.
         handle.key.set(key as u32);
         self.metrics
@@ -215,12 +242,44 @@ impl Shard {
             conn.key.set(u32::MAX);
             conn.detach();
             self.node.release_connection();
+            if let Some(user) = &conn.user {
+                self.node.per_user.remove(&**user);
+            }
+            if let Some(ip) = self.counted_ips.borrow_mut().remove(&key) {
+                self.node.per_ip.remove(&ip);
+            }
         }
         self.metrics
             .connections
             .set(self.conns.borrow().len() as u64);
         self.metrics.closed(why).inc();
         self.update_registry_gauges();
+    }
+
+    /// Whether connection `key` may send one more message now (`client_messages_per_sec`).
+    pub fn admit_message(&self, key: ConnKey) -> crate::limits::Admit {
+        use crate::limits::{Admit, Bucket, Rate};
+        let cfg = self.cfg();
+        if cfg.client_messages_per_sec == 0 {
+            return Admit::Yes;
+        }
+        let rate = Rate {
+            per_sec: cfg.client_messages_per_sec,
+            burst: cfg.client_burst,
+            strikes: cfg.rate_limit_strikes,
+        };
+        let now_ms = self.started.elapsed().as_millis() as u32;
+        let mut buckets = self.buckets.borrow_mut();
+        if buckets.len() <= key {
+            buckets.resize(key + 1, None);
+        }
+        let admit = buckets[key]
+            .get_or_insert_with(|| Bucket::full(rate, now_ms))
+            .admit(rate, now_ms);
+        if admit != Admit::Yes {
+            self.metrics.rate_limited.inc();
+        }
+        admit
     }
 
     /// Connection `key`'s handle, if it is still registered.

@@ -158,6 +158,10 @@ pub struct Node {
     pub backplane: bool,
     /// Which shards hold which users, for direct messages without a backplane.
     pub directory: Directory,
+    /// Connections per client address, counted while `max_connections_per_ip` is set.
+    pub per_ip: crate::limits::Tally<std::net::IpAddr>,
+    /// Connections per identified user, against `max_connections_per_user`.
+    pub per_user: crate::limits::Tally<String>,
     /// Direct messages not yet acknowledged, per user (single node), and how many at
     /// the last sweep.
     pub unacked: Unacked,
@@ -427,6 +431,8 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         auth: Authenticator::from_config(&cfg)?,
         backplane: cfg.redis.is_some(),
         directory: Directory::default(),
+        per_ip: Default::default(),
+        per_user: Default::default(),
         unacked: Unacked::default(),
         unacked_messages: crate::metrics::Gauge::default(),
         next_shard: AtomicUsize::new(0),

@@ -14,6 +14,7 @@
 //! registered connection is unregistered exactly once, with its close reason.
 
 use std::io::ErrorKind;
+use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -28,12 +29,13 @@ use super::handshake::{self, Endpoint, Parsed, Refusal};
 use super::reader::{Event, Flow, Reader};
 use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
+use crate::config::Config;
 use crate::metrics::CloseReason;
-use crate::permissions::{Grants, Refused, Rules};
+use crate::permissions::{Refused, Rules};
 use crate::protocol::{self, ErrorCode, MessageId, Since};
 use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::outbound::{ConnHandle, ShardClose};
-use crate::shard::{Shard, SCRATCH_BYTES};
+use crate::shard::{Admitted, Shard, SCRATCH_BYTES};
 use crate::sys;
 
 /// Upgrades one accepted socket and hands the connection to the shard's reactor. The
@@ -55,7 +57,7 @@ async fn upgrade(
 ) -> Option<(ConnKey, Rc<ConnHandle>, Conn)> {
     let _ = stream.set_nodelay(true);
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
-    let (upgrade, (user, grants), leftover) =
+    let (upgrade, admitted, leftover) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
             Ok(u) => u?,
             Err(_) => {
@@ -65,7 +67,7 @@ async fn upgrade(
         };
     let endpoint = upgrade.endpoint;
     let fd = stream.as_raw_fd();
-    let (key, handle) = shard.register(fd, user.as_ref(), grants);
+    let (key, handle) = shard.register(fd, admitted);
     // The 101 response and the welcome frame leave in one send, built in the shard's
     // buffer; what the socket does not take goes through the connection's queue like
     // any other frame.
@@ -152,18 +154,66 @@ fn join_granted(shard: &Shard, key: ConnKey, handle: &Rc<ConnHandle>) {
     }
 }
 
-/// The user (if identified) and what the token grants, when it grants anything.
-type Client = (Option<Rc<str>>, Option<Box<Grants>>);
+/// Holds room for one connection against every cap, then checks the token (the costly
+/// part); gives back what it held when the client is refused. `unregister` gives back
+/// the rest.
+fn admit(
+    shard: &Shard,
+    cfg: &Config,
+    peer: Option<IpAddr>,
+    token: Option<&str>,
+) -> Result<Admitted, Refusal> {
+    let node = &shard.node;
+    if !node.reserve_connection(cfg.max_connections) {
+        return Err(Refusal::Full);
+    }
+    let ip = peer.filter(|_| cfg.max_connections_per_ip > 0);
+    if let Some(ip) = &ip {
+        if !node.per_ip.try_add(ip, cfg.max_connections_per_ip) {
+            node.release_connection();
+            return Err(Refusal::PerIp);
+        }
+    }
+    let give_back = || {
+        if let Some(ip) = &ip {
+            node.per_ip.remove(ip);
+        }
+        node.release_connection();
+    };
+    let admitted = match node.auth.identify(token) {
+        Ok(Identity::User(user, grants)) => {
+            if !node.per_user.try_add(&*user, cfg.max_connections_per_user) {
+                give_back();
+                return Err(Refusal::PerUser);
+            }
+            Admitted {
+                user: Some(Rc::from(&*user)),
+                grants: (!grants.is_empty()).then(|| Box::new(grants)),
+                ip,
+            }
+        }
+        Ok(Identity::Anonymous) => Admitted {
+            ip,
+            ..Admitted::default()
+        },
+        Err(e) => {
+            give_back();
+            return Err(Refusal::Unauthorized(e));
+        }
+    };
+    Ok(admitted)
+}
 
-/// Reads the upgrade request and identifies the client; answers a refusal itself.
+/// Reads the upgrade request and admits the client; answers a refusal itself.
 /// Returns the upgrade, the client and any bytes pipelined behind the request; `None`
 /// when refused or abandoned.
 async fn handshake(
     shard: &Shard,
     stream: &mut TcpStream,
-) -> Option<(handshake::Upgrade, Client, Vec<u8>)> {
+) -> Option<(handshake::Upgrade, Admitted, Vec<u8>)> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let mut buf = Vec::new();
     // The request usually arrives with the connection: read first, wait only if empty.
     let mut wait = false;
@@ -189,31 +239,17 @@ async fn handshake(
         let refusal =
             match handshake::parse(&buf, cfg.max_header_bytes, cfg.echo, &cfg.allowed_origins) {
                 Ok(Parsed::Partial) => continue,
-                // Room is held before the token is checked (the costly part), and given
-                // back if the client is refused; `unregister` gives back the rest.
-                Ok(Parsed::Upgrade(_)) if !shard.node.reserve_connection(cfg.max_connections) => {
-                    Refusal::Full
-                }
-                Ok(Parsed::Upgrade(u)) => match shard.node.auth.identify(u.token.as_deref()) {
-                    Ok(identity) => {
+                Ok(Parsed::Upgrade(u)) => match admit(shard, &cfg, peer, u.token.as_deref()) {
+                    Ok(admitted) => {
                         // Frames pipelined behind the request, if any; no allocation otherwise.
                         let leftover = if buf.len() > u.request_len {
                             buf[u.request_len..].to_vec()
                         } else {
                             Vec::new()
                         };
-                        let client = match identity {
-                            Identity::User(u, g) => {
-                                (Some(Rc::from(&*u)), (!g.is_empty()).then(|| Box::new(g)))
-                            }
-                            Identity::Anonymous => (None, None),
-                        };
-                        return Some((u, client, leftover));
+                        return Some((u, admitted, leftover));
                     }
-                    Err(e) => {
-                        shard.node.release_connection();
-                        Refusal::Unauthorized(e)
-                    }
+                    Err(r) => r,
                 },
                 Err(r) => r,
             };
@@ -279,6 +315,9 @@ impl Effects for Io<'_> {
     }
     fn unsubscribe(&mut self, topic: &str) {
         self.shard.unsubscribe(self.key, self.handle, topic);
+    }
+    fn admit(&mut self) -> crate::limits::Admit {
+        self.shard.admit_message(self.key)
     }
     fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused> {
         let cfg = self.shard.cfg();

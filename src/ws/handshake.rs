@@ -12,6 +12,7 @@
 //! | 401 | a missing, forged or expired token (decided by `auth`, answered here) |
 //! | 403 | an `Origin` not in `allowed_origins` (when that list is set) |
 //! | 503 | the node holds `max_connections` already (with `Retry-After`) |
+//! | 429 | the client's address or user holds `max_connections_per_ip` / `_per_user` (with `Retry-After`) |
 //!
 //! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
 //! `Sec-WebSocket-Protocol` entry `bearer.<token>`, or the query parameter `token`.
@@ -89,11 +90,15 @@ pub enum Refusal {
     Origin,
     #[error("this node is at max_connections: retry, or connect elsewhere")]
     Full,
+    #[error("too many connections from this address (max_connections_per_ip)")]
+    PerIp,
+    #[error("too many connections of this user (max_connections_per_user)")]
+    PerUser,
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 15] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -107,6 +112,8 @@ impl Refusal {
         Self::Unauthorized(AuthError::Missing),
         Self::Origin,
         Self::Full,
+        Self::PerIp,
+        Self::PerUser,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -118,6 +125,7 @@ impl Refusal {
             Self::Unauthorized(_) => (401, "Unauthorized"),
             Self::Origin => (403, "Forbidden"),
             Self::Full => (503, "Service Unavailable"),
+            Self::PerIp | Self::PerUser => (429, "Too Many Requests"),
             _ => (400, "Bad Request"),
         }
     }
@@ -138,6 +146,8 @@ impl Refusal {
             Self::Unauthorized(_) => "unauthorized",
             Self::Origin => "origin",
             Self::Full => "max_connections",
+            Self::PerIp => "max_connections_per_ip",
+            Self::PerUser => "max_connections_per_user",
         }
     }
 
@@ -151,6 +161,7 @@ impl Refusal {
             Self::WsVersion => "Sec-WebSocket-Version: 13\r\n",
             Self::Unauthorized(_) => "WWW-Authenticate: Bearer error=\"invalid_token\"\r\n",
             Self::Full => "Retry-After: 1\r\n",
+            Self::PerIp | Self::PerUser => "Retry-After: 5\r\n",
             _ => "",
         };
         format!(

@@ -12,6 +12,7 @@ use super::frame::{self, OpCode};
 use super::handshake::Endpoint;
 use super::reader::{Event, Flow, ReadError};
 use crate::close::CloseRequest;
+use crate::limits::Admit;
 use crate::metrics::CloseReason;
 use crate::permissions::Refused;
 use crate::protocol::{self, ErrorCode, MessageId, Op, Since};
@@ -50,6 +51,8 @@ pub trait Effects {
         reference: Option<&RawValue>,
     ) -> Result<(), SubscribeError>;
     fn unsubscribe(&mut self, topic: &str);
+    /// Whether the client may send one more message now (`client_messages_per_sec`).
+    fn admit(&mut self) -> Admit;
     /// Whether this client may subscribe to (`publish` false) or publish on `topic`:
     /// its token's grants and the topic's namespace (`crate::permissions`).
     fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused>;
@@ -125,7 +128,19 @@ impl Session {
             }
             Event::Text(text) => match self.endpoint {
                 Endpoint::Echo => fx.send(frame::server_frame(OpCode::Text, text.as_bytes())),
-                Endpoint::Gateway => self.on_request(text, limits, fx),
+                Endpoint::Gateway => match fx.admit() {
+                    Admit::Yes => self.on_request(text, limits, fx),
+                    // Not parsed: a client over its rate costs as little as possible.
+                    Admit::Limited => fx.send_error(protocol::error(
+                        ErrorCode::RateLimited,
+                        "more messages than client_messages_per_sec allows: this one was not handled",
+                        None,
+                    )),
+                    Admit::Strikeout => {
+                        self.close(CloseRequest::RATE_LIMITED, true, fx);
+                        return Flow::Stop;
+                    }
+                },
             },
             Event::Binary(data) => match self.endpoint {
                 Endpoint::Echo => fx.send(frame::server_frame(OpCode::Binary, data)),
@@ -243,6 +258,8 @@ mod tests {
         client_publish: bool,
         /// Topics this client may neither subscribe to nor publish on.
         forbidden: Vec<&'static str>,
+        /// What `admit` answers, in turn (then `Yes`).
+        admits: Vec<Admit>,
     }
 
     /// The payload of one server frame (unmasked, under 64 KiB).
@@ -285,6 +302,13 @@ mod tests {
         }
         fn unsubscribe(&mut self, topic: &str) {
             self.did.push(Did::Unsubscribe(topic.to_owned()));
+        }
+        fn admit(&mut self) -> Admit {
+            if self.admits.is_empty() {
+                Admit::Yes
+            } else {
+                self.admits.remove(0)
+            }
         }
         fn permit(&self, publish: bool, topic: &str) -> Result<(), Refused> {
             if self.forbidden.contains(&topic) {
@@ -409,6 +433,43 @@ mod tests {
             fx.did,
             vec![Did::Publish("a".into(), r#"{"x": [1,2]}"#.into())]
         );
+    }
+
+    #[test]
+    fn a_client_over_its_rate_is_refused_then_closed_with_1008() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let sub = |t: &str| {
+            client(
+                OpCode::Text,
+                format!(r#"{{"op":"subscribe","topic":"{t}"}}"#).as_bytes(),
+            )
+        };
+        let mut bytes = sub("a");
+        bytes.extend(sub("b"));
+        bytes.extend(sub("c"));
+        bytes.extend(sub("d"));
+        bytes.extend(sub("e"));
+        let fx = feed_to(
+            &mut s,
+            &LIMITS,
+            &bytes,
+            Recording {
+                admits: vec![Admit::Yes, Admit::Limited, Admit::Strikeout],
+                ..Recording::default()
+            },
+        );
+        let mut close = 1008u16.to_be_bytes().to_vec();
+        close.extend(b"rate limited");
+        assert_eq!(
+            fx.did,
+            vec![
+                Did::Subscribe("a".into()),
+                Did::Send(r#"{"type":"subscribed","topic":"a"}"#.into()),
+                Did::Error("rate_limited".into()),
+                Did::Closing(close, CloseReason::RateLimited),
+            ]
+        );
+        assert!(!s.reads_input(), "nothing after the close is handled");
     }
 
     #[test]
