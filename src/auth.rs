@@ -44,8 +44,13 @@ pub enum AuthError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Identity {
     Anonymous,
-    /// The user id, and what the token grants beyond the topic namespaces.
-    User(Arc<str>, Grants),
+    /// The user id, what the token grants beyond the topic namespaces, and when the
+    /// token expires (`exp`, Unix seconds).
+    User {
+        user: Arc<str>,
+        grants: Grants,
+        exp: u64,
+    },
 }
 
 /// Why the configured key cannot be used.
@@ -64,6 +69,7 @@ pub enum KeyError {
 pub struct Authenticator {
     key: Option<(DecodingKey, Validation)>,
     allow_anonymous: bool,
+    leeway: u64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -79,6 +85,9 @@ impl std::fmt::Debug for Authenticator {
 struct Claims {
     #[serde(default)]
     sub: Option<String>,
+    /// Required (the validation refuses a token without it).
+    #[serde(default)]
+    exp: u64,
     // Read as any JSON so that a claim of the wrong shape is named in the refusal
     // rather than failing the token as malformed.
     #[serde(default)]
@@ -149,7 +158,13 @@ impl Authenticator {
         Ok(Self {
             key,
             allow_anonymous: cfg.allow_anonymous,
+            leeway: cfg.jwt_leeway_secs,
         })
+    }
+
+    /// Seconds a token is still accepted after its `exp` (and before its `nbf`).
+    pub fn leeway(&self) -> u64 {
+        self.leeway
     }
 
     /// Whether tokens are checked at all.
@@ -185,9 +200,11 @@ impl Authenticator {
             })?;
         let mut claims = data.claims;
         match claims.sub.take() {
-            Some(sub) if !sub.is_empty() && sub.len() <= MAX_USER_BYTES => {
-                Ok(Identity::User(Arc::from(sub), claims.grants()?))
-            }
+            Some(sub) if !sub.is_empty() && sub.len() <= MAX_USER_BYTES => Ok(Identity::User {
+                user: Arc::from(sub),
+                exp: claims.exp,
+                grants: claims.grants()?,
+            }),
             _ => Err(AuthError::NoSubject),
         }
     }
@@ -202,6 +219,7 @@ fn validation(cfg: &Config, algs: &[Algorithm]) -> Validation {
     v.set_required_spec_claims(&["sub", "exp"]);
     v.validate_exp = true;
     v.validate_nbf = true;
+    v.leeway = cfg.jwt_leeway_secs;
     match &cfg.jwt_audience {
         Some(aud) => v.set_audience(&[aud]),
         None => v.validate_aud = false,
@@ -241,6 +259,13 @@ mod tests {
             .as_secs()
     }
 
+    fn user_of(r: Result<Identity, AuthError>) -> Result<Arc<str>, AuthError> {
+        match r? {
+            Identity::User { user, .. } => Ok(user),
+            Identity::Anonymous => Ok("".into()),
+        }
+    }
+
     #[test]
     fn valid_expired_forged_missing() {
         let a = hs("0123456789abcdef0123");
@@ -248,10 +273,7 @@ mod tests {
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() + 60}),
         );
-        assert_eq!(
-            a.identify(Some(&ok)),
-            Ok(Identity::User("u1".into(), Grants::default()))
-        );
+        assert_eq!(user_of(a.identify(Some(&ok))), Ok("u1".into()));
         let old = token(
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() - 3600}),
@@ -276,10 +298,7 @@ mod tests {
             "0123456789abcdef0123",
             serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": "chat"}),
         );
-        assert_eq!(
-            a.identify(Some(&aud)),
-            Ok(Identity::User("u1".into(), Grants::default()))
-        );
+        assert_eq!(user_of(a.identify(Some(&aud))), Ok("u1".into()));
     }
 
     #[test]
@@ -293,10 +312,7 @@ mod tests {
         let a = Authenticator::from_config(&cfg).unwrap();
         let claims = |aud: &str, iss: &str| serde_json::json!({"sub": "u1", "exp": now() + 60, "aud": aud, "iss": iss});
         let ok = token("0123456789abcdef0123", claims("chat", "https://id.example"));
-        assert_eq!(
-            a.identify(Some(&ok)),
-            Ok(Identity::User("u1".into(), Grants::default()))
-        );
+        assert_eq!(user_of(a.identify(Some(&ok))), Ok("u1".into()));
         let other_aud = token(
             "0123456789abcdef0123",
             claims("billing", "https://id.example"),
@@ -320,7 +336,7 @@ mod tests {
                 .extend(extra.as_object().unwrap().clone());
             a.identify(Some(&token("0123456789abcdef0123", claims)))
         };
-        let Ok(Identity::User(_, g)) =
+        let Ok(Identity::User { grants: g, .. }) =
             tok(serde_json::json!({"topics": ["a", "b:*"], "subscribe": ["c"]}))
         else {
             panic!("refused");

@@ -17,6 +17,8 @@ pub const INVALID_PAYLOAD: u16 = 1007;
 pub const POLICY_VIOLATION: u16 = 1008;
 /// 1009: a message over `max_message_bytes`.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
+/// 4001: the client's token expired (plus the leeway) and was not refreshed.
+pub const TOKEN_EXPIRED: u16 = 4001;
 
 /// A close the connection's task should perform: the code and reason it sends, and the
 /// cause it is counted under.
@@ -46,6 +48,12 @@ impl CloseRequest {
         reason: "server shutting down",
         why: CloseReason::Shutdown,
     };
+    /// The token's `exp` (plus the leeway) passed without a `refresh`.
+    pub const TOKEN_EXPIRED: Self = Self {
+        code: TOKEN_EXPIRED,
+        reason: "token expired",
+        why: CloseReason::TokenExpired,
+    };
     /// Over `client_messages_per_sec` for `rate_limit_strikes` messages in a row.
     pub const RATE_LIMITED: Self = Self {
         code: POLICY_VIOLATION,
@@ -67,6 +75,7 @@ pub enum ShardClose {
     SlowConsumer,
     IdleTimeout,
     Shutdown,
+    TokenExpired,
 }
 
 impl ShardClose {
@@ -75,6 +84,7 @@ impl ShardClose {
             Self::SlowConsumer => CloseRequest::SLOW_CONSUMER,
             Self::IdleTimeout => CloseRequest::IDLE_TIMEOUT,
             Self::Shutdown => CloseRequest::SHUTDOWN,
+            Self::TokenExpired => CloseRequest::TOKEN_EXPIRED,
         }
     }
 }
@@ -93,6 +103,7 @@ mod tests {
             INVALID_PAYLOAD,
             POLICY_VIOLATION,
             MESSAGE_TOO_BIG,
+            TOKEN_EXPIRED,
         ] {
             assert!(crate::ws::frame::is_valid_close_code(code), "{code}");
         }

@@ -54,10 +54,12 @@ pub enum CloseReason {
     IoError,
     /// Over its message rate `rate_limit_strikes` times in a row.
     RateLimited,
+    /// Its token expired without a refresh.
+    TokenExpired,
 }
 
 impl CloseReason {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::Client,
         Self::ProtocolError,
         Self::SlowConsumer,
@@ -66,6 +68,7 @@ impl CloseReason {
         Self::Shutdown,
         Self::IoError,
         Self::RateLimited,
+        Self::TokenExpired,
     ];
     pub fn label(self) -> &'static str {
         match self {
@@ -77,6 +80,7 @@ impl CloseReason {
             Self::Shutdown => "shutdown",
             Self::IoError => "io_error",
             Self::RateLimited => "rate_limited",
+            Self::TokenExpired => "token_expired",
         }
     }
     fn index(self) -> usize {

@@ -54,6 +54,10 @@ pub enum Op<'a> {
     Ack {
         id: MessageId,
     },
+    /// Extend the connection's life with a newer token of the same user.
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// Where a resuming client left a topic: the last message it got (`offset`, a message
@@ -158,6 +162,8 @@ pub enum ErrorCode {
     Forbidden,
     /// Over `client_messages_per_sec`: the message was not handled.
     RateLimited,
+    /// A `refresh` whose token does not verify or is for another user.
+    BadToken,
     Overloaded,
     /// The backplane (Redis) cannot take the request now; retry later.
     Unavailable,
@@ -174,6 +180,7 @@ impl ErrorCode {
             Self::PublishForbidden => "publish_forbidden",
             Self::Forbidden => "forbidden",
             Self::RateLimited => "rate_limited",
+            Self::BadToken => "bad_token",
             Self::Overloaded => "overloaded",
             Self::Unavailable => "unavailable",
         }
@@ -194,6 +201,8 @@ struct Wire<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
     #[serde(rename = "ref", borrow, default, deserialize_with = "present")]
     reference: Option<&'a RawValue>,
 }
@@ -274,6 +283,11 @@ pub fn parse<'a>(text: &'a str, max_topic: usize) -> Result<Request<'a>, Rejecti
                     .map_err(|()| reject(ErrorCode::BadRequest, FORM.into()))?,
             }
         }
+        Some("refresh") => Op::Refresh {
+            token: string(wire.token, "token")?.ok_or_else(|| {
+                reject(ErrorCode::BadRequest, "missing \"token\" (a string)".into())
+            })?,
+        },
         Some(other) => {
             let shown: String = other.chars().take(32).collect();
             return Err(reject(
@@ -447,6 +461,15 @@ pub fn acked(id: &str, removed: usize, reference: Option<&RawValue>) -> Bytes {
     text(s)
 }
 
+/// `refreshed` reply: the connection now lives until `exp` (Unix seconds, before the
+/// leeway).
+pub fn refreshed(exp: u64, reference: Option<&RawValue>) -> Bytes {
+    let mut s = format!("{{\"type\":\"refreshed\",\"exp\":{exp}");
+    push_ref(&mut s, reference);
+    s.push('}');
+    text(s)
+}
+
 /// `published` reply (sent only when the publish carried a `ref`).
 pub fn published(topic: &str, id: &str, reference: Option<&RawValue>) -> Bytes {
     let mut s = String::from("{\"type\":\"published\",\"topic\":");
@@ -527,6 +550,11 @@ mod tests {
         assert!(matches!(r.op, Op::Publish { data, .. } if data.get() == r#"{"k":[1,2]}"#));
         let r = parse(r#"{"op":"publish","topic":"a"}"#, 64).unwrap();
         assert!(matches!(r.op, Op::Publish { data, .. } if data.get() == "null"));
+        let r = parse(r#"{"op":"refresh","token":"a.b.c","ref":1}"#, 64).unwrap();
+        assert!(matches!(r.op, Op::Refresh { ref token } if token == "a.b.c"));
+        let e = parse(r#"{"op":"refresh","token":5,"ref":2}"#, 64).unwrap_err();
+        assert_eq!(e.error, ErrorCode::BadRequest);
+        assert_eq!(e.reference.unwrap().get(), "2");
     }
 
     #[test]

@@ -164,6 +164,9 @@ table::options! {
     jwt_audience: Option<String> = None;
     /// Required `iss` of client tokens (unset: `iss` is not checked).
     jwt_issuer: Option<String> = None;
+    /// Seconds a token is still accepted after its `exp` (and before its `nbf`), for
+    /// clocks that differ; a connection is closed (4001) this long after its `exp`.
+    jwt_leeway_secs: u64 = 60;
     /// With a JWT key configured, let clients without a token connect as anonymous
     /// (they can subscribe but receive no direct messages). A bad token is always refused.
     allow_anonymous: bool = false;
@@ -324,6 +327,9 @@ impl Config {
         }
         if !(3..=86_400).contains(&self.presence_ttl_secs) {
             return bad("presence_ttl_secs", "must be from 3 to 86400");
+        }
+        if self.jwt_leeway_secs > 3600 {
+            return bad("jwt_leeway_secs", "must be at most 3600 (an hour)");
         }
         if self.client_messages_per_sec > 0 && self.client_burst == 0 {
             return bad(

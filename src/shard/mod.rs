@@ -8,6 +8,7 @@
 //! drain) and the sweeper (pings, idle and stalled-write timeouts, close deadlines),
 //! which walks every connection once a second instead of giving each one a timer.
 
+mod expiry;
 pub mod fanout;
 mod floors;
 pub mod history;
@@ -30,6 +31,7 @@ use slab::Slab;
 
 pub use node::{start, HistoryPage, Inbox, Node, RunningNode, ShardLink, StartError, Unsent};
 
+use crate::auth::Identity;
 use crate::backplane::{self, Backplane, RedisUrl};
 use crate::broker::Refused;
 use crate::config::{Config, SlowConsumer};
@@ -60,6 +62,9 @@ pub struct Admitted {
     pub grants: Option<Box<crate::permissions::Grants>>,
     /// The client address, when it was counted against `max_connections_per_ip`.
     pub ip: Option<std::net::IpAddr>,
+    /// When the token runs out, leeway included (Unix seconds): the connection is
+    /// closed then unless refreshed.
+    pub expires: Option<u64>,
 }
 
 pub struct Shard {
@@ -90,6 +95,8 @@ pub struct Shard {
     users: RefCell<HashMap<Rc<str>, Vec<ConnKey>>>,
     /// The address of each connection counted against `max_connections_per_ip`.
     counted_ips: RefCell<HashMap<ConnKey, std::net::IpAddr>>,
+    /// When each identified connection's token runs out.
+    expiries: RefCell<expiry::Expiries>,
     /// Each connection's message budget (by key), while `client_messages_per_sec` is
     /// set: made at its first message.
     buckets: RefCell<Vec<Option<crate::limits::Bucket>>>,
@@ -140,6 +147,7 @@ impl Shard {
             ping: frame::server_frame(OpCode::Ping, b""),
             users: RefCell::default(),
             counted_ips: RefCell::default(),
+            expiries: RefCell::default(),
             buckets: RefCell::default(),
             fanout,
             history: RefCell::default(),
@@ -186,11 +194,14 @@ impl Shard {
         self.next_conn.set(id + 1);
         let user = admitted.user.as_ref();
         let mut handle = ConnHandle::new(id, fd, self.now(), user.cloned());
-        handle.grants = admitted.grants;
+        handle.grants = Cell::new(admitted.grants);
         let handle = Rc::new(handle);
         let key = self.conns.borrow_mut().insert(handle.clone());
         if let Some(ip) = admitted.ip {
             self.counted_ips.borrow_mut().insert(key, ip);
+        }
+        if let Some(at) = admitted.expires {
+            self.expiries.borrow_mut().set(key, at);
         }
         if let Some(slot) = self.buckets.borrow_mut().get_mut(key) {
             *slot = None;
@@ -248,6 +259,7 @@ impl Shard {
             if let Some(ip) = self.counted_ips.borrow_mut().remove(&key) {
                 self.node.per_ip.remove(&ip);
             }
+            self.expiries.borrow_mut().forget(key);
         }
         self.metrics
             .connections
@@ -819,6 +831,42 @@ impl Shard {
         }
     }
 
+    /// Connection `key` presents a newer token (`refresh`): if it verifies and is for
+    /// the same user, the connection lives until its `exp` (plus the leeway) and takes
+    /// its grants; otherwise `bad_token`, and the old token's time still runs.
+    pub fn refresh(
+        &self,
+        key: ConnKey,
+        conn: &Rc<ConnHandle>,
+        token: &str,
+        reference: Option<&RawValue>,
+    ) {
+        let refused = |message: &str| {
+            self.reply_error(
+                conn,
+                protocol::error(ErrorCode::BadToken, message, reference),
+            );
+        };
+        let Some(user) = &conn.user else {
+            return refused("this connection has no token to refresh (anonymous)");
+        };
+        match self.node.auth.identify(Some(token)) {
+            Ok(Identity::User {
+                user: new,
+                grants,
+                exp,
+            }) if *new == **user => {
+                let at = exp.saturating_add(self.node.auth.leeway());
+                self.expiries.borrow_mut().set(key, at);
+                conn.grants
+                    .set((!grants.is_empty()).then(|| Box::new(grants)));
+                self.reply(conn, protocol::refreshed(exp, reference));
+            }
+            Ok(_) => refused("the token is for another user"),
+            Err(e) => refused(&e.to_string()),
+        }
+    }
+
     /// Connection `conn` acknowledges its user's direct messages up to `id`.
     pub fn ack(
         &self,
@@ -945,6 +993,12 @@ impl Shard {
             let left = self.node.unacked.trim(self.direct_bounds());
             self.node.unacked_messages.set(left as u64);
         }
+        let unix = unix_now();
+        for key in self.expiries.borrow_mut().due(unix) {
+            if let Some(conn) = self.conns.borrow().get(key) {
+                conn.request_close(ShardClose::TokenExpired);
+            }
+        }
         let cfg = self.cfg();
         let ping_after = cfg.ping_interval_secs as u32;
         let idle_after = cfg.idle_timeout_secs as u32;
@@ -990,6 +1044,13 @@ impl Shard {
             conn.request_close(ShardClose::Shutdown);
         }
     }
+}
+
+/// Seconds since the Unix epoch (token times are in these).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The whole life of one shard, run inside its runtime: accept, serve, drain, return.

@@ -119,7 +119,8 @@ pub struct ConnHandle {
     /// The user id from the client's token; `None` for anonymous clients.
     pub user: Option<std::rc::Rc<str>>,
     /// What the client's token grants beyond the topic namespaces; `None` when nothing.
-    pub grants: Option<Box<crate::permissions::Grants>>,
+    /// A `refresh` replaces it.
+    pub grants: Cell<Option<Box<crate::permissions::Grants>>>,
 }
 
 impl ConnHandle {
@@ -128,7 +129,7 @@ impl ConnHandle {
             id,
             fd: Cell::new(fd),
             user,
-            grants: None,
+            grants: Cell::new(None),
             queue: RefCell::new(VecDeque::new()),
             queued: Cell::new(0),
             owed: Cell::new(false),

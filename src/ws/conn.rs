@@ -130,9 +130,12 @@ async fn upgrade(
 
 /// Joins the topics of the token's `subscribe` claim, as if the client had asked.
 fn join_granted(shard: &Shard, key: ConnKey, handle: &Rc<ConnHandle>) {
-    let Some(topics) = handle.grants.as_ref().and_then(|g| g.subscribe.as_ref()) else {
-        return;
-    };
+    let held = handle.grants.take();
+    let topics = held
+        .as_ref()
+        .and_then(|g| g.subscribe.clone())
+        .unwrap_or_default();
+    handle.grants.set(held);
     let max_topic = shard.cfg().max_topic_bytes;
     for topic in topics.iter() {
         let refused = if topic.len() > max_topic {
@@ -181,7 +184,7 @@ fn admit(
         node.release_connection();
     };
     let admitted = match node.auth.identify(token) {
-        Ok(Identity::User(user, grants)) => {
+        Ok(Identity::User { user, grants, exp }) => {
             if !node.per_user.try_add(&*user, cfg.max_connections_per_user) {
                 give_back();
                 return Err(Refusal::PerUser);
@@ -190,6 +193,7 @@ fn admit(
                 user: Some(Rc::from(&*user)),
                 grants: (!grants.is_empty()).then(|| Box::new(grants)),
                 ip,
+                expires: Some(exp.saturating_add(node.auth.leeway())),
             }
         }
         Ok(Identity::Anonymous) => Admitted {
@@ -316,6 +320,9 @@ impl Effects for Io<'_> {
     fn unsubscribe(&mut self, topic: &str) {
         self.shard.unsubscribe(self.key, self.handle, topic);
     }
+    fn refresh(&mut self, token: &str, reference: Option<&RawValue>) {
+        self.shard.refresh(self.key, self.handle, token, reference);
+    }
     fn admit(&mut self) -> crate::limits::Admit {
         self.shard.admit_message(self.key)
     }
@@ -325,12 +332,16 @@ impl Effects for Io<'_> {
             namespaces: &cfg.namespace,
             client_publish: cfg.client_publish,
         };
-        let grants = self.handle.grants.as_deref();
-        if publish {
+        // Out of its cell while it is read; put back below.
+        let held = self.handle.grants.take();
+        let grants = held.as_deref();
+        let answer = if publish {
             rules.publish(grants, topic)
         } else {
             rules.subscribe(self.handle.user.is_some(), grants, topic)
-        }
+        };
+        self.handle.grants.set(held);
+        answer
     }
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>) {
         self.shard.publish(self.handle, topic, data, reference);

@@ -60,6 +60,8 @@ pub trait Effects {
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>);
     /// Acknowledge direct messages up to `id`.
     fn ack(&mut self, id: MessageId, reference: Option<&RawValue>);
+    /// Present a newer token (answers `refreshed` or `bad_token`).
+    fn refresh(&mut self, token: &str, reference: Option<&RawValue>);
 }
 
 /// The configuration a session reads (the values in force when the event arrives).
@@ -228,6 +230,7 @@ impl Session {
                 )),
             },
             Op::Ack { id } => fx.ack(id, reference),
+            Op::Refresh { token } => fx.refresh(&token, reference),
         }
     }
 }
@@ -246,6 +249,7 @@ mod tests {
         Subscribe(String),
         Unsubscribe(String),
         Ack(String),
+        Refresh(String),
         Publish(String, String),
     }
 
@@ -325,6 +329,9 @@ mod tests {
         }
         fn ack(&mut self, id: MessageId, _: Option<&RawValue>) {
             self.did.push(Did::Ack(id.to_string()));
+        }
+        fn refresh(&mut self, token: &str, _: Option<&RawValue>) {
+            self.did.push(Did::Refresh(token.to_owned()));
         }
     }
 
@@ -433,6 +440,17 @@ mod tests {
             fx.did,
             vec![Did::Publish("a".into(), r#"{"x": [1,2]}"#.into())]
         );
+    }
+
+    #[test]
+    fn refresh_hands_the_token_on() {
+        let mut s = Session::new(Endpoint::Gateway);
+        let fx = feed(
+            &mut s,
+            &LIMITS,
+            &client(OpCode::Text, br#"{"op":"refresh","token":"a.b.c"}"#),
+        );
+        assert_eq!(fx.did, vec![Did::Refresh("a.b.c".into())]);
     }
 
     #[test]
