@@ -98,6 +98,8 @@ pub struct ShardMetrics {
     pub accepted: Counter,
     pub accept_errors: Counter,
     pub handshake_timeouts: Counter,
+    /// Unfinished upgrades dropped to make room under `max_pending_handshakes`.
+    pub handshakes_evicted: Counter,
     handshake_refusals: [Counter; Refusal::ALL.len()],
     closes: [Counter; CloseReason::ALL.len()],
     pub frames_in: Counter,

@@ -103,6 +103,18 @@ pub fn shutdown_read(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Shuts both directions of a connected socket: its pending read sees the end of the
+/// stream, so the task reading it gives up.
+pub fn shutdown_both(fd: RawFd) -> io::Result<()> {
+    // SAFETY: shutdown takes no pointers; callers pass the fd of a socket whose owner
+    // is still alive (an upgrade in progress), so it cannot be stale.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Takes a connected socket out of the runtime's hands (the reactor reads and writes
 /// it from then on). Panics if an operation of the runtime still holds the socket,
 /// which no caller allows: the upgrade's reads and writes have all completed.

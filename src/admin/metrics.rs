@@ -17,6 +17,7 @@
 //! | `ringway_error_frames_total` | counter | shard | protocol error frames sent |
 //! | `ringway_ticks_total` | counter | shard | delivery ticks (passes over the connections owed a write) |
 //! | `ringway_tick_writes_total` | counter | shard | connections written by ticks; ÷ ticks = connections per tick |
+//! | `ringway_handshakes_evicted_total` | counter | shard | unfinished upgrades dropped, oldest first, to stay under `max_pending_handshakes` |
 //! | `ringway_rate_limited_total` | counter | shard | client messages refused for going over `client_messages_per_sec` (`rate_limited`) |
 //! | `ringway_congestion_waits_total` | counter | shard | inbox messages held back because a quarter of the shard's connections had queues over half full (publishers feel it) |
 //! | `ringway_blocked_connections` | gauge | shard | connections whose socket refused bytes still owed (sampled each second) |
@@ -91,7 +92,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 23] = [
+        let counters: [ShardFamily; 24] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -155,6 +156,11 @@ impl Collector for NodeCollector {
                 "ringway_rate_limited",
                 "Client messages refused for going over client_messages_per_sec",
                 |m| m.rate_limited.get(),
+            ),
+            (
+                "ringway_handshakes_evicted",
+                "Unfinished upgrades dropped, oldest first, to stay under max_pending_handshakes",
+                |m| m.handshakes_evicted.get(),
             ),
             (
                 "ringway_handshake_timeouts",

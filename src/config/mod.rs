@@ -111,6 +111,10 @@ table::options! {
     slow_consumer: SlowConsumer = SlowConsumer::Close, live;
     /// Time a new socket has to complete the upgrade, in milliseconds.
     handshake_timeout_ms: u64 = 5_000, live;
+    /// Upgrades one shard holds unfinished at once (0: no cap); beyond it the oldest
+    /// is dropped, so sockets that send slowly or nothing (slowloris) cannot take the
+    /// descriptors and memory that real clients need.
+    max_pending_handshakes: usize = 1024, live;
     /// A connection silent this long gets a ping, in seconds.
     ping_interval_secs: u64 = defaults::PING_INTERVAL_SECS, live;
     /// A connection silent this long (no frame, no pong) is closed, in seconds.

@@ -87,6 +87,10 @@ pub struct Shard {
     /// Accepted sockets still in their upgrade (not yet in `conns`); the drain waits
     /// for them too, so none is cut off by the process exiting.
     handshaking: Cell<usize>,
+    /// Upgrades in progress, oldest first (by a number taken at their start), with
+    /// their sockets: the oldest is dropped when `max_pending_handshakes` is reached.
+    pending: RefCell<std::collections::BTreeMap<u64, std::os::fd::RawFd>>,
+    next_pending: Cell<u64>,
     next_conn: Cell<u64>,
     draining: Cell<bool>,
     stop_accepting: StopSignal,
@@ -141,6 +145,8 @@ impl Shard {
             // Starts at 1 so 0 can mean "never" in connection timestamps.
             clock: Cell::new(1),
             handshaking: Cell::new(0),
+            pending: RefCell::default(),
+            next_pending: Cell::new(0),
             next_conn: Cell::new(0),
             draining: Cell::new(false),
             stop_accepting: StopSignal::default(),
@@ -303,6 +309,32 @@ impl Shard {
         let r = self.registry.borrow();
         self.metrics.topics.set(r.topics() as u64);
         self.metrics.subscriptions.set(r.subscriptions() as u64);
+    }
+
+    /// An upgrade on socket `fd` begins; returns its number for `upgrade_done`. At
+    /// `max_pending_handshakes` the oldest unfinished upgrades are shut (their reads end,
+    /// and their tasks give up) to make room.
+    pub fn upgrade_begun(&self, fd: std::os::fd::RawFd) -> u64 {
+        let cap = self.cfg().max_pending_handshakes;
+        let mut pending = self.pending.borrow_mut();
+        while cap > 0 && pending.len() >= cap {
+            let Some((_, old)) = pending.pop_first() else {
+                break;
+            };
+            // Its task still owns the socket (it leaves this map before closing it).
+            let _ = crate::sys::shutdown_both(old);
+            self.metrics.handshakes_evicted.inc();
+        }
+        let id = self.next_pending.get();
+        self.next_pending.set(id + 1);
+        pending.insert(id, fd);
+        id
+    }
+
+    /// Upgrade `id` finished, failed or was dropped: its socket leaves the map (before
+    /// it is closed or handed on).
+    pub fn upgrade_done(&self, id: u64) {
+        self.pending.borrow_mut().remove(&id);
     }
 
     /// An accepted socket finished its upgrade (or gave up): the drain stops waiting

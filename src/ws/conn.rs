@@ -56,6 +56,12 @@ async fn upgrade(
     mut stream: TcpStream,
 ) -> Option<(ConnKey, Rc<ConnHandle>, Conn)> {
     let _ = stream.set_nodelay(true);
+    // Declared after `stream` (a parameter), so dropped before it: the socket leaves the
+    // shard's list of unfinished upgrades before it can be closed.
+    let _pending = Pending {
+        id: shard.upgrade_begun(stream.as_raw_fd()),
+        shard: &shard,
+    };
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
     let (upgrade, admitted, leftover) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
@@ -126,6 +132,19 @@ async fn upgrade(
         session: Session::new(endpoint),
     };
     Some((key, handle, conn))
+}
+
+/// An upgrade on the shard's list of unfinished ones, taken off when it ends however
+/// it ends.
+struct Pending<'a> {
+    shard: &'a Shard,
+    id: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.shard.upgrade_done(self.id);
+    }
 }
 
 /// Joins the topics of the token's `subscribe` claim, as if the client had asked.

@@ -31,13 +31,13 @@ class _Factory:
         self.started: list[Gateway] = []
 
     def __call__(self, env: dict[str, str] | None = None, args: list[str] | None = None,
-                 **opts) -> Gateway:
+                 nofile: int | None = None, **opts) -> Gateway:
         opts.setdefault("shards", 2)
         # The suite runs once per I/O driver (tests/run.sh sets RINGWAY_TEST_DRIVER);
         # a test that names a driver keeps it.
         if os.environ.get("RINGWAY_TEST_DRIVER"):
             opts.setdefault("driver", os.environ["RINGWAY_TEST_DRIVER"])
-        gw = Gateway(opts, env=env, args=args)
+        gw = Gateway(opts, env=env, args=args, nofile=nofile)
         self.started.append(gw)
         return gw.start()
 

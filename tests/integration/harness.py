@@ -20,6 +20,7 @@ import json
 import os
 import re
 import signal
+import resource
 import socket
 import struct
 import subprocess
@@ -186,8 +187,11 @@ class Gateway:
     """One `ringway serve` process on free ports."""
 
     def __init__(self, opts: dict[str, Any], env: dict[str, str] | None = None,
-                 args: list[str] | None = None):
+                 args: list[str] | None = None, nofile: int | None = None):
         self.opts = dict(opts)
+        # A file limit for the gateway process (soft and hard), for tests that run it
+        # out of descriptors.
+        self.nofile = nofile
         self.extra_env = env or {}
         self.extra_args = args or []
         self.port = 0
@@ -224,8 +228,15 @@ class Gateway:
             cmd = [str(binary()), "serve", *flag_args(opts), *self.extra_args]
             self._stderr.seek(0)
             self._stderr.truncate()
+            limit = None
+            if self.nofile:
+                n = self.nofile
+
+                def limit():
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=self._stderr, env=clean_env(self.extra_env))
+                                         stderr=self._stderr, env=clean_env(self.extra_env),
+                                         preexec_fn=limit)
             if self._wait_ready(10.0):
                 return self
             err = self.stderr()

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 from cluster import SECRET, auth_headers, token
-from harness import Client, arun, raw_http, status_of, upgrade_request, wait_until
+from harness import HOST, Client, arun, raw_http, status_of, upgrade_request, wait_until
 
 
 def refusal(gw, source: str = "127.0.0.1", headers: dict[str, str] | None = None) -> bytes:
@@ -112,3 +113,31 @@ def test_a_client_over_its_message_rate_is_refused_then_closed(gateway):
     assert gw.metric("ringway_rate_limited_total") >= 5
     wait_until(lambda: gw.metric("ringway_closes_total", reason="rate_limited") == 1, 5,
                what="the close counted")
+
+
+def test_slow_upgrades_cannot_starve_real_clients(gateway):
+    """1,000 sockets that start an upgrade and never finish it, against a gateway with
+    600 file descriptors: without a cap they would take every descriptor and no client
+    could connect. With `max_pending_handshakes` the oldest unfinished ones are dropped,
+    and a real client connects, subscribes and gets its message."""
+    gw = gateway(shards=1, nofile=600, max_pending_handshakes=200, handshake_timeout_ms=60_000)
+    slow = []
+    try:
+        for _ in range(1000):
+            s = socket.create_connection((HOST, gw.port))
+            s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            slow.append(s)
+        wait_until(lambda: gw.metric("ringway_handshakes_evicted_total") >= 700, 10,
+                   what="the oldest unfinished upgrades dropped")
+
+        async def body():
+            async with Client(gw) as c:
+                await c.subscribe("t")
+                gw.publish("t", "through")
+                assert (await c.recv())["data"] == "through"
+
+        arun(body())
+        assert gw.metric("ringway_accept_errors_total") == 0
+    finally:
+        for s in slow:
+            s.close()
