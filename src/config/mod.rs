@@ -44,6 +44,7 @@ pub enum LogFormat {
 }
 
 table::choice!(
+    crate::ws::proxy::ProxyProtocol => ["off", "v1", "v2"],
     Driver => ["auto", "io_uring", "epoll"],
     SlowConsumer => ["close", "drop"],
     LogFormat => ["text", "json"],
@@ -66,6 +67,14 @@ table::options! {
     /// `https://app.example.com`); others get 403. Empty: any. A request without
     /// `Origin` (not a browser) is let through.
     allowed_origins: Vec<String> = Vec::new() => "any", live;
+    /// PROXY protocol on the client listener: `off`, `v1` or `v2` (HAProxy
+    /// `send-proxy-v2`). When on, every connection must start with the header, from an
+    /// address in `proxy_trusted`; the client address it names is the one the per-IP
+    /// limit counts.
+    proxy_protocol: crate::ws::proxy::ProxyProtocol = crate::ws::proxy::ProxyProtocol::Off, live;
+    /// Networks (CIDR, e.g. `10.0.0.0/8`, `127.0.0.1/32`) of the load balancers allowed
+    /// to send the PROXY header; others are refused with 403.
+    proxy_trusted: Vec<ipnet::IpNet> = Vec::new(), live;
     /// Connections the node holds at most (0: no limit beyond the file limit); beyond
     /// it an upgrade gets 503 with `Retry-After`, before the token is checked.
     max_connections: usize = 0, live;
@@ -331,6 +340,14 @@ impl Config {
         }
         if !(3..=86_400).contains(&self.presence_ttl_secs) {
             return bad("presence_ttl_secs", "must be from 3 to 86400");
+        }
+        if self.proxy_protocol != crate::ws::proxy::ProxyProtocol::Off
+            && self.proxy_trusted.is_empty()
+        {
+            return bad(
+                "proxy_trusted",
+                "list the load balancers' networks (CIDR) when proxy_protocol is on",
+            );
         }
         if self.jwt_leeway_secs > 3600 {
             return bad("jwt_leeway_secs", "must be at most 3600 (an hour)");

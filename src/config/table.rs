@@ -172,6 +172,24 @@ impl OptionValue for Vec<crate::permissions::Namespace> {
     }
 }
 
+impl OptionValue for Vec<ipnet::IpNet> {
+    const SHAPE: Shape = Shape::List;
+    fn from_args(values: &[String]) -> Result<Self, String> {
+        values
+            .iter()
+            .filter(|v| !v.is_empty())
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("`{v}` is not a network in CIDR form (10.0.0.0/8)"))
+            })
+            .collect()
+    }
+    fn show(&self) -> Option<String> {
+        let shown: Vec<String> = self.iter().map(ToString::to_string).collect();
+        (!shown.is_empty()).then(|| shown.join(","))
+    }
+}
+
 /// A choice among names, read the way the config file reads it (serde), so a flag,
 /// the environment and the file accept the same names.
 macro_rules! choice {

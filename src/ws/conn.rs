@@ -26,6 +26,7 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 
 use super::handshake::{self, Endpoint, Parsed, Refusal};
+use super::proxy::{self, Proxied, ProxyProtocol};
 use super::reader::{Event, Flow, Reader};
 use super::session::{Effects, Limits, Session, State};
 use crate::auth::Identity;
@@ -236,7 +237,15 @@ async fn handshake(
 ) -> Option<(handshake::Upgrade, Admitted, Vec<u8>)> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
+    let mut peer = stream.peer_addr().ok().map(|a| a.ip());
+    // With the PROXY protocol its header comes first, and only from a trusted balancer;
+    // `proxy` is set back to `Off` once the header is read.
+    let mut proxy = cfg.proxy_protocol;
+    if proxy != ProxyProtocol::Off
+        && !peer.is_some_and(|p| cfg.proxy_trusted.iter().any(|net| net.contains(&p)))
+    {
+        return refuse(shard, stream, Refusal::ProxyUntrusted).await;
+    }
     let mut buf = Vec::new();
     // The request usually arrives with the connection: read first, wait only if empty.
     let mut wait = false;
@@ -247,7 +256,12 @@ async fn handshake(
         wait = true;
         {
             let mut scratch = shard.scratch.borrow_mut();
-            let room = (cfg.max_header_bytes + 1)
+            let header_room = if proxy == ProxyProtocol::Off {
+                0
+            } else {
+                proxy::MAX_HEADER
+            };
+            let room = (cfg.max_header_bytes + 1 + header_room)
                 .saturating_sub(buf.len())
                 .clamp(1, scratch.len());
             match sys::recv_nonblocking(fd, &mut scratch[..room]) {
@@ -257,6 +271,20 @@ async fn handshake(
                     continue
                 }
                 Err(_) => return None,
+            }
+        }
+        if proxy != ProxyProtocol::Off {
+            match proxy::parse(&buf, proxy) {
+                Proxied::Partial => continue,
+                Proxied::Bad => return refuse(shard, stream, Refusal::ProxyHeader).await,
+                Proxied::Header { len, client } => {
+                    buf.drain(..len);
+                    peer = client.or(peer);
+                    proxy = ProxyProtocol::Off;
+                    if buf.is_empty() {
+                        continue;
+                    }
+                }
             }
         }
         let refusal =
@@ -276,10 +304,15 @@ async fn handshake(
                 },
                 Err(r) => r,
             };
-        shard.metrics.refused(refusal).inc();
-        let _ = stream.write_all(refusal.response()).await;
-        return None;
+        return refuse(shard, stream, refusal).await;
     }
+}
+
+/// Answers a refused upgrade with its HTTP status and reason, and counts it.
+async fn refuse<T>(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<T> {
+    shard.metrics.refused(refusal).inc();
+    let _ = stream.write_all(refusal.response()).await;
+    None
 }
 
 /// An established connection's own state, kept in its handle and run by the shard's

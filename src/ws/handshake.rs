@@ -12,6 +12,8 @@
 //! | 401 | a missing, forged or expired token (decided by `auth`, answered here) |
 //! | 403 | an `Origin` not in `allowed_origins` (when that list is set) |
 //! | 503 | the node holds `max_connections` already (with `Retry-After`) |
+//! | 403 | PROXY protocol on, and the peer is not in `proxy_trusted` |
+//! | 400 | PROXY protocol on, and the header is missing or malformed |
 //! | 429 | the client's address or user holds `max_connections_per_ip` / `_per_user` (with `Retry-After`) |
 //!
 //! A client token is taken from, in this order: `Authorization: Bearer <token>`, a
@@ -94,11 +96,15 @@ pub enum Refusal {
     PerIp,
     #[error("too many connections of this user (max_connections_per_user)")]
     PerUser,
+    #[error("connections must come through a trusted load balancer (proxy_trusted)")]
+    ProxyUntrusted,
+    #[error("missing or malformed PROXY protocol header")]
+    ProxyHeader,
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -114,6 +120,8 @@ impl Refusal {
         Self::Full,
         Self::PerIp,
         Self::PerUser,
+        Self::ProxyUntrusted,
+        Self::ProxyHeader,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -123,7 +131,7 @@ impl Refusal {
             Self::NotUpgrade | Self::WsVersion => (426, "Upgrade Required"),
             Self::HeadersTooLarge => (431, "Request Header Fields Too Large"),
             Self::Unauthorized(_) => (401, "Unauthorized"),
-            Self::Origin => (403, "Forbidden"),
+            Self::Origin | Self::ProxyUntrusted => (403, "Forbidden"),
             Self::Full => (503, "Service Unavailable"),
             Self::PerIp | Self::PerUser => (429, "Too Many Requests"),
             _ => (400, "Bad Request"),
@@ -148,6 +156,8 @@ impl Refusal {
             Self::Full => "max_connections",
             Self::PerIp => "max_connections_per_ip",
             Self::PerUser => "max_connections_per_user",
+            Self::ProxyUntrusted => "proxy_untrusted",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod conn;
 pub mod frame;
 pub mod handshake;
+pub mod proxy;
 pub mod reactor;
 pub mod reader;
 pub mod session;

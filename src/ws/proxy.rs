@@ -39,7 +39,12 @@ pub enum Proxied {
 /// Parses the header at the start of `buf`.
 pub fn parse(buf: &[u8], version: ProxyProtocol) -> Proxied {
     let proxied = match version {
-        ProxyProtocol::Off => return Proxied::Header { len: 0, client: None },
+        ProxyProtocol::Off => {
+            return Proxied::Header {
+                len: 0,
+                client: None,
+            }
+        }
         ProxyProtocol::V1 => match ppp::v1::Header::try_from(buf) {
             Ok(h) => Proxied::Header {
                 len: h.header.len(),
@@ -49,7 +54,9 @@ pub fn parse(buf: &[u8], version: ProxyProtocol) -> Proxied {
                     ppp::v1::Addresses::Unknown => None,
                 },
             },
-            Err(e) if e.is_incomplete() => Proxied::Partial,
+            // `ppp` calls a line with parts missing incomplete even when its end has
+            // come; with the line ended, no more bytes can mend it.
+            Err(e) if e.is_incomplete() && !buf.contains(&b'\n') => Proxied::Partial,
             Err(_) => Proxied::Bad,
         },
         ProxyProtocol::V2 => match ppp::v2::Header::try_from(buf) {
@@ -103,10 +110,19 @@ mod tests {
         assert_eq!(parse(&line[..20], ProxyProtocol::V1), Proxied::Partial);
         assert_eq!(
             parse(b"PROXY UNKNOWN\r\n", ProxyProtocol::V1),
-            Proxied::Header { len: 15, client: None }
+            Proxied::Header {
+                len: 15,
+                client: None
+            }
         );
-        assert_eq!(parse(b"GET /ws HTTP/1.1\r\n", ProxyProtocol::V1), Proxied::Bad);
-        assert_eq!(parse(b"PROXY TCP4 1.2.3\r\n", ProxyProtocol::V1), Proxied::Bad);
+        assert_eq!(
+            parse(b"GET /ws HTTP/1.1\r\n", ProxyProtocol::V1),
+            Proxied::Bad
+        );
+        assert_eq!(
+            parse(b"PROXY TCP4 1.2.3\r\n", ProxyProtocol::V1),
+            Proxied::Bad
+        );
     }
 
     #[test]
@@ -126,14 +142,23 @@ mod tests {
         let local = v2(0, 0x00, &[]);
         assert_eq!(
             parse(&local, ProxyProtocol::V2),
-            Proxied::Header { len: 16, client: None }
+            Proxied::Header {
+                len: 16,
+                client: None
+            }
         );
         // A v1 header where v2 is expected, and plain HTTP, are refused.
         assert_eq!(
-            parse(b"PROXY TCP4 203.0.113.7 10.0.0.1 55555 443\r\n", ProxyProtocol::V2),
+            parse(
+                b"PROXY TCP4 203.0.113.7 10.0.0.1 55555 443\r\n",
+                ProxyProtocol::V2
+            ),
             Proxied::Bad
         );
-        assert_eq!(parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n", ProxyProtocol::V2), Proxied::Bad);
+        assert_eq!(
+            parse(b"GET /ws HTTP/1.1\r\nHost: x\r\n", ProxyProtocol::V2),
+            Proxied::Bad
+        );
     }
 
     #[test]

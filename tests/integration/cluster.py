@@ -118,7 +118,7 @@ class HAProxy:
     """HAProxy in TCP mode, round robin over `backends` (host:port), with retries and
     redispatch so a client that reconnects after a node goes away lands on a live one."""
 
-    def __init__(self, backends: list[str]):
+    def __init__(self, backends: list[str], server_opts: str = ""):
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="ringway-haproxy-")
         lines = [
@@ -137,7 +137,7 @@ class HAProxy:
             "backend nodes",
             "  balance roundrobin",
         ]
-        lines += [f"  server n{i} {b} check inter 500ms fall 1 rise 1"
+        lines += [f"  server n{i} {b} check inter 500ms fall 1 rise 1 {server_opts}".rstrip()
                   for i, b in enumerate(backends, 1)]
         self.config = Path(self.dir) / "haproxy.cfg"
         self.config.write_text("\n".join(lines) + "\n")

@@ -79,8 +79,8 @@ def haproxy():
     """Factory: `lb = haproxy(["127.0.0.1:p1", ...])`; stopped after the test."""
     started: list[HAProxy] = []
 
-    def make(backends: list[str]) -> HAProxy:
-        lb = HAProxy(backends)
+    def make(backends: list[str], server_opts: str = "") -> HAProxy:
+        lb = HAProxy(backends, server_opts)
         started.append(lb)
         return lb.start()
 
