@@ -325,7 +325,23 @@ fn reload(args: &ServeArgs, node: &crate::shard::Node, set_log: &SetLogFilter) {
         }
     };
     let old = node.config();
-    let (merged, r) = old.reloaded(&new);
+    let (mut merged, mut r) = old.reloaded(&new);
+    // The token keys are read again on every reload: a PEM file may have changed in
+    // place. If they cannot be, the running keys and their options stay.
+    match crate::auth::Authenticator::from_config(&merged) {
+        Ok(auth) => node.replace_auth(Arc::new(auth)),
+        Err(e) => {
+            tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the running ones stay");
+            merged.jwt_secret.clone_from(&old.jwt_secret);
+            merged.jwt_key.clone_from(&old.jwt_key);
+            merged.jwt_audience.clone_from(&old.jwt_audience);
+            merged.jwt_issuer.clone_from(&old.jwt_issuer);
+            merged.jwt_leeway_secs = old.jwt_leeway_secs;
+            merged.allow_anonymous = old.allow_anonymous;
+            r.changed
+                .retain(|o| !o.starts_with("jwt_") && *o != "allow_anonymous");
+        }
+    }
     if merged.log != old.log {
         if std::env::var_os("RUST_LOG").is_some() {
             tracing::warn!("SIGHUP: RUST_LOG is set and wins over `log`; log filter unchanged");

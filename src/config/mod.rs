@@ -170,19 +170,19 @@ table::options! {
     redis: Option<String> = None;
     /// HS256 secret for client JWTs. Prefer `RINGWAY_JWT_SECRET` to a flag (a flag shows
     /// in `ps`).
-    jwt_secret: Option<String> = None, secret;
+    jwt_secret: Option<String> = None, live, secret;
     /// PEM public key file for client JWTs: RSA (RS256), Ed25519 (EdDSA) or P-256 (ES256).
-    jwt_key: Option<std::path::PathBuf> = None;
+    jwt_key: Option<std::path::PathBuf> = None, live;
     /// Required `aud` of client tokens (unset: `aud` is not checked).
-    jwt_audience: Option<String> = None;
+    jwt_audience: Option<String> = None, live;
     /// Required `iss` of client tokens (unset: `iss` is not checked).
-    jwt_issuer: Option<String> = None;
+    jwt_issuer: Option<String> = None, live;
     /// Seconds a token is still accepted after its `exp` (and before its `nbf`), for
     /// clocks that differ; a connection is closed (4001) this long after its `exp`.
-    jwt_leeway_secs: u64 = 60;
+    jwt_leeway_secs: u64 = 60, live;
     /// With a JWT key configured, let clients without a token connect as anonymous
     /// (they can subscribe but receive no direct messages). A bad token is always refused.
-    allow_anonymous: bool = false;
+    allow_anonymous: bool = false, live;
     /// Lifetime of a presence entry in Redis, in seconds; refreshed every third of it,
     /// so a crashed node's users expire within this time.
     presence_ttl_secs: u64 = 30;

@@ -882,13 +882,14 @@ impl Shard {
         let Some(user) = &conn.user else {
             return refused("this connection has no token to refresh (anonymous)");
         };
-        match self.node.auth.identify(Some(token)) {
+        let auth = self.node.auth();
+        match auth.identify(Some(token)) {
             Ok(Identity::User {
                 user: new,
                 grants,
                 exp,
             }) if *new == **user => {
-                let at = exp.saturating_add(self.node.auth.leeway());
+                let at = exp.saturating_add(auth.leeway());
                 self.expiries.borrow_mut().set(key, at);
                 conn.grants
                     .set((!grants.is_empty()).then(|| Box::new(grants)));

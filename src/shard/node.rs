@@ -153,7 +153,7 @@ pub struct Node {
     /// Admin API publishes and sends that waited for room in a full shard inbox.
     pub publish_waits: Counter,
     /// Verifies client tokens.
-    pub auth: Authenticator,
+    auth: Mutex<Arc<Authenticator>>,
     /// Whether shards are joined to other nodes through Redis.
     pub backplane: bool,
     /// Which shards hold which users, for direct messages without a backplane.
@@ -284,6 +284,23 @@ impl Node {
     /// A connection closed (or an upgrade that held room did not become one).
     pub fn release_connection(&self) {
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The token verifier in force (a reload may replace it).
+    pub fn auth(&self) -> Arc<Authenticator> {
+        self.auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a new token verifier in force (a reload that read the keys again):
+    /// upgrades and refreshes from now on use it; open connections keep running.
+    pub fn replace_auth(&self, auth: Arc<Authenticator>) {
+        *self
+            .auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = auth;
     }
 
     /// Increases whenever the configuration is replaced.
@@ -428,7 +445,7 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         published: Counter::default(),
         open_connections: AtomicUsize::new(0),
         publish_waits: Counter::default(),
-        auth: Authenticator::from_config(&cfg)?,
+        auth: Mutex::new(Arc::new(Authenticator::from_config(&cfg)?)),
         backplane: cfg.redis.is_some(),
         directory: Directory::default(),
         per_ip: Default::default(),

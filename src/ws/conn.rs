@@ -203,7 +203,8 @@ fn admit(
         }
         node.release_connection();
     };
-    let admitted = match node.auth.identify(token) {
+    let auth = node.auth();
+    let admitted = match auth.identify(token) {
         Ok(Identity::User { user, grants, exp }) => {
             if !node.per_user.try_add(&*user, cfg.max_connections_per_user) {
                 give_back();
@@ -213,7 +214,7 @@ fn admit(
                 user: Some(Rc::from(&*user)),
                 grants: (!grants.is_empty()).then(|| Box::new(grants)),
                 ip,
-                expires: Some(exp.saturating_add(node.auth.leeway())),
+                expires: Some(exp.saturating_add(auth.leeway())),
             }
         }
         Ok(Identity::Anonymous) => Admitted {

@@ -6,7 +6,11 @@ expired") at `exp` plus the leeway, unless the client first sends
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+
+import pytest
+from websockets.exceptions import InvalidStatus
 
 from cluster import SECRET, auth_headers, token
 from harness import Client, arun, wait_until
@@ -77,5 +81,34 @@ def test_a_bad_refresh_is_refused_and_the_old_time_still_runs(gateway):
         async with Client(gw) as anon:
             reply = await anon.request({"op": "refresh", "token": token("alice")})
             assert reply["code"] == "bad_token" and "anonymous" in reply["message"], reply
+
+    arun(body())
+
+
+def test_sighup_rotates_the_secret_without_dropping_connections(gateway, tmp_path):
+    path = tmp_path / "ringway.toml"
+    path.write_text(f'jwt_secret = "{SECRET}"\n')
+    gw = gateway(config=str(path))
+    new_secret = "rotated-secret-0123456789abcdef-0123"
+
+    async def body():
+        async with Client(gw, additional_headers=auth_headers(token("alice"))) as alice:
+            await alice.subscribe("t")
+            path.write_text(f'jwt_secret = "{new_secret}"\n')
+            gw.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "configuration reloaded" in gw.stderr(), 5, what="the reload")
+            assert "jwt_secret" in gw.stderr()
+            # New upgrades need the new key; the old one is refused.
+            async with Client(gw, additional_headers=auth_headers(token("bob", secret=new_secret))):
+                pass
+            with pytest.raises(InvalidStatus) as refused:
+                async with Client(gw, additional_headers=auth_headers(token("carol"))):
+                    pass
+            assert refused.value.response.status_code == 401
+            # The open connection carries on, and refreshes with the new key.
+            reply = await alice.request({"op": "refresh", "token": token("alice", secret=new_secret)})
+            assert reply["type"] == "refreshed", reply
+            gw.publish("t", 5)
+            assert (await alice.recv())["data"] == 5
 
     arun(body())
