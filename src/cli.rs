@@ -326,6 +326,13 @@ fn reload(args: &ServeArgs, node: &crate::shard::Node, set_log: &SetLogFilter) {
     };
     let old = node.config();
     let (mut merged, mut r) = old.reloaded(&new);
+    // What goes in force mixes new values with old ones that need a restart: check the
+    // mix too (a new file without `admin_token` is valid for a loopback `admin`, but
+    // not for the public address still in force).
+    if let Err(e) = merged.validate() {
+        tracing::error!(error = %e, "SIGHUP: configuration not reloaded (with the options that need a restart kept), the running one stays");
+        return;
+    }
     // The token keys are read again on every reload: a PEM file may have changed in
     // place. If they cannot be, the running keys and their options stay.
     match crate::auth::Authenticator::from_config(&merged) {

@@ -125,7 +125,7 @@ impl Bucket {
             self.tokens -= 1.0;
             return Admit::Yes;
         }
-        self.strikes += 1;
+        self.strikes = self.strikes.saturating_add(1);
         if rate.strikes > 0 && self.strikes >= rate.strikes {
             Admit::Strikeout
         } else {

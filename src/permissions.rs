@@ -3,7 +3,9 @@
 //! (`topics`, `publish`: exact names or `prefix*`). A grant always allows; without one
 //! the topic's namespace decides. Topics in no namespace follow the default namespace,
 //! which lets anyone subscribe and takes `client_publish` from the top-level option,
-//! as ringway did before namespaces; a namespace with `prefix = ""` replaces it.
+//! as ringway did before namespaces; a namespace with `prefix = ""` replaces it. A
+//! declared namespace is closed unless it says otherwise: no anonymous subscribers and
+//! no client publishing without a grant.
 
 use serde::Deserialize;
 
@@ -21,13 +23,18 @@ pub struct Namespace {
     /// makes the namespace grant-only.
     #[serde(default = "yes")]
     pub users: bool,
-    /// Any client may publish without a grant; unset: the top-level `client_publish`.
-    #[serde(default)]
+    /// Any client may publish without a grant (default false). `None` only in the
+    /// built-in default namespace, which follows the top-level `client_publish`.
+    #[serde(default = "no")]
     pub client_publish: Option<bool>,
 }
 
 fn yes() -> bool {
     true
+}
+
+fn no() -> Option<bool> {
+    Some(false)
 }
 
 /// The namespace that applies when none matches and no `prefix = ""` is declared.
@@ -270,7 +277,7 @@ mod tests {
             "[[namespace]]\nprefix = \"chat:\"\n[[namespace]]\nprefix = \"\"\nanonymous = true\nclient_publish = true\n",
         )
         .unwrap();
-        assert_eq!(f.namespace[0], ns("chat:", false, true, None));
+        assert_eq!(f.namespace[0], ns("chat:", false, true, Some(false)));
         assert_eq!(f.namespace[1], ns("", true, true, Some(true)));
         assert!(toml::from_str::<File>("[[namespace]]\nprefx = \"a\"\n").is_err());
     }

@@ -439,6 +439,30 @@ mod tests {
         );
     }
 
+    /// The example file shipped for systemd is valid as it is, and with every
+    /// commented-out option in it switched on.
+    #[test]
+    fn the_systemd_example_file_is_valid_with_every_example_on() {
+        let text = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/ringway.toml"));
+        let shipped: Config = toml::from_str(text).unwrap();
+        shipped.validate().unwrap();
+        fn example(l: &str) -> Option<&str> {
+            let rest = l.strip_prefix("# ")?;
+            let key = rest.split([' ', '=']).next()?;
+            let is_key = !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+            (rest.starts_with("[[") || (is_key && rest.contains(" = "))).then_some(rest)
+        }
+        let all_on: String = text
+            .lines()
+            .map(|l| example(l).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let on: Config = toml::from_str(&all_on).unwrap_or_else(|e| panic!("{e}\n{all_on}"));
+        on.validate().unwrap();
+        assert_eq!(on.namespace.len(), 2, "{all_on}");
+        assert!(on.max_connections_per_ip > 0 && on.redis.is_some());
+    }
+
     #[test]
     fn options_have_distinct_flags_and_a_doc() {
         let mut flags: Vec<String> = OPTIONS.iter().map(OptionInfo::flag).collect();

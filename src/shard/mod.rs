@@ -891,6 +891,7 @@ impl Shard {
             }) if *new == **user => {
                 let at = exp.saturating_add(auth.leeway());
                 self.expiries.borrow_mut().set(key, at);
+                conn.withdraw_close(ShardClose::TokenExpired);
                 conn.grants
                     .set((!grants.is_empty()).then(|| Box::new(grants)));
                 self.reply(conn, protocol::refreshed(exp, reference));

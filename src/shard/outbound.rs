@@ -650,6 +650,14 @@ impl ConnHandle {
         }
     }
 
+    /// Withdraws the close the shard asked for with `req`, if the connection has not
+    /// started it yet (a `refresh` handled in the same turn as its token's expiry).
+    pub fn withdraw_close(&self, req: ShardClose) {
+        if self.close.get() == Some(req) {
+            self.close.set(None);
+        }
+    }
+
     fn close_pending(&self) -> bool {
         let c = self.close.get();
         c.is_some()

@@ -158,10 +158,10 @@ fn join_granted(shard: &Shard, key: ConnKey, handle: &Rc<ConnHandle>) {
     handle.grants.set(held);
     let max_topic = shard.cfg().max_topic_bytes;
     for topic in topics.iter() {
-        let refused = if topic.len() > max_topic {
+        let refused = if protocol::validate_topic(topic, max_topic).is_err() {
             Some((
                 ErrorCode::BadTopic,
-                "a topic of the token's `subscribe` claim is too long",
+                "a topic of the token's `subscribe` claim is not a valid topic name",
             ))
         } else if shard.subscribe(key, handle, topic, None, None).is_err() {
             Some((
@@ -238,7 +238,9 @@ async fn handshake(
 ) -> Option<(handshake::Upgrade, Admitted, Vec<u8>)> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
-    let mut peer = stream.peer_addr().ok().map(|a| a.ip());
+    // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`: counted and
+    // matched against `proxy_trusted` as the IPv4 address it is.
+    let mut peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
     // With the PROXY protocol its header comes first, and only from a trusted balancer;
     // `proxy` is set back to `Off` once the header is read.
     let mut proxy = cfg.proxy_protocol;
@@ -280,7 +282,7 @@ async fn handshake(
                 Proxied::Bad => return refuse(shard, stream, Refusal::ProxyHeader).await,
                 Proxied::Header { len, client } => {
                     buf.drain(..len);
-                    peer = client.or(peer);
+                    peer = client.map(|c| c.to_canonical()).or(peer);
                     proxy = ProxyProtocol::Off;
                     if buf.is_empty() {
                         continue;
