@@ -127,8 +127,10 @@ impl Reader {
                     return Err(ReadError::Protocol("control frame too long"));
                 }
             } else {
+                // A 64-bit length near u64::MAX (its top bit must be 0, RFC 6455 §5.2)
+                // must not wrap the sum: found by the `frames` fuzz target.
                 let already = self.partial.as_ref().map_or(0, |p| p.data.len() as u64);
-                if already + h.payload_len > max_message as u64 {
+                if already.saturating_add(h.payload_len) > max_message as u64 {
                     return Err(ReadError::TooBig);
                 }
             }
@@ -321,6 +323,20 @@ mod tests {
         let (res, _) = run(&mut Reader::default(), &f[..20], 1000);
         assert_eq!(res.unwrap_err(), ReadError::TooBig);
         assert_eq!(ReadError::TooBig.close_code(), 1009);
+    }
+
+    /// Regression (fuzz target `frames`): a continuation whose 64-bit length would wrap
+    /// the running size of a fragmented message, which panicked (an overflow in debug
+    /// builds, an inverted slice in release).
+    #[test]
+    fn a_continuation_length_near_u64_max_is_too_big_not_a_panic() {
+        let mut bytes = client_frame(OpCode::Text, false, b"abc", MASK).to_vec();
+        bytes.extend([0x80, 0x80 | 127]);
+        bytes.extend((u64::MAX - 1).to_be_bytes());
+        bytes.extend(MASK);
+        bytes.extend([0u8; 8]);
+        let (res, _) = run(&mut Reader::default(), &bytes, 1 << 16);
+        assert_eq!(res.unwrap_err(), ReadError::TooBig);
     }
 
     #[test]

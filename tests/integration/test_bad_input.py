@@ -296,6 +296,13 @@ def test_fragments_over_limit_close_1009(gw):
     raw_bad(gw, encode_frame(0x1, half, fin=False) + encode_frame(0x0, half, fin=True), 1009)
 
 
+def test_a_continuation_length_that_would_wrap_the_message_size_closes_1009(gw):
+    # Found by the `frames` fuzz target: a fragment, then a continuation declaring
+    # 2^64 - 2 bytes, wrapped the message's running size and brought the shard down.
+    head = bytes([0x80, 0x80 | 127]) + struct.pack("!Q", (1 << 64) - 2) + b"\x01\x02\x03\x04"
+    raw_bad(gw, encode_frame(0x1, b'{"op":', fin=False) + head + b"\0" * 8, 1009)
+
+
 def test_huge_declared_length_closes_1009(gw):
     head = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"\x01\x02\x03\x04"
     raw_bad(gw, head + b"abc", 1009)
