@@ -3,8 +3,8 @@
 # Installs what the tests need (redis-server and haproxy from Debian's packages, a Python
 # venv with pinned test clients; Autobahn's runner installs itself), then runs, in order: format and lint checks, unit tests,
 # integration tests against the real binary with an independent client (Python
-# `websockets`), the Autobahn|Testsuite conformance run, and the load generator's
-# small correctness scenarios.
+# `websockets`), the Autobahn|Testsuite conformance run, the load generator's small
+# correctness scenarios, and every fuzz target for a bounded time (tests/fuzz.sh).
 #
 # It runs from a fresh copy of the project's files (what git tracks, plus new files it does
 # not ignore) in an empty temporary folder, so a test that leans on anything beside the
@@ -12,7 +12,7 @@
 # checkout are reused to save time (RINGWAY_TEST_IN_PLACE=1 skips the copy).
 #
 #   bash tests/run.sh            # everything
-#   SKIP_AUTOBAHN=1 bash tests/run.sh
+#   SKIP_AUTOBAHN=1 SKIP_FUZZ=1 bash tests/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -90,4 +90,9 @@ RINGWAY_TEST_DRIVER=epoll "$VENV/bin/python" -m pytest tests/integration -q -p n
 if [ "${SKIP_AUTOBAHN:-0}" != 1 ]; then
   step "Autobahn|Testsuite against /echo"
   bash tests/autobahn.sh
+fi
+
+if [ "${SKIP_FUZZ:-0}" != 1 ]; then
+  step "fuzzing: every target for ${FUZZ_SECS:-45} s from its checked-in corpus (nightly, cargo-fuzz)"
+  bash tests/fuzz.sh
 fi
