@@ -60,6 +60,11 @@ impl Grants {
     pub fn is_empty(&self) -> bool {
         self.topics.is_none() && self.publish.is_none() && self.subscribe.is_none()
     }
+
+    /// As a connection keeps them: boxed, and nothing when they grant nothing.
+    pub fn kept(self) -> Option<Box<Self>> {
+        (!self.is_empty()).then(|| Box::new(self))
+    }
 }
 
 /// Whether grant `pattern` (an exact topic, or `prefix*`) covers `topic`.

@@ -50,7 +50,6 @@ use serde_json::value::RawValue;
 /// Size of the per-shard read buffer every connection reads into.
 pub const SCRATCH_BYTES: usize = 64 * 1024;
 
-/// One shard's state. Lives in an `Rc` on its own thread.
 /// Who an upgrade admitted, and what it holds against the node's caps (given back by
 /// `Shard::unregister`).
 #[derive(Debug, Default)]
@@ -67,6 +66,7 @@ pub struct Admitted {
     pub expires: Option<u64>,
 }
 
+/// One shard's state. Lives in an `Rc` on its own thread.
 pub struct Shard {
     pub index: usize,
     /// This shard's copy of the configuration in force (see `cfg()`).
@@ -892,8 +892,7 @@ impl Shard {
                 let at = exp.saturating_add(auth.leeway());
                 self.expiries.borrow_mut().set(key, at);
                 conn.withdraw_close(ShardClose::TokenExpired);
-                conn.grants
-                    .set((!grants.is_empty()).then(|| Box::new(grants)));
+                conn.grants.set(grants.kept());
                 self.reply(conn, protocol::refreshed(exp, reference));
             }
             Ok(_) => refused("the token is for another user"),

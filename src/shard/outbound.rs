@@ -650,6 +650,14 @@ impl ConnHandle {
         }
     }
 
+    /// Runs `f` on the grants of the client's token (out of their cell meanwhile).
+    pub fn with_grants<R>(&self, f: impl FnOnce(Option<&crate::permissions::Grants>) -> R) -> R {
+        let held = self.grants.take();
+        let r = f(held.as_deref());
+        self.grants.set(held);
+        r
+    }
+
     /// Withdraws the close the shard asked for with `req`, if the connection has not
     /// started it yet (a `refresh` handled in the same turn as its token's expiry).
     pub fn withdraw_close(&self, req: ShardClose) {

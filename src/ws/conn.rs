@@ -150,12 +150,9 @@ impl Drop for Pending<'_> {
 
 /// Joins the topics of the token's `subscribe` claim, as if the client had asked.
 fn join_granted(shard: &Shard, key: ConnKey, handle: &Rc<ConnHandle>) {
-    let held = handle.grants.take();
-    let topics = held
-        .as_ref()
-        .and_then(|g| g.subscribe.clone())
+    let topics = handle
+        .with_grants(|g| g.and_then(|g| g.subscribe.clone()))
         .unwrap_or_default();
-    handle.grants.set(held);
     let max_topic = shard.cfg().max_topic_bytes;
     for topic in topics.iter() {
         let refused = if protocol::validate_topic(topic, max_topic).is_err() {
@@ -212,7 +209,7 @@ fn admit(
             }
             Admitted {
                 user: Some(Rc::from(&*user)),
-                grants: (!grants.is_empty()).then(|| Box::new(grants)),
+                grants: grants.kept(),
                 ip,
                 expires: Some(exp.saturating_add(auth.leeway())),
             }
@@ -387,16 +384,14 @@ impl Effects for Io<'_> {
             namespaces: &cfg.namespace,
             client_publish: cfg.client_publish,
         };
-        // Out of its cell while it is read; put back below.
-        let held = self.handle.grants.take();
-        let grants = held.as_deref();
-        let answer = if publish {
-            rules.publish(grants, topic)
-        } else {
-            rules.subscribe(self.handle.user.is_some(), grants, topic)
-        };
-        self.handle.grants.set(held);
-        answer
+        let identified = self.handle.user.is_some();
+        self.handle.with_grants(|grants| {
+            if publish {
+                rules.publish(grants, topic)
+            } else {
+                rules.subscribe(identified, grants, topic)
+            }
+        })
     }
     fn publish(&mut self, topic: &str, data: &RawValue, reference: Option<&RawValue>) {
         self.shard.publish(self.handle, topic, data, reference);
