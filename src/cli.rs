@@ -349,6 +349,19 @@ fn reload(args: &ServeArgs, node: &crate::shard::Node, set_log: &SetLogFilter) {
                 .retain(|o| !o.starts_with("jwt_") && *o != "allow_anonymous");
         }
     }
+    // The certificate and key are read again too: renewed in place, they serve new
+    // connections from now on.
+    if let (Some(cert), Some(key)) = (&merged.tls_cert, &merged.tls_key) {
+        match crate::tls::server_config(cert, key) {
+            Ok(tls) => {
+                node.replace_tls(tls);
+                r.changed.push("tls_cert");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: certificate not reloaded; the running one stays")
+            }
+        }
+    }
     if merged.log != old.log {
         if std::env::var_os("RUST_LOG").is_some() {
             tracing::warn!("SIGHUP: RUST_LOG is set and wins over `log`; log filter unchanged");
@@ -404,7 +417,12 @@ fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("ringway: {e}");
-            return ExitCode::from(1);
+            // A key or certificate that cannot be used is a configuration error.
+            let config = matches!(
+                e,
+                crate::shard::StartError::Auth(_) | crate::shard::StartError::Tls(_)
+            );
+            return ExitCode::from(if config { 64 } else { 1 });
         }
     };
     let node = running.node.clone();

@@ -5,8 +5,8 @@
 //! Rooms: `cli` (commands), `config`, `shard` (threads, runtime, node), `ws` (upgrade,
 //! frames, connection task), `protocol` (wire protocol v1), `registry` (topic table),
 //! `broker` (in-process fan-out across shards), `admin` (HTTP API, metrics), `metrics`
-//! (per-shard counters), `notify` (systemd), `doctor` (host checks), `sys` (the only
-//! `unsafe`).
+//! (per-shard counters), `notify` (systemd), `doctor` (host checks), `tls` (`wss://`), `sys` (the
+//! only `unsafe`).
 
 pub mod admin;
 pub mod auth;
@@ -24,4 +24,5 @@ pub mod protocol;
 pub mod registry;
 pub mod shard;
 pub mod sys;
+pub mod tls;
 pub mod ws;

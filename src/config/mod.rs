@@ -67,6 +67,12 @@ table::options! {
     /// `https://app.example.com`); others get 403. Empty: any. A request without
     /// `Origin` (not a browser) is let through.
     allowed_origins: Vec<String> = Vec::new() => "any", live;
+    /// PEM certificate chain (leaf first) for `wss://`. With `tls_key`, the client
+    /// listener speaks TLS only; SIGHUP reads both files again (a renewed certificate
+    /// serves new connections, open ones carry on). Turning TLS on or off needs a restart.
+    tls_cert: Option<std::path::PathBuf> = None;
+    /// PEM private key of `tls_cert` (PKCS#8, PKCS#1 or SEC1).
+    tls_key: Option<std::path::PathBuf> = None;
     /// PROXY protocol on the client listener: `off`, `v1` or `v2` (HAProxy
     /// `send-proxy-v2`). When on, every connection must start with the header, from an
     /// address in `proxy_trusted`; the client address it names is the one the per-IP
@@ -347,6 +353,16 @@ impl Config {
             return bad(
                 "proxy_trusted",
                 "list the load balancers' networks (CIDR) when proxy_protocol is on",
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad(
+                if self.tls_cert.is_some() {
+                    "tls_key"
+                } else {
+                    "tls_cert"
+                },
+                "set tls_cert and tls_key together",
             );
         }
         if self.jwt_leeway_secs > 3600 {

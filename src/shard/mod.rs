@@ -234,6 +234,7 @@ impl Shard {
         let user = self.conns.borrow().get(key).and_then(|c| c.user.clone());
         let user = user.as_ref();
         self.floors.borrow_mut().forget(key);
+        crate::tls::forget(key as u32);
         if let Some(bp) = self.backplane() {
             bp.replays.borrow_mut().forget(key);
             bp.inboxes.borrow_mut().forget(key);

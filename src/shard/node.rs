@@ -154,6 +154,8 @@ pub struct Node {
     pub publish_waits: Counter,
     /// Verifies client tokens.
     auth: Mutex<Arc<Authenticator>>,
+    /// The TLS server configuration in force; `None` when the listener is plain.
+    tls: Mutex<Option<Arc<rustls::ServerConfig>>>,
     /// Whether shards are joined to other nodes through Redis.
     pub backplane: bool,
     /// Which shards hold which users, for direct messages without a backplane.
@@ -303,6 +305,23 @@ impl Node {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = auth;
     }
 
+    /// The TLS configuration for new upgrades; `None` for a plain listener.
+    pub fn tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts certificates read again in force (a reload): new upgrades use them; open
+    /// connections keep their sessions.
+    pub fn replace_tls(&self, tls: Arc<rustls::ServerConfig>) {
+        *self
+            .tls
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tls);
+    }
+
     /// Increases whenever the configuration is replaced.
     pub fn config_epoch(&self) -> u64 {
         self.config_epoch.load(Ordering::Acquire)
@@ -362,6 +381,8 @@ pub enum StartError {
     NoUring,
     #[error("{0}")]
     Auth(#[from] crate::auth::KeyError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("shard {shard} failed to start: {message}")]
     Shard { shard: usize, message: String },
 }
@@ -446,6 +467,10 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
         open_connections: AtomicUsize::new(0),
         publish_waits: Counter::default(),
         auth: Mutex::new(Arc::new(Authenticator::from_config(&cfg)?)),
+        tls: Mutex::new(match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+            _ => None,
+        }),
         backplane: cfg.redis.is_some(),
         directory: Directory::default(),
         per_ip: Default::default(),

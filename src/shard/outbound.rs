@@ -33,7 +33,6 @@ use bytes::Bytes;
 
 use super::topic_log::TopicLog;
 use crate::metrics::{CloseReason, ShardMetrics};
-use crate::sys;
 
 pub use crate::close::{CloseRequest, ShardClose};
 
@@ -261,7 +260,7 @@ impl ConnHandle {
             self.enqueue(frame);
             return Push::Queued;
         }
-        match sys::send_nonblocking(fd, &frame) {
+        match crate::tls::send(self.key.get(), fd, &frame) {
             Ok(n) if n == frame.len() => {
                 m.frames_out.inc();
                 m.bytes_out.add(n as u64);
@@ -277,7 +276,16 @@ impl ConnHandle {
             }
             Err(_) => self.abort(CloseReason::IoError),
         }
+        self.blocked_if_held();
         Push::Queued
+    }
+
+    /// Through TLS, records the socket did not take wait in the session: the
+    /// connection is blocked until the socket has room, like one with a queue.
+    pub fn blocked_if_held(&self) {
+        if self.writing_since.get() == 0 && crate::tls::holds(self.key.get()) {
+            self.writing_since.set(CLOCK.with(Cell::get).max(1));
+        }
     }
 
     /// Appends a frame; the first one owed by an idle connection puts it on the tick's
@@ -488,6 +496,19 @@ impl ConnHandle {
         if fd < 0 || self.abort.get().is_some() {
             return false;
         }
+        let key = self.key.get();
+        // Through TLS, the records of an earlier write go first.
+        match crate::tls::flush(key, fd) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.writing_since.set(CLOCK.with(Cell::get).max(1));
+                return true;
+            }
+            Err(_) => {
+                self.abort(CloseReason::IoError);
+                return true;
+            }
+        }
         let mut wrote = false;
         loop {
             let q = self.queue.borrow();
@@ -525,7 +546,7 @@ impl ConnHandle {
                 self.consume(0, m);
                 break;
             }
-            let sent = sys::send_vectored_nonblocking(fd, &iov[..n]);
+            let sent = crate::tls::send_vectored(key, fd, &iov[..n]);
             wrote = true;
             drop(logs);
             drop(q);
@@ -544,9 +565,11 @@ impl ConnHandle {
                 }
             }
         }
-        if self.queue.borrow().is_empty() {
+        let empty = self.queue.borrow().is_empty();
+        if empty {
             release_queue(&mut self.queue.borrow_mut());
-        } else {
+        }
+        if !empty || crate::tls::holds(key) {
             // The socket is full: the reactor writes the rest when it has room.
             self.writing_since.set(CLOCK.with(Cell::get).max(1));
         }

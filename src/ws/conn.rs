@@ -37,7 +37,7 @@ use crate::protocol::{self, ErrorCode, MessageId, Since};
 use crate::registry::{ConnKey, SubscribeError};
 use crate::shard::outbound::{ConnHandle, ShardClose};
 use crate::shard::{Admitted, Shard, SCRATCH_BYTES};
-use crate::sys;
+use crate::{sys, tls};
 
 /// Upgrades one accepted socket and hands the connection to the shard's reactor. The
 /// caller has counted it in the shard's handshakes in progress; this lowers the count
@@ -64,7 +64,7 @@ async fn upgrade(
         shard: &shard,
     };
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
-    let (upgrade, admitted, leftover) =
+    let (upgrade, admitted, leftover, session) =
         match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
             Ok(u) => u?,
             Err(_) => {
@@ -75,6 +75,9 @@ async fn upgrade(
     let endpoint = upgrade.endpoint;
     let fd = stream.as_raw_fd();
     let (key, handle) = shard.register(fd, admitted);
+    if let Some(session) = session {
+        tls::adopt(handle.key.get(), session);
+    }
     // The 101 response and the welcome frame leave in one send, built in the shard's
     // buffer; what the socket does not take goes through the connection's queue like
     // any other frame.
@@ -96,7 +99,7 @@ async fn upgrade(
         if welcome {
             shard.welcome.write(&mut out, shard.index, handle.id);
         }
-        let sent = match sys::send_nonblocking(fd, &out) {
+        let sent = match tls::send(handle.key.get(), fd, &out) {
             Ok(n) => n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => 0,
             Err(_) => {
@@ -112,6 +115,7 @@ async fn upgrade(
         } else if welcome {
             m.frames_out.inc();
         }
+        handle.blocked_if_held();
     }
     // What waits unacknowledged for this user goes right behind the welcome, then the
     // token's server-side subscriptions are joined, each answered `subscribed`.
@@ -226,13 +230,19 @@ fn admit(
     Ok(admitted)
 }
 
-/// Reads the upgrade request and admits the client; answers a refusal itself.
-/// Returns the upgrade, the client and any bytes pipelined behind the request; `None`
-/// when refused or abandoned.
-async fn handshake(
-    shard: &Shard,
-    stream: &mut TcpStream,
-) -> Option<(handshake::Upgrade, Admitted, Vec<u8>)> {
+/// What a finished upgrade hands on: the request, the client, the bytes pipelined
+/// behind the request, and the TLS session on a `wss://` listener.
+type Upgraded = (
+    handshake::Upgrade,
+    Admitted,
+    Vec<u8>,
+    Option<Box<rustls::ServerConnection>>,
+);
+
+/// Reads the PROXY header, runs the TLS handshake, reads the upgrade request and admits
+/// the client, each when configured; answers a refusal itself. `None` when refused or
+/// abandoned.
+async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
     // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`: counted and
@@ -244,8 +254,11 @@ async fn handshake(
     if proxy != ProxyProtocol::Off
         && !peer.is_some_and(|p| cfg.proxy_trusted.iter().any(|net| net.contains(&p)))
     {
-        return refuse(shard, stream, Refusal::ProxyUntrusted).await;
+        return refuse(shard, stream, None, Refusal::ProxyUntrusted).await;
     }
+    // On a `wss://` listener the TLS handshake starts once the PROXY header is read.
+    let mut tls = shard.node.tls();
+    let mut session: Option<Box<rustls::ServerConnection>> = None;
     let mut buf = Vec::new();
     // The request usually arrives with the connection: read first, wait only if empty.
     let mut wait = false;
@@ -264,7 +277,11 @@ async fn handshake(
             let room = (cfg.max_header_bytes + 1 + header_room)
                 .saturating_sub(buf.len())
                 .clamp(1, scratch.len());
-            match sys::recv_nonblocking(fd, &mut scratch[..room]) {
+            let read = match session.as_deref_mut() {
+                Some(s) => tls::recv_session(s, fd, &mut scratch[..room]),
+                None => sys::recv_nonblocking(fd, &mut scratch[..room]),
+            };
+            match read {
                 Ok(0) => return None,
                 Ok(n) => buf.extend_from_slice(&scratch[..n]),
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
@@ -276,7 +293,7 @@ async fn handshake(
         if proxy != ProxyProtocol::Off {
             match proxy::parse(&buf, proxy) {
                 Proxied::Partial => continue,
-                Proxied::Bad => return refuse(shard, stream, Refusal::ProxyHeader).await,
+                Proxied::Bad => return refuse(shard, stream, None, Refusal::ProxyHeader).await,
                 Proxied::Header { len, client } => {
                     buf.drain(..len);
                     peer = client.map(|c| c.to_canonical()).or(peer);
@@ -285,6 +302,21 @@ async fn handshake(
                         continue;
                     }
                 }
+            }
+        }
+        if let Some(config) = tls.take() {
+            match tls::accept(stream, config, &mut buf).await {
+                Ok(s) => session = Some(s),
+                Err(tls::Failed::PlainHttp) => {
+                    return refuse(shard, stream, None, Refusal::PlainOnTls).await
+                }
+                Err(tls::Failed::Handshake) => {
+                    shard.metrics.refused(Refusal::TlsHandshake).inc();
+                    return None;
+                }
+            }
+            if buf.is_empty() {
+                continue;
             }
         }
         let refusal =
@@ -298,20 +330,31 @@ async fn handshake(
                         } else {
                             Vec::new()
                         };
-                        return Some((u, admitted, leftover));
+                        return Some((u, admitted, leftover, session));
                     }
                     Err(r) => r,
                 },
                 Err(r) => r,
             };
-        return refuse(shard, stream, refusal).await;
+        return refuse(shard, stream, session.as_deref_mut(), refusal).await;
     }
 }
 
-/// Answers a refused upgrade with its HTTP status and reason, and counts it.
-async fn refuse<T>(shard: &Shard, stream: &mut TcpStream, refusal: Refusal) -> Option<T> {
+/// Answers a refused upgrade with its HTTP status and reason (through TLS once it is
+/// up), and counts it.
+async fn refuse<T>(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    session: Option<&mut rustls::ServerConnection>,
+    refusal: Refusal,
+) -> Option<T> {
     shard.metrics.refused(refusal).inc();
-    let _ = stream.write_all(refusal.response()).await;
+    match session {
+        Some(s) => tls::respond(stream, s, &refusal.response()).await,
+        None => {
+            let _ = stream.write_all(refusal.response()).await;
+        }
+    }
     None
 }
 
@@ -422,6 +465,8 @@ impl Conn {
             if let Err(why) = self.read_ready(io) {
                 return Some(why);
             }
+            // Through TLS, a read may leave a record to send (a key update).
+            io.handle.blocked_if_held();
         }
         None
     }
@@ -432,6 +477,7 @@ impl Conn {
             if let Err(why) = self.read_ready(io) {
                 return Some(why);
             }
+            io.handle.blocked_if_held();
         }
         None
     }
@@ -470,7 +516,9 @@ impl Conn {
         }
         if matches!(state, State::Closing { .. }) && !self.write_shut {
             self.write_shut = true;
-            let _ = sys::shutdown_write(self.fd.as_raw_fd());
+            let fd = self.fd.as_raw_fd();
+            tls::close_notify(handle.key.get(), fd);
+            let _ = sys::shutdown_write(fd);
         }
         if state == State::Done {
             return Some(self.session.why().unwrap_or(CloseReason::Client));
@@ -489,10 +537,11 @@ impl Conn {
     fn read_ready(&mut self, io: &mut Io) -> Result<(), CloseReason> {
         let fd = self.fd.as_raw_fd();
         let shard = io.shard;
+        let key = io.handle.key.get();
         let mut scratch = shard.scratch.borrow_mut();
         let mut total = 0;
         loop {
-            match sys::recv_nonblocking(fd, &mut scratch) {
+            match tls::recv(key, fd, &mut scratch) {
                 Ok(0) => return Err(self.session.why().unwrap_or(CloseReason::Client)),
                 Ok(n) => {
                     total += n;

@@ -100,11 +100,16 @@ pub enum Refusal {
     ProxyUntrusted,
     #[error("missing or malformed PROXY protocol header")]
     ProxyHeader,
+    #[error("this port speaks TLS: connect with wss://")]
+    PlainOnTls,
+    /// Counted only: the client hears a TLS alert, not an HTTP response.
+    #[error("TLS handshake failed")]
+    TlsHandshake,
 }
 
 impl Refusal {
     /// All variants, for metric label pre-registration.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 19] = [
         Self::Malformed,
         Self::BadMethod,
         Self::HttpVersion,
@@ -122,6 +127,8 @@ impl Refusal {
         Self::PerUser,
         Self::ProxyUntrusted,
         Self::ProxyHeader,
+        Self::PlainOnTls,
+        Self::TlsHandshake,
     ];
 
     pub fn status(self) -> (u16, &'static str) {
@@ -158,6 +165,8 @@ impl Refusal {
             Self::PerUser => "max_connections_per_user",
             Self::ProxyUntrusted => "proxy_untrusted",
             Self::ProxyHeader => "proxy_header",
+            Self::PlainOnTls => "plain_http_on_tls",
+            Self::TlsHandshake => "tls_handshake",
         }
     }
 

@@ -393,7 +393,9 @@ class Client:
     """A protocol v1 client on the `websockets` library. `welcome` holds the first frame."""
 
     def __init__(self, gw: Gateway, path: str = "/ws", expect_welcome: bool = True, **kw):
-        self.url = f"ws://{HOST}:{gw.port}{path}"
+        # `ssl=<SSLContext>`: the same client over `wss://`.
+        scheme = "wss" if kw.get("ssl") else "ws"
+        self.url = f"{scheme}://{HOST}:{gw.port}{path}"
         self.expect_welcome = expect_welcome
         kw.setdefault("open_timeout", 5)
         kw.setdefault("close_timeout", 3)
@@ -554,12 +556,16 @@ class RawWS:
     """A hand-made WebSocket client over a plain socket, for what real clients never send."""
 
     def __init__(self, port: int, path: str = "/ws", rcvbuf: int | None = None,
-                 timeout: float = 5, handshake: bool = True, after_request: bytes = b""):
+                 timeout: float = 5, handshake: bool = True, after_request: bytes = b"",
+                 ssl: Any = None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
         self.sock.connect((HOST, port))
+        if ssl is not None:
+            # `ssl`: an SSLContext; the same client over TLS (`wss://`).
+            self.sock = ssl.wrap_socket(self.sock, server_hostname=HOST)
         self.buf = b""
         self.path = path
         self.upgraded_at: float | None = None
