@@ -143,3 +143,63 @@ def test_slow_upgrades_cannot_starve_real_clients(gateway):
     finally:
         for s in slow:
             s.close()
+
+
+def test_ten_thousand_slowloris_sockets_leave_real_clients_unaffected(gateway):
+    """10,000 sockets that send half an upgrade request and then nothing, opened as
+    fast as this process can, while real clients keep connecting: each real client
+    upgrades, subscribes and gets its message during the flood and after it. The
+    gateway caps unfinished upgrades at 2 × 1,000 and shuts the oldest, so the flood
+    holds at most that many of its 4,000 descriptors."""
+    import resource
+    import threading
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 12_000
+    assert hard == resource.RLIM_INFINITY or hard >= want, \
+        f"this test opens 10,000 sockets: raise the hard file limit to {want} (it is {hard})"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    gw = gateway(shards=2, nofile=4000, max_pending_handshakes=1000, handshake_timeout_ms=60_000)
+    slow: list[socket.socket] = []
+    flood_error: list[BaseException] = []
+
+    def flood():
+        try:
+            for i in range(10_000):
+                # Spread over source addresses, so ephemeral ports never run short.
+                s = socket.create_connection((HOST, gw.port), timeout=10,
+                                             source_address=(f"127.0.1.{1 + i % 8}", 0))
+                s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+                slow.append(s)
+        except BaseException as e:  # reported by the test, not lost in the thread
+            flood_error.append(e)
+
+    async def real_client(n: int):
+        async with Client(gw, open_timeout=10) as c:
+            await c.subscribe(f"real{n}")
+            gw.publish(f"real{n}", n)
+            assert (await c.recv(timeout=10))["data"] == n
+
+    async def body():
+        flooding = threading.Thread(target=flood)
+        flooding.start()
+        served = 0
+        try:
+            while flooding.is_alive():
+                await real_client(served)
+                served += 1
+        finally:
+            await asyncio.to_thread(flooding.join)
+        assert not flood_error, flood_error
+        assert len(slow) == 10_000
+        await real_client(served)
+        return served
+
+    try:
+        served = arun(body(), timeout=120)
+        assert served >= 1, "the flood ended before a real client was tried"
+        wait_until(lambda: gw.metric("ringway_handshakes_evicted_total") >= 10_000 - 2 * 1000 - 100, 20,
+                   what="the oldest unfinished upgrades dropped")
+    finally:
+        for s in slow:
+            s.close()

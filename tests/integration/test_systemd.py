@@ -6,12 +6,14 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 
 from harness import (REPO, Client, arun, binary, clean_env, free_port, http_request, run_cli,
                      wait_until)
@@ -104,17 +106,29 @@ def test_doctor_fails_on_invalid_configuration():
     assert p.stdout.startswith("FAIL") and "idle_timeout_secs" in p.stdout
 
 
-def test_the_gateway_runs_under_the_units_system_call_filter(redis_server, tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_the_gateway_runs_under_the_units_system_call_filter(redis_server, tmp_path, tls):
     """systemd/ringway.service's SystemCallFilter=, applied with libseccomp outside
     systemd (tests/seccomp/filtered.py): the gateway starts on the driver it would use
     anyway (io_uring where the host allows it), joins Redis by host name (a resolver
-    thread), serves a client and drains on SIGTERM."""
+    thread), serves a client (over TLS too: the key exchange needs randomness) and
+    drains on SIGTERM."""
     port, admin = free_port(), free_port()
     log = tmp_path / "stderr.log"
     wrapper = REPO / "tests" / "seccomp" / "filtered.py"
     cmd = [sys.executable, str(wrapper), str(binary()), "serve", "--listen", f"127.0.0.1:{port}",
            "--admin", f"127.0.0.1:{admin}", "--shards", "2",
            "--redis", f"redis://localhost:{redis_server.port}"]
+    client_kw = {}
+    if tls:
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+        issued.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+        cmd += ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ca.configure_trust(ctx)
+        client_kw["ssl"] = ctx
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
                                 env=clean_env())
@@ -130,7 +144,7 @@ def test_the_gateway_runs_under_the_units_system_call_filter(redis_server, tmp_p
 
         async def body():
             gw = type("Addr", (), {"port": port})
-            async with Client(gw) as c:
+            async with Client(gw, **client_kw) as c:
                 await c.subscribe("filtered")
                 r = http_request(admin, "POST", "/v1/publish", json.dumps({"topic": "filtered", "data": 1}))
                 assert r.status == 200, r.body
