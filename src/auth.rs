@@ -1,8 +1,9 @@
 //! Client identity: verifies the JWT a client presents at the upgrade and yields its
 //! user id (`sub`) and what it grants (`topics`, `publish`, `subscribe`: lists of
-//! topics, `prefix*` allowed in the first two; `crate::permissions` applies them). Keys come from `jwt_secret` (HS256) or `jwt_key` (a PEM public key:
-//! RSA for RS256, Ed25519 for EdDSA, P-256 for ES256). With neither configured every
-//! client is anonymous. `sub` and `exp` are required, `nbf` is checked when present
+//! topics, `prefix*` allowed in the first two; `crate::permissions` applies them). Keys
+//! come from `jwt_secret` (HS256), `jwt_key` (a PEM public key: RSA for RS256, Ed25519
+//! for EdDSA, P-256 for ES256) or `jwt_jwks_url` (a key set by `kid`, `crate::jwks`).
+//! With none configured every client is anonymous. `sub` and `exp` are required, `nbf` is checked when present
 //! (60 s leeway), and `aud` / `iss` when `jwt_audience` / `jwt_issuer` are set.
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::jwks::KeySet;
 use crate::permissions::{check_patterns, Grants};
 
 /// Why a client was refused at the upgrade (HTTP 401, this text in the body).
@@ -38,6 +40,10 @@ pub enum AuthError {
     Malformed,
     #[error("token claims `topics`, `publish` and `subscribe` must be lists of topics (`*` only at the end, and not in `subscribe`)")]
     BadGrant,
+    #[error("token key id (`kid`) is not among the published keys (jwt_jwks_url); they are being fetched again, retry shortly")]
+    UnknownKey,
+    #[error("token keys not fetched yet from jwt_jwks_url; retry shortly")]
+    KeysUnavailable,
 }
 
 /// Who a connection is.
@@ -63,14 +69,39 @@ pub enum KeyError {
     },
     #[error("jwt_key {path}: not an RSA, Ed25519 or P-256 public key in PEM form")]
     Pem { path: String },
+    #[error("{0}")]
+    Jwks(#[from] crate::jwks::FetchError),
 }
 
 /// Verifies tokens; shared by every shard.
 pub struct Authenticator {
-    key: Option<(DecodingKey, Validation)>,
+    key: Option<Keys>,
     allow_anonymous: bool,
     leeway: u64,
 }
+
+enum Keys {
+    /// `jwt_secret` or `jwt_key`.
+    Fixed(Box<(DecodingKey, Validation)>),
+    /// `jwt_jwks_url`: the set, and the validation for each algorithm it may name.
+    Published {
+        set: Arc<KeySet>,
+        validations: Vec<Validation>,
+    },
+}
+
+/// The algorithms a published key may verify.
+const PUBLISHED: [Algorithm; 9] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,13 +160,42 @@ fn boxed(l: Vec<String>) -> Box<[Box<str>]> {
 }
 
 impl Authenticator {
-    /// Builds the verifier from the configuration (reads the PEM file).
+    /// Builds the verifier from the configuration at start: reads the PEM file, or
+    /// fetches the key set (a failed first fetch is logged and retried, so a node can
+    /// start while the identity provider is down).
     pub fn from_config(cfg: &Config) -> Result<Self, KeyError> {
+        Self::build(cfg, None)
+    }
+
+    /// Builds the verifier again for a reload. The key set of an unchanged
+    /// `jwt_jwks_url` is kept and fetched again in the background; a new URL must be
+    /// fetched now, or the reload keeps the running keys.
+    pub fn reloaded(cfg: &Config, running: &Self) -> Result<Self, KeyError> {
+        Self::build(cfg, Some(running))
+    }
+
+    fn build(cfg: &Config, running: Option<&Self>) -> Result<Self, KeyError> {
         let key = if let Some(secret) = &cfg.jwt_secret {
-            Some((
+            Some(Keys::Fixed(Box::new((
                 DecodingKey::from_secret(secret.as_bytes()),
                 validation(cfg, &[Algorithm::HS256]),
-            ))
+            ))))
+        } else if let Some(url) = &cfg.jwt_jwks_url {
+            let kept = running.and_then(|r| match &r.key {
+                Some(Keys::Published { set, .. }) if set.url() == url => Some(set.clone()),
+                _ => None,
+            });
+            let set = match kept {
+                Some(set) => {
+                    set.refresh_now();
+                    set
+                }
+                None => Arc::new(KeySet::start(url, running.is_some())?),
+            };
+            Some(Keys::Published {
+                set,
+                validations: PUBLISHED.iter().map(|a| validation(cfg, &[*a])).collect(),
+            })
         } else if let Some(path) = &cfg.jwt_key {
             let shown = path.display().to_string();
             let pem = std::fs::read(path).map_err(|source| KeyError::Read {
@@ -148,9 +208,11 @@ impl Authenticator {
                 (DecodingKey::from_ed_pem, &[Algorithm::EdDSA]),
                 (DecodingKey::from_ec_pem, &[Algorithm::ES256]),
             ];
-            let found = attempts
-                .iter()
-                .find_map(|(parse, algs)| parse(&pem).ok().map(|k| (k, validation(cfg, algs))));
+            let found = attempts.iter().find_map(|(parse, algs)| {
+                parse(&pem)
+                    .ok()
+                    .map(|k| Keys::Fixed(Box::new((k, validation(cfg, algs)))))
+            });
             Some(found.ok_or(KeyError::Pem { path: shown })?)
         } else {
             None
@@ -174,7 +236,7 @@ impl Authenticator {
 
     /// Who presents `token` (`None`: no token was sent).
     pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
-        let Some((key, validation)) = &self.key else {
+        let Some(keys) = &self.key else {
             return Ok(Identity::Anonymous);
         };
         let Some(token) = token else {
@@ -183,6 +245,25 @@ impl Authenticator {
             } else {
                 Err(AuthError::Missing)
             };
+        };
+        let published;
+        let (key, validation) = match keys {
+            Keys::Fixed(fixed) => (&fixed.0, &fixed.1),
+            Keys::Published { set, validations } => {
+                let header =
+                    jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+                published = match set.find(header.kid.as_deref()) {
+                    Some(k) => k,
+                    None if set.is_empty() => return Err(AuthError::KeysUnavailable),
+                    None => return Err(AuthError::UnknownKey),
+                };
+                // The token's `alg` must be the key's (the validation lists only it).
+                let i = PUBLISHED
+                    .iter()
+                    .position(|a| *a == published.alg)
+                    .ok_or(AuthError::WrongAlgorithm)?;
+                (&published.key, &validations[i])
+            }
         };
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {

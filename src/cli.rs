@@ -335,12 +335,13 @@ fn reload(args: &ServeArgs, node: &crate::shard::Node, set_log: &SetLogFilter) {
     }
     // The token keys are read again on every reload: a PEM file may have changed in
     // place. If they cannot be, the running keys and their options stay.
-    match crate::auth::Authenticator::from_config(&merged) {
+    match crate::auth::Authenticator::reloaded(&merged, &node.auth()) {
         Ok(auth) => node.replace_auth(Arc::new(auth)),
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: token keys not reloaded; the running ones stay");
             merged.jwt_secret.clone_from(&old.jwt_secret);
             merged.jwt_key.clone_from(&old.jwt_key);
+            merged.jwt_jwks_url.clone_from(&old.jwt_jwks_url);
             merged.jwt_audience.clone_from(&old.jwt_audience);
             merged.jwt_issuer.clone_from(&old.jwt_issuer);
             merged.jwt_leeway_secs = old.jwt_leeway_secs;

@@ -16,6 +16,7 @@ pub mod cli;
 pub mod close;
 pub mod config;
 pub mod doctor;
+pub mod jwks;
 pub mod limits;
 pub mod metrics;
 pub mod notify;

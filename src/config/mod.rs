@@ -179,6 +179,10 @@ table::options! {
     jwt_secret: Option<String> = None, live, secret;
     /// PEM public key file for client JWTs: RSA (RS256), Ed25519 (EdDSA) or P-256 (ES256).
     jwt_key: Option<std::path::PathBuf> = None, live;
+    /// URL of a JSON Web Key Set (`https://id.example.com/.well-known/jwks.json`) whose
+    /// keys verify client tokens by `kid` (RS*, PS*, ES256, ES384, EdDSA); fetched at
+    /// start, every 5 minutes, on an unknown `kid` (at most every 10 s) and on SIGHUP.
+    jwt_jwks_url: Option<String> = None, live;
     /// Required `aud` of client tokens (unset: `aud` is not checked).
     jwt_audience: Option<String> = None, live;
     /// Required `iss` of client tokens (unset: `iss` is not checked).
@@ -340,6 +344,17 @@ impl Config {
                 "jwt_secret",
                 "set jwt_secret (HS256) or jwt_key (PEM), not both",
             );
+        }
+        if self.jwt_jwks_url.is_some() && (self.jwt_secret.is_some() || self.jwt_key.is_some()) {
+            return bad(
+                "jwt_jwks_url",
+                "set one of jwt_secret, jwt_key and jwt_jwks_url",
+            );
+        }
+        if let Some(url) = &self.jwt_jwks_url {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return bad("jwt_jwks_url", "must be an http:// or https:// URL");
+            }
         }
         if self.jwt_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("jwt_secret", "must be at least 16 bytes");
