@@ -135,10 +135,21 @@ fn redis_version(url: &crate::backplane::RedisUrl) -> Result<String, String> {
         .map_err(|e| format!("cannot resolve: {e}"))?
         .next()
         .ok_or("no address")?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("cannot connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))
+    tcp.set_read_timeout(Some(Duration::from_secs(3)))
         .map_err(|e| e.to_string())?;
+    trait Stream: Read + Write {}
+    impl<T: Read + Write> Stream for T {}
+    let mut s: Box<dyn Stream> = if url.tls {
+        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+            .map_err(|_| format!("TLS: {:?} is not a valid server name", url.host))?;
+        let conn = rustls::ClientConnection::new(crate::tls::client_config(), name)
+            .map_err(|e| format!("TLS: {e}"))?;
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
     let mut out = bytes::BytesMut::new();
     let mut replies = 1;
     if let Some(password) = &url.password {

@@ -319,34 +319,13 @@ fn get(url: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The host's CA bundle: `SSL_CERT_FILE`, or the first of the usual paths.
+/// The host's CA bundle (`crate::tls::host_roots`) in ureq's form.
 fn host_roots() -> Option<ureq::tls::RootCerts> {
-    let candidates = std::env::var_os("SSL_CERT_FILE")
-        .map(std::path::PathBuf::from)
-        .into_iter()
-        .chain(
-            [
-                "/etc/ssl/certs/ca-certificates.crt",
-                "/etc/pki/tls/certs/ca-bundle.crt",
-                "/etc/ssl/cert.pem",
-            ]
-            .map(std::path::PathBuf::from),
-        );
-    for path in candidates {
-        let Ok(pem) = std::fs::read(&path) else {
-            continue;
-        };
-        let certs: Vec<_> = ureq::tls::parse_pem(&pem)
-            .filter_map(|item| match item {
-                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if !certs.is_empty() {
-            return Some(ureq::tls::RootCerts::Specific(Arc::new(certs)));
-        }
-    }
-    None
+    let certs = crate::tls::host_roots()?
+        .iter()
+        .map(|der| ureq::tls::Certificate::from_der(der).to_owned())
+        .collect();
+    Some(ureq::tls::RootCerts::Specific(Arc::new(certs)))
 }
 
 #[cfg(test)]

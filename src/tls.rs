@@ -29,7 +29,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ServerConfig, ServerConnection};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::sys;
 
@@ -72,6 +72,59 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
         .map_err(TlsError::Pair)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The client configuration for connections ringway makes (`rediss://`): the host's
+/// CA bundle ([`host_roots`]), or Mozilla's roots when the host has none. Made once.
+pub fn client_config() -> Arc<ClientConfig> {
+    static CONFIG: std::sync::OnceLock<Arc<ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = RootCertStore::empty();
+            match host_roots() {
+                Some(certs) => {
+                    let (_, _ignored) = roots.add_parsable_certificates(certs);
+                }
+                None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|b| b.with_root_certificates(roots).with_no_client_auth());
+            // The default versions of the built-in provider always build.
+            Arc::new(config.unwrap_or_else(|_| {
+                ClientConfig::builder()
+                    .with_root_certificates(RootCertStore::empty())
+                    .with_no_client_auth()
+            }))
+        })
+        .clone()
+}
+
+/// The host's CA bundle: the file `SSL_CERT_FILE` names, or the first of the usual
+/// paths of Debian/Ubuntu, RHEL/Fedora and Alpine/macOS that holds certificates.
+pub fn host_roots() -> Option<Vec<CertificateDer<'static>>> {
+    let candidates = std::env::var_os("SSL_CERT_FILE")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain(
+            [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+                "/etc/ssl/cert.pem",
+            ]
+            .map(PathBuf::from),
+        );
+    for path in candidates {
+        let Ok(iter) = CertificateDer::pem_file_iter(&path) else {
+            continue;
+        };
+        let certs: Vec<_> = iter.filter_map(Result::ok).collect();
+        if !certs.is_empty() {
+            return Some(certs);
+        }
+    }
+    None
 }
 
 /// Why a TLS handshake did not complete.

@@ -1,11 +1,12 @@
-//! One Redis connection on a shard's runtime: connect under a timeout, AUTH and SELECT,
-//! write pipelined commands, decode RESP2 replies and pushes.
+//! One Redis connection on a shard's runtime: connect under a timeout, TLS for
+//! `rediss://`, AUTH and SELECT, write pipelined commands, decode RESP2 replies and
+//! pushes.
 //!
 //! Reads wait for readiness and then `recv` without blocking into a small buffer owned
 //! by the link, so waiting for Redis can be raced against other work (`select!`)
 //! without ever dropping an in-flight read.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::Duration;
 
@@ -13,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
+use rustls::pki_types::ServerName;
+use rustls::ClientConnection;
 
 use super::RedisUrl;
 
@@ -36,6 +39,8 @@ pub enum LinkError {
     Protocol(String),
     #[error("Redis refused {what}: {message}")]
     Refused { what: &'static str, message: String },
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 /// Appends one command (an array of bulk strings) to `buf`.
@@ -90,6 +95,53 @@ pub struct Link {
     fd: RawFd,
     rbuf: BytesMut,
     scratch: Box<[u8]>,
+    /// `rediss://`: the TLS session every byte goes through.
+    tls: Option<Box<ClientConnection>>,
+}
+
+/// Runs the client side of a TLS handshake with Redis at `host`.
+async fn tls_handshake(
+    stream: &mut TcpStream,
+    fd: RawFd,
+    host: &str,
+) -> Result<Box<ClientConnection>, LinkError> {
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|_| LinkError::Tls(format!("{host:?} is not a valid server name")))?;
+    let mut s = Box::new(
+        ClientConnection::new(crate::tls::client_config(), name)
+            .map_err(|e| LinkError::Tls(e.to_string()))?,
+    );
+    let mut scratch = vec![0u8; 16 * 1024];
+    loop {
+        while s.wants_write() {
+            let mut out = Vec::new();
+            s.write_tls(&mut out)?;
+            let (written, _) = stream.write_all(out).await;
+            written?;
+        }
+        if !s.is_handshaking() {
+            return Ok(s);
+        }
+        stream.readable(false).await?;
+        match crate::sys::recv_nonblocking(fd, &mut scratch) {
+            Ok(0) => return Err(LinkError::Closed),
+            Ok(n) => feed(&mut s, &scratch[..n])?,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Hands received TLS records to the session.
+fn feed(s: &mut ClientConnection, mut records: &[u8]) -> Result<(), LinkError> {
+    while !records.is_empty() {
+        if s.read_tls(&mut records)? == 0 {
+            return Err(LinkError::Closed);
+        }
+        s.process_new_packets()
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
+    }
+    Ok(())
 }
 
 impl Link {
@@ -125,11 +177,18 @@ impl Link {
             ) {
                 tracing::debug!(error = %e, "could not set keepalives on the redis socket");
             }
+            let mut stream = stream;
+            let fd = stream.as_raw_fd();
+            let tls = match url.tls {
+                true => Some(tls_handshake(&mut stream, fd, &url.host).await?),
+                false => None,
+            };
             let mut link = Link {
-                fd: stream.as_raw_fd(),
+                fd,
                 stream,
                 rbuf: BytesMut::with_capacity(16 * 1024),
                 scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
+                tls,
             };
             let mut out = BytesMut::new();
             let mut expect = Vec::new();
@@ -168,7 +227,21 @@ impl Link {
 
     /// Writes `buf` completely.
     pub async fn write(&mut self, buf: Bytes) -> Result<(), LinkError> {
-        let (res, _) = self.stream.write_all(buf).await;
+        let res = match self.tls.as_deref_mut() {
+            None => self.stream.write_all(buf).await.0,
+            Some(s) => {
+                // In pieces of the session's buffer limit, each encrypted out at once.
+                let mut out = Vec::with_capacity(buf.len() + buf.len() / 256 + 64);
+                let mut at = 0;
+                while at < buf.len() {
+                    at += s.writer().write(&buf[at..])?;
+                    while s.wants_write() {
+                        s.write_tls(&mut out)?;
+                    }
+                }
+                self.stream.write_all(out).await.0
+            }
+        };
         res?;
         Ok(())
     }
@@ -186,7 +259,21 @@ impl Link {
             match crate::sys::recv_nonblocking(self.fd, &mut self.scratch) {
                 Ok(0) => return Err(LinkError::Closed),
                 Ok(n) => {
-                    self.rbuf.extend_from_slice(&self.scratch[..n]);
+                    match self.tls.as_deref_mut() {
+                        None => self.rbuf.extend_from_slice(&self.scratch[..n]),
+                        Some(s) => {
+                            feed(s, &self.scratch[..n])?;
+                            let mut plain = [0u8; 16 * 1024];
+                            loop {
+                                match s.reader().read(&mut plain) {
+                                    Ok(0) => return Err(LinkError::Closed),
+                                    Ok(m) => self.rbuf.extend_from_slice(&plain[..m]),
+                                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                                    Err(e) => return Err(e.into()),
+                                }
+                            }
+                        }
+                    }
                     total += n;
                     if n < self.scratch.len() || total >= READ_BUDGET {
                         return Ok(());

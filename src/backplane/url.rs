@@ -1,5 +1,6 @@
-//! `redis://[[user]:password@]host[:port][/db]`: the one Redis URL form ringway takes.
-//! TLS (`rediss://`) and Unix sockets are refused with a clear error.
+//! `redis://[[user]:password@]host[:port][/db]`, and `rediss://` for the same over TLS
+//! (the server's certificate checked against the host's CA bundle for `host`). Unix
+//! sockets are refused with a clear error.
 
 /// A parsed Redis URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,14 +10,14 @@ pub struct RedisUrl {
     pub username: Option<String>,
     pub password: Option<String>,
     pub db: u32,
+    /// `rediss://`: TLS to Redis.
+    pub tls: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
-    #[error("expected redis://[[user]:password@]host[:port][/db]")]
+    #[error("expected redis://[[user]:password@]host[:port][/db] (rediss:// for TLS)")]
     Form,
-    #[error("TLS (rediss://) is not supported; use a local TLS proxy")]
-    Tls,
     #[error("bad port {0:?}")]
     Port(String),
     #[error("bad database number {0:?}")]
@@ -25,10 +26,10 @@ pub enum UrlError {
 
 impl RedisUrl {
     pub fn parse(url: &str) -> Result<Self, UrlError> {
-        if url.starts_with("rediss://") {
-            return Err(UrlError::Tls);
-        }
-        let rest = url.strip_prefix("redis://").ok_or(UrlError::Form)?;
+        let (tls, rest) = match url.strip_prefix("rediss://") {
+            Some(rest) => (true, rest),
+            None => (false, url.strip_prefix("redis://").ok_or(UrlError::Form)?),
+        };
         let (auth, rest) = match rest.rsplit_once('@') {
             Some((a, r)) => (Some(a), r),
             None => (None, rest),
@@ -70,6 +71,7 @@ impl RedisUrl {
             username,
             password,
             db,
+            tls,
         })
     }
 
@@ -119,7 +121,9 @@ mod tests {
         let u = RedisUrl::parse("redis://:secret@[::1]:7000").unwrap();
         assert_eq!(u.password.as_deref(), Some("secret"));
         assert_eq!(u.address(), "[::1]:7000");
-        assert_eq!(RedisUrl::parse("rediss://x"), Err(UrlError::Tls));
+        let u = RedisUrl::parse("rediss://cache.example.com:6380").unwrap();
+        assert!(u.tls && !RedisUrl::parse("redis://x").unwrap().tls);
+        assert_eq!((u.host.as_str(), u.port), ("cache.example.com", 6380));
         assert_eq!(RedisUrl::parse("http://x"), Err(UrlError::Form));
         assert!(matches!(
             RedisUrl::parse("redis://x:port"),

@@ -171,8 +171,8 @@ table::options! {
     log: String = "info".into(), live;
     /// Log format: text or json.
     log_format: LogFormat = LogFormat::Text;
-    /// Redis backplane, `redis://[user:password@]host:port[/db]`. Unset: a single node
-    /// with the in-process broker.
+    /// Redis backplane, `redis://[user:password@]host:port[/db]` (`rediss://` for TLS).
+    /// Unset: a single node with the in-process broker.
     redis: Option<String> = None;
     /// HS256 secret for client JWTs. Prefer `RINGWAY_JWT_SECRET` to a flag (a flag shows
     /// in `ps`).

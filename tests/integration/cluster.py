@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import redis
@@ -47,8 +48,11 @@ class RedisServer:
     """A private redis-server, loopback only, on a free port; no persistence unless
     `aof` (append-only file, fsync every second)."""
 
-    def __init__(self, aof: bool = False):
+    def __init__(self, aof: bool = False, tls: Any = None, ca_file: str | None = None):
+        # `tls`: a trustme leaf certificate, and `ca_file` its CA: the server speaks TLS
+        # only (`rediss://`), without asking clients for certificates.
         self.aof = aof
+        self.tls, self.ca_file = tls, ca_file
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ringway-redis-")
@@ -56,12 +60,19 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://{HOST}:{self.port}"
 
     def start(self) -> "RedisServer":
         cmd = [_find("redis-server"), "--port", str(self.port), "--bind", HOST,
                "--save", "", "--appendonly", "yes" if self.aof else "no", "--dir", self.dir,
                "--logfile", str(self._log), "--protected-mode", "no"]
+        if self.tls:
+            cert, key = Path(self.dir) / "cert.pem", Path(self.dir) / "key.pem"
+            self.tls.cert_chain_pems[0].write_to_path(str(cert))
+            self.tls.private_key_pem.write_to_path(str(key))
+            cmd[cmd.index("--port") + 1] = "0"
+            cmd += ["--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                    "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
@@ -74,7 +85,8 @@ class RedisServer:
             return False
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=5, decode_responses=True)
+        tls = {"ssl": True, "ssl_ca_certs": self.ca_file} if self.tls else {}
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5, decode_responses=True, **tls)
 
     def kill(self) -> None:
         """SIGKILL: Redis vanishes with every connection, subscription and key."""

@@ -182,7 +182,11 @@ def test_fanout_with_slow_consumers_mixed_in(gw, tmp_path):
     assert duration <= 60, f"this host's buffers need a {duration} s run; tcp_wmem is unusually large"
     r = run_bench(gw, tmp_path, "fanout", "--subs", "50", "--topics", "1", "--rate", str(rate),
                   "--duration", str(duration), "--msg-bytes", str(msg_bytes), "--slow-every", "10",
-                  "--slow-rcvbuf", str(rcvbuf))
+                  "--slow-rcvbuf", str(rcvbuf),
+                  # About 150 MB/s of fan-out through a debug build on a shared 2-CPU
+                  # host: give the last messages time to arrive when the host is busy
+                  # (what is asserted is that they all do, not how fast).
+                  "--drain-secs", "20")
     d, slow = r["deliveries"], r["slow_consumers"]
     published = r["publisher"]["acked_ok"]
     assert published * msg_bytes >= owed, \
