@@ -67,6 +67,16 @@ def test_wss_clients_subscribe_receive_and_publish(gateway, pki):
     assert gw.metric("ringway_handshake_failures_total") == 0
 
 
+def unread_subscriber(gw, ctx, topic: str):
+    """A raw TLS client with a 4 KiB receive buffer, subscribed to `topic`, that reads
+    nothing more until the test says so."""
+    r = gw.raw(rcvbuf=4096, ssl=ctx)
+    assert r.recv_json()["type"] == "welcome"
+    r.send_json({"op": "subscribe", "topic": topic})
+    assert r.recv_json() == {"type": "subscribed", "topic": topic}
+    return r
+
+
 def test_a_burst_through_tls_arrives_complete_and_in_order(gateway, pki):
     # 2,000 messages of 4 KB to a reading client and to one that reads nothing until the
     # burst is over: far more than one TLS record, the session's buffer limit and a
@@ -75,10 +85,7 @@ def test_a_burst_through_tls_arrives_complete_and_in_order(gateway, pki):
     ctx = pki[3]
 
     async def body():
-        late = gw.raw(rcvbuf=4096, ssl=ctx)
-        assert late.recv_json()["type"] == "welcome"
-        late.send_json({"op": "subscribe", "topic": "burst"})
-        assert late.recv_json() == {"type": "subscribed", "topic": "burst"}
+        late = unread_subscriber(gw, ctx, "burst")
         async with Client(gw, ssl=ctx) as a:
             await a.subscribe("burst")
             col = Collector(a)
@@ -172,10 +179,7 @@ def test_a_stalled_tls_subscriber_is_closed_as_slow_consumer(gateway, pki):
     ctx = pki[3]
 
     async def body():
-        stalled = gw.raw(rcvbuf=4096, ssl=ctx)
-        assert stalled.recv_json()["type"] == "welcome"
-        stalled.send_json({"op": "subscribe", "topic": "s"})
-        assert stalled.recv_json() == {"type": "subscribed", "topic": "s"}
+        stalled = unread_subscriber(gw, ctx, "s")
         async with Client(gw, ssl=ctx) as reader:
             await reader.subscribe("s")
             col = Collector(reader)
