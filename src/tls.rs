@@ -1,5 +1,6 @@
 //! TLS for `wss://` (`tls_cert`, `tls_key`): the server configuration made from the PEM
 //! files, the handshake of an upgrade, and the record layer of established connections.
+//! Also the client configuration and the handshake driver that `rediss://` links share.
 //!
 //! rustls runs sans-IO over our own non-blocking sockets, so the shard's send path
 //! stays what it is without TLS: the tick gathers everything a connection is owed and
@@ -29,7 +30,7 @@ use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ConnectionCommon, RootCertStore, ServerConfig, ServerConnection};
 
 use crate::sys;
 
@@ -127,6 +128,80 @@ pub fn host_roots() -> Option<Vec<CertificateDer<'static>>> {
     None
 }
 
+/// Why [`handshake`] stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum Stopped {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The peer's records are not TLS we accept (the alert has been sent).
+    #[error("{0}")]
+    Tls(#[from] rustls::Error),
+    #[error("connection closed during the TLS handshake")]
+    Closed,
+}
+
+/// Drives a TLS handshake, either side, on `stream` until it completes: feeds `input`
+/// (bytes already read), writes what the session has for the peer, and waits for the
+/// peer's next flight. The upgrade and the Redis links run it under their timeouts.
+pub async fn handshake<D>(
+    stream: &mut TcpStream,
+    session: &mut ConnectionCommon<D>,
+    mut input: Vec<u8>,
+) -> Result<(), Stopped> {
+    let fd = stream.as_raw_fd();
+    loop {
+        if let Err(e) = feed(session, &input) {
+            // The alert rustls queued tells the peer why.
+            let _ = write_records(stream, session).await;
+            return Err(e);
+        }
+        input.clear();
+        write_records(stream, session).await?;
+        if !session.is_handshaking() {
+            return Ok(());
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            match sys::recv_nonblocking(fd, &mut scratch) {
+                Ok(0) => return Err(Stopped::Closed),
+                Ok(n) => {
+                    input.extend_from_slice(&scratch[..n]);
+                    break;
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                    stream.readable(false).await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Hands records received from the peer to `session`.
+pub fn feed<D>(session: &mut ConnectionCommon<D>, mut records: &[u8]) -> Result<(), Stopped> {
+    while !records.is_empty() {
+        if session.read_tls(&mut records)? == 0 {
+            return Err(Stopped::Closed);
+        }
+        session.process_new_packets()?;
+    }
+    Ok(())
+}
+
+/// Writes every record `session` has for the peer, waiting for the socket as needed.
+pub async fn write_records<D>(
+    stream: &mut TcpStream,
+    session: &mut ConnectionCommon<D>,
+) -> Result<(), Stopped> {
+    while session.wants_write() {
+        let mut out = Vec::new();
+        session.write_tls(&mut out)?;
+        let (written, _) = stream.write_all(out).await;
+        written?;
+    }
+    Ok(())
+}
+
 /// Why a TLS handshake did not complete.
 #[derive(Debug)]
 pub enum Failed {
@@ -144,48 +219,14 @@ pub async fn accept(
     config: Arc<ServerConfig>,
     buf: &mut Vec<u8>,
 ) -> Result<Box<ServerConnection>, Failed> {
-    let fd = stream.as_raw_fd();
     let mut session = Box::new(ServerConnection::new(config).map_err(|_| Failed::Handshake)?);
-    let mut input = std::mem::take(buf);
+    let input = std::mem::take(buf);
     if looks_like_plain_http(&input) {
         return Err(Failed::PlainHttp);
     }
-    loop {
-        let mut fed: &[u8] = &input;
-        while !fed.is_empty() {
-            if !matches!(session.read_tls(&mut fed), Ok(n) if n > 0) {
-                return Err(Failed::Handshake);
-            }
-            let processed = session.process_new_packets();
-            if processed.is_err() {
-                let _ = write_records(stream, &mut session).await;
-                return Err(Failed::Handshake);
-            }
-        }
-        input.clear();
-        write_records(stream, &mut session).await?;
-        if !session.is_handshaking() {
-            break;
-        }
-        // Wait for the client's next flight.
-        loop {
-            let mut scratch = [0u8; 4096];
-            match sys::recv_nonblocking(fd, &mut scratch) {
-                Ok(0) => return Err(Failed::Handshake),
-                Ok(n) => {
-                    input.extend_from_slice(&scratch[..n]);
-                    break;
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
-                    stream
-                        .readable(false)
-                        .await
-                        .map_err(|_| Failed::Handshake)?;
-                }
-                Err(_) => return Err(Failed::Handshake),
-            }
-        }
-    }
+    handshake(stream, &mut session, input)
+        .await
+        .map_err(|_| Failed::Handshake)?;
     // Plaintext that came with the client's last flight (usually the upgrade request).
     let mut chunk = [0u8; 4096];
     loop {
@@ -202,21 +243,6 @@ pub async fn respond(stream: &mut TcpStream, session: &mut ServerConnection, byt
     let _ = session.writer().write_all(bytes);
     session.send_close_notify();
     let _ = write_records(stream, session).await;
-}
-
-/// Writes every record rustls has for the client, waiting for the socket as needed
-/// (the upgrade is a task of its own, under the handshake timeout).
-async fn write_records(
-    stream: &mut TcpStream,
-    session: &mut ServerConnection,
-) -> Result<(), Failed> {
-    while session.wants_write() {
-        let mut out = Vec::new();
-        session.write_tls(&mut out).map_err(|_| Failed::Handshake)?;
-        let (written, _) = stream.write_all(out).await;
-        written.map_err(|_| Failed::Handshake)?;
-    }
-    Ok(())
 }
 
 /// A client that sends an HTTP method where a TLS record should start has the wrong

@@ -102,7 +102,6 @@ pub struct Link {
 /// Runs the client side of a TLS handshake with Redis at `host`.
 async fn tls_handshake(
     stream: &mut TcpStream,
-    fd: RawFd,
     host: &str,
 ) -> Result<Box<ClientConnection>, LinkError> {
     let name = ServerName::try_from(host.to_string())
@@ -111,37 +110,18 @@ async fn tls_handshake(
         ClientConnection::new(crate::tls::client_config(), name)
             .map_err(|e| LinkError::Tls(e.to_string()))?,
     );
-    let mut scratch = vec![0u8; 16 * 1024];
-    loop {
-        while s.wants_write() {
-            let mut out = Vec::new();
-            s.write_tls(&mut out)?;
-            let (written, _) = stream.write_all(out).await;
-            written?;
-        }
-        if !s.is_handshaking() {
-            return Ok(s);
-        }
-        stream.readable(false).await?;
-        match crate::sys::recv_nonblocking(fd, &mut scratch) {
-            Ok(0) => return Err(LinkError::Closed),
-            Ok(n) => feed(&mut s, &scratch[..n])?,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::tls::handshake(stream, &mut s, Vec::new()).await?;
+    Ok(s)
 }
 
-/// Hands received TLS records to the session.
-fn feed(s: &mut ClientConnection, mut records: &[u8]) -> Result<(), LinkError> {
-    while !records.is_empty() {
-        if s.read_tls(&mut records)? == 0 {
-            return Err(LinkError::Closed);
+impl From<crate::tls::Stopped> for LinkError {
+    fn from(e: crate::tls::Stopped) -> Self {
+        match e {
+            crate::tls::Stopped::Io(e) => Self::Io(e),
+            crate::tls::Stopped::Tls(e) => Self::Tls(e.to_string()),
+            crate::tls::Stopped::Closed => Self::Closed,
         }
-        s.process_new_packets()
-            .map_err(|e| LinkError::Tls(e.to_string()))?;
     }
-    Ok(())
 }
 
 impl Link {
@@ -180,7 +160,7 @@ impl Link {
             let mut stream = stream;
             let fd = stream.as_raw_fd();
             let tls = match url.tls {
-                true => Some(tls_handshake(&mut stream, fd, &url.host).await?),
+                true => Some(tls_handshake(&mut stream, &url.host).await?),
                 false => None,
             };
             let mut link = Link {
@@ -262,7 +242,7 @@ impl Link {
                     match self.tls.as_deref_mut() {
                         None => self.rbuf.extend_from_slice(&self.scratch[..n]),
                         Some(s) => {
-                            feed(s, &self.scratch[..n])?;
+                            crate::tls::feed(s, &self.scratch[..n])?;
                             let mut plain = [0u8; 16 * 1024];
                             loop {
                                 match s.reader().read(&mut plain) {
