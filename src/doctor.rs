@@ -99,108 +99,62 @@ fn redis(cfg: &Config) -> Option<Check> {
         Ok(u) => u,
         Err(e) => return fail(format!("{url}: {e}"), "fix the `redis` option"),
     };
+    let place = parsed.describe();
     match redis_version(&parsed) {
-        Ok(version) => {
+        Ok((at, version)) => {
             let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
             let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
             if (major, minor) >= REDIS_MIN {
                 Some(check(
                     Level::Pass,
                     "redis",
-                    format!("{} answers, Redis {version}", parsed.address()),
+                    format!("{place}: {at} answers, Redis {version}"),
                     None,
                 ))
             } else {
                 fail(
-                    format!("{} is Redis {version}: functions need 7.0", parsed.address()),
+                    format!("{place}: {at} is Redis {version}: functions need 7.0"),
                     "upgrade Redis to 7.0 or later (ringway loads its Lua functions with FUNCTION LOAD)",
                 )
             }
         }
         Err(e) => fail(
-            format!("{}: {e}", parsed.address()),
+            format!("{place}: {e}"),
             "start Redis or correct the `redis` URL (and its user/password); ringway itself starts anyway, answers 503 on /readyz and keeps retrying",
         ),
     }
 }
 
-/// `INFO server` → `redis_version`, after AUTH and SELECT as the gateway would.
-fn redis_version(url: &crate::backplane::RedisUrl) -> Result<String, String> {
-    use std::io::{Read, Write};
-    use std::net::ToSocketAddrs;
-    use std::time::Duration;
-    let addr = url
-        .address()
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve: {e}"))?
-        .next()
-        .ok_or("no address")?;
-    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("cannot connect: {e}"))?;
-    tcp.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    trait Stream: Read + Write {}
-    impl<T: Read + Write> Stream for T {}
-    let mut s: Box<dyn Stream> = if url.tls {
-        let name = rustls::pki_types::ServerName::try_from(url.host.clone())
-            .map_err(|_| format!("TLS: {:?} is not a valid server name", url.host))?;
-        let conn = rustls::ClientConnection::new(crate::tls::client_config(), name)
-            .map_err(|e| format!("TLS: {e}"))?;
-        Box::new(rustls::StreamOwned::new(conn, tcp))
-    } else {
-        Box::new(tcp)
-    };
-    let mut out = bytes::BytesMut::new();
-    let mut replies = 1;
-    if let Some(password) = &url.password {
-        match &url.username {
-            Some(u) => crate::backplane::link::encode(
-                &mut out,
-                &[b"AUTH", u.as_bytes(), password.as_bytes()],
-            ),
-            None => crate::backplane::link::encode(&mut out, &[b"AUTH", password.as_bytes()]),
-        }
-        replies += 1;
-    }
-    if url.db != 0 {
-        crate::backplane::link::encode(&mut out, &[b"SELECT", url.db.to_string().as_bytes()]);
-        replies += 1;
-    }
-    crate::backplane::link::encode(&mut out, &[b"INFO", b"server"]);
-    s.write_all(&out).map_err(|e| format!("write: {e}"))?;
-    let mut buf = Vec::new();
-    let mut frames = Vec::new();
-    let mut chunk = [0u8; 16 * 1024];
-    while frames.len() < replies {
-        match redis_protocol::resp2::decode::decode(&buf) {
-            Ok(Some((frame, used))) => {
-                buf.drain(..used);
-                frames.push(frame);
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => return Err(format!("not a Redis reply: {e}")),
-        }
-        let n = s.read(&mut chunk).map_err(|e| format!("no answer: {e}"))?;
-        if n == 0 {
-            return Err("closed the connection".into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    use redis_protocol::resp2::types::OwnedFrame;
-    for f in &frames {
-        if let OwnedFrame::Error(e) = f {
-            return Err(format!("refused: {e}"));
-        }
-    }
-    let Some(OwnedFrame::BulkString(info)) = frames.last() else {
-        return Err("unexpected reply to INFO".into());
-    };
-    String::from_utf8_lossy(info)
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .map(|v| v.trim().to_string())
-        .ok_or_else(|| "INFO has no redis_version".into())
+/// Connects as the gateway would (TLS, Sentinel, AUTH, SELECT, the master's role) and
+/// asks `INFO server`: the server answering and its `redis_version`.
+fn redis_version(url: &crate::backplane::RedisUrl) -> Result<(String, String), String> {
+    use crate::backplane::link::{encode, Link};
+    use redis_protocol::resp2::types::BytesFrame;
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    rt.block_on(async {
+        let mut link = Link::connect(url, std::time::Duration::from_secs(3))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut out = bytes::BytesMut::new();
+        encode(&mut out, &[b"INFO", b"server"]);
+        link.write(out.freeze()).await.map_err(|e| e.to_string())?;
+        let reply = monoio::time::timeout(std::time::Duration::from_secs(3), link.next_frame())
+            .await
+            .map_err(|_| "no answer to INFO".to_string())?
+            .map_err(|e| e.to_string())?;
+        let BytesFrame::BulkString(info) = reply else {
+            return Err(format!("unexpected reply to INFO: {reply:?}"));
+        };
+        let version = String::from_utf8_lossy(&info)
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| "INFO has no redis_version".to_string())?;
+        Ok((link.addr.to_string(), version))
+    })
 }
 
 fn io_uring(cfg: &Config) -> Check {

@@ -14,10 +14,11 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use redis_protocol::resp2::types::BytesFrame;
 
 use super::link::{self, Link, LinkError};
 use super::schema;
-use super::{Backoff, Backplane, Command, Reply, CONNECT_TIMEOUT, REPLY_TIMEOUT};
+use super::{Backoff, Backplane, Command, LinkState, Reply, CONNECT_TIMEOUT, REPLY_TIMEOUT};
 
 /// How long a node counts as alive after its last heartbeat (sent every second): a
 /// killed node's users count as offline, and are not routed to, within this.
@@ -51,9 +52,10 @@ pub async fn run(shard: Rc<Shard>) {
                         "redis command connection restored; re-registering presence"
                     );
                 }
-                m.redis_commands_up.set(1);
+                bp.set_cmd_link(LinkState::Up);
+                bp.connected_to(&link.addr);
                 let end = serve(&shard, bp, link, &mut in_flight).await;
-                m.redis_commands_up.set(0);
+                bp.set_cmd_link(LinkState::Down);
                 fail_all(bp, &mut in_flight);
                 shard.finish_reads();
                 match end {
@@ -72,7 +74,10 @@ pub async fn run(shard: Rc<Shard>) {
                 }
             }
         }
-        monoio::time::sleep(backoff.next_delay()).await;
+        monoio::select! {
+            _ = monoio::time::sleep(backoff.next_delay()) => {}
+            _ = bp.cmd_retry.woken() => {}
+        }
     }
     bp.finished.set(true);
 }
@@ -121,6 +126,9 @@ async fn serve(
     let mut cursor: usize = 0;
     let mut deregistered = false;
     loop {
+        if let Some(to) = bp.moved_from(&link.addr) {
+            return Err(LinkError::MasterMoved(to));
+        }
         let now = Instant::now();
         if now >= next_heartbeat && !bp.stopping.get() {
             if tick == 0 {
@@ -182,7 +190,19 @@ async fn serve(
             let Some((_, reply)) = in_flight.pop_front() else {
                 return Err(LinkError::Protocol("reply without a command".into()));
             };
+            // A master that was turned into a replica (a failover it did not see
+            // coming) answers writes with READONLY: find the master again.
+            let demoted = match &frame {
+                BytesFrame::Error(e) if e.starts_with("READONLY") => Some(e.to_string()),
+                _ => None,
+            };
             bp.complete(reply, Ok(frame));
+            if let Some(message) = demoted {
+                return Err(LinkError::Refused {
+                    what: "a write",
+                    message,
+                });
+            }
         }
         shard.finish_reads();
         // Redis that stops answering (hung, or gone without a reset) breaks the link, so

@@ -17,6 +17,7 @@ use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
 use rustls::pki_types::ServerName;
 use rustls::ClientConnection;
 
+use super::url::{Addr, Target};
 use super::RedisUrl;
 
 /// Why a link failed.
@@ -41,6 +42,12 @@ pub enum LinkError {
     Refused { what: &'static str, message: String },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("{addr} is not the master (its role: {role}); asking the Sentinels again")]
+    NotMaster { addr: Addr, role: String },
+    #[error("no Sentinel named a master: {0}")]
+    NoMaster(String),
+    #[error("the master moved to {0}")]
+    MasterMoved(Addr),
 }
 
 /// Appends one command (an array of bulk strings) to `buf`.
@@ -97,6 +104,8 @@ pub struct Link {
     scratch: Box<[u8]>,
     /// `rediss://`: the TLS session every byte goes through.
     tls: Option<Box<ClientConnection>>,
+    /// The server this link is connected to.
+    pub addr: Addr,
 }
 
 /// Runs the client side of a TLS handshake with Redis at `host`.
@@ -125,51 +134,62 @@ impl From<crate::tls::Stopped> for LinkError {
 }
 
 impl Link {
-    /// Connects, authenticates and selects the database. The host name is resolved on
-    /// a helper thread (a slow resolver must not stall the shard), every address is
-    /// tried in turn, and the socket gets keepalives and a TCP user timeout so a Redis
-    /// host that vanishes without a reset is noticed within seconds.
+    /// Opens a connection to `addr`, with TLS for `tls_host` when given. The host name
+    /// is resolved on a helper thread (a slow resolver must not stall the shard),
+    /// every address is tried in turn, and the socket gets keepalives and a TCP user
+    /// timeout so a host that vanishes without a reset is noticed within seconds.
+    pub async fn open(addr: &Addr, tls_host: Option<&str>) -> Result<Self, LinkError> {
+        let addrs = resolve(addr.to_string()).await?;
+        let mut last = None;
+        let mut stream = None;
+        for a in &addrs {
+            match TcpStream::connect_addr(*a).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let mut stream = stream.ok_or_else(|| LinkError::Connect {
+            addr: addr.to_string(),
+            source: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
+        })?;
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = crate::sys::set_liveness(
+            stream.as_raw_fd(),
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            3,
+            USER_TIMEOUT,
+        ) {
+            tracing::debug!(error = %e, "could not set keepalives on the redis socket");
+        }
+        let fd = stream.as_raw_fd();
+        let tls = match tls_host {
+            Some(host) => Some(tls_handshake(&mut stream, host).await?),
+            None => None,
+        };
+        Ok(Link {
+            fd,
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
+            tls,
+            addr: addr.clone(),
+        })
+    }
+
+    /// Connects to the URL's Redis (through its Sentinels: to the master they name,
+    /// checked to be one), authenticates and selects the database.
     pub async fn connect(url: &RedisUrl, timeout: Duration) -> Result<Self, LinkError> {
         let setup = async {
-            let addrs = resolve(url.address()).await?;
-            let mut last = None;
-            let mut stream = None;
-            for addr in &addrs {
-                match TcpStream::connect_addr(*addr).await {
-                    Ok(s) => {
-                        stream = Some(s);
-                        break;
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            let stream = stream.ok_or_else(|| LinkError::Connect {
-                addr: url.address(),
-                source: last.unwrap_or_else(|| std::io::ErrorKind::NotFound.into()),
-            })?;
-            let _ = stream.set_nodelay(true);
-            if let Err(e) = crate::sys::set_liveness(
-                stream.as_raw_fd(),
-                Duration::from_secs(5),
-                Duration::from_secs(2),
-                3,
-                USER_TIMEOUT,
-            ) {
-                tracing::debug!(error = %e, "could not set keepalives on the redis socket");
-            }
-            let mut stream = stream;
-            let fd = stream.as_raw_fd();
-            let tls = match url.tls {
-                true => Some(tls_handshake(&mut stream, &url.host).await?),
-                false => None,
+            let (addr, must_be_master) = match &url.target {
+                Target::Server(a) => (a.clone(), false),
+                Target::Sentinel { .. } => (super::sentinel::master(url).await?, true),
             };
-            let mut link = Link {
-                fd,
-                stream,
-                rbuf: BytesMut::with_capacity(16 * 1024),
-                scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
-                tls,
-            };
+            let tls_host = url.tls.then_some(addr.host.as_str());
+            let mut link = Link::open(&addr, tls_host).await?;
             let mut out = BytesMut::new();
             let mut expect = Vec::new();
             if let Some(password) = &url.password {
@@ -185,17 +205,38 @@ impl Link {
                 encode(&mut out, &[b"SELECT", url.db.to_string().as_bytes()]);
                 expect.push("SELECT");
             }
+            if must_be_master {
+                // During a failover a Sentinel may still name the old master, which
+                // may already be a replica.
+                encode(&mut out, &[b"ROLE"]);
+                expect.push("ROLE");
+            }
             // A Redis that is hung still completes the TCP handshake (the kernel does):
             // only an answer shows it is there.
             encode(&mut out, &[b"PING"]);
             expect.push("PING");
             link.write(out.freeze()).await?;
             for what in expect {
-                if let BytesFrame::Error(message) = link.next_frame().await? {
-                    return Err(LinkError::Refused {
-                        what,
-                        message: message.to_string(),
-                    });
+                match link.next_frame().await? {
+                    BytesFrame::Error(message) => {
+                        return Err(LinkError::Refused {
+                            what,
+                            message: message.to_string(),
+                        })
+                    }
+                    BytesFrame::Array(role) if what == "ROLE" => match role.first() {
+                        Some(BytesFrame::BulkString(r)) if &r[..] == b"master" => {}
+                        other => {
+                            let role = match other {
+                                Some(BytesFrame::BulkString(r)) => {
+                                    String::from_utf8_lossy(r).into_owned()
+                                }
+                                _ => "unknown".into(),
+                            };
+                            return Err(LinkError::NotMaster { addr, role });
+                        }
+                    },
+                    _ => {}
                 }
             }
             Ok(link)

@@ -20,6 +20,7 @@ pub mod link;
 pub mod remote;
 pub mod replay;
 pub mod schema;
+mod sentinel;
 mod subscriber;
 mod url;
 
@@ -34,8 +35,10 @@ use redis_protocol::resp2::types::BytesFrame;
 use serde_json::value::RawValue;
 
 pub use commands::run as run_commands;
+pub use sentinel::watch as watch_sentinel;
 pub use subscriber::run as run_subscriber;
-pub use url::{RedisUrl, UrlError};
+use url::Addr;
+pub use url::{RedisUrl, Target, UrlError};
 
 use std::sync::Arc;
 
@@ -108,6 +111,19 @@ enum SubState {
     Confirmed,
 }
 
+/// Where one of the shard's Redis links stands. This is the truth the shard acts on;
+/// the `ringway_redis_*_up` gauges (and so `/readyz`) mirror it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Not connected: nothing is recorded for it, the reconnect starts from scratch.
+    Down,
+    /// Connected, and the state this shard wants is being restored (the subscriber's
+    /// first SUBSCRIBEs are not all confirmed yet).
+    Syncing,
+    /// Connected and in step.
+    Up,
+}
+
 /// A `subscribed` reply waiting for Redis to confirm the subscription.
 struct PendingAck {
     conn: Weak<ConnHandle>,
@@ -140,6 +156,14 @@ pub struct Backplane {
     presence_removed: RefCell<Vec<(Rc<str>, u64)>>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
+    sub_link: Cell<LinkState>,
+    cmd_link: Cell<LinkState>,
+    /// With Sentinel: the master as last named (by a Sentinel, or by the address a
+    /// link found a master at). A link connected elsewhere reconnects.
+    master: RefCell<Option<Addr>>,
+    /// Ends a link's backoff early: the master moved, so retrying now should work.
+    sub_retry: Wake,
+    cmd_retry: Wake,
     last_warn: Cell<Option<std::time::Instant>>,
     /// Outbound queue limit for replies, and the shard's counters.
     reply_limit: Cell<usize>,
@@ -215,6 +239,11 @@ impl Backplane {
             presence_removed: RefCell::default(),
             stopping: Cell::new(false),
             finished: Cell::new(false),
+            sub_link: Cell::new(LinkState::Down),
+            cmd_link: Cell::new(LinkState::Down),
+            master: RefCell::default(),
+            sub_retry: Wake::default(),
+            cmd_retry: Wake::default(),
             last_warn: Cell::new(None),
         }
     }
@@ -238,21 +267,67 @@ impl Backplane {
         None
     }
 
-    /// The command connection is up (its gauge is the one record of that).
+    /// The command connection is up.
     fn cmd_up(&self) -> bool {
-        self.metrics.redis_commands_up.get() == 1
+        self.cmd_link.get() == LinkState::Up
     }
 
-    /// The subscriber connection is up.
-    fn sub_up(&self) -> bool {
-        self.metrics.redis_subscriber_up.get() == 1
+    fn set_cmd_link(&self, state: LinkState) {
+        self.cmd_link.set(state);
+        self.metrics
+            .redis_commands_up
+            .set(u64::from(state == LinkState::Up));
+    }
+
+    /// The subscriber connection is up only once the subscriptions it restored are
+    /// confirmed: until then the node is not ready.
+    fn set_sub_link(&self, state: LinkState) {
+        self.sub_link.set(state);
+        self.metrics
+            .redis_subscriber_up
+            .set(u64::from(state == LinkState::Up));
+    }
+
+    /// A link connected to `addr`. With Sentinel that is the master now (the link
+    /// asked a Sentinel and checked the role); a link of this shard connected
+    /// elsewhere is told to move.
+    fn connected_to(&self, addr: &Addr) {
+        if matches!(self.url.target, Target::Sentinel { .. }) {
+            self.master_named(addr.clone());
+        }
+    }
+
+    /// A Sentinel (or a link) named the master.
+    fn master_named(&self, addr: Addr) {
+        let mut master = self.master.borrow_mut();
+        if master.as_ref() == Some(&addr) {
+            return;
+        }
+        if let Some(old) = master.as_ref() {
+            tracing::info!(from = %old, to = %addr, "the redis master moved; reconnecting");
+        }
+        *master = Some(addr);
+        drop(master);
+        self.sub_wake.wake();
+        self.cmd_wake.wake();
+        self.sub_retry.wake();
+        self.cmd_retry.wake();
+    }
+
+    /// Where the master is now, if a link connected to `addr` is on the wrong server.
+    fn moved_from(&self, addr: &Addr) -> Option<Addr> {
+        self.master
+            .borrow()
+            .as_ref()
+            .filter(|m| *m != addr)
+            .cloned()
     }
 
     /// A topic gained its first or lost its last local subscriber. While the
     /// subscriber connection is down nothing is recorded: the reconnect subscribes the
     /// whole topic table anyway.
     pub fn topic_changed(&self, topic: Rc<str>) {
-        if self.sub_up() {
+        if self.sub_link.get() != LinkState::Down {
             self.dirty.borrow_mut().push(topic);
             self.sub_wake.wake();
         }

@@ -15,7 +15,9 @@ use redis_protocol::resp2::types::BytesFrame;
 use super::link::{self, Link, LinkError};
 use super::replay::Gate;
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
-use super::{Backoff, Backplane, SubState, BATCH, CONNECT_TIMEOUT, PING_EVERY, REPLY_TIMEOUT};
+use super::{
+    Backoff, Backplane, LinkState, SubState, BATCH, CONNECT_TIMEOUT, PING_EVERY, REPLY_TIMEOUT,
+};
 use crate::protocol::{self, MessageId};
 use crate::shard::Shard;
 
@@ -38,11 +40,12 @@ pub async fn run(shard: Rc<Shard>) {
                         "redis subscriber reconnected; resubscribing"
                     );
                 }
-                m.redis_subscriber_up.set(1);
+                bp.set_sub_link(LinkState::Syncing);
+                bp.connected_to(&link.addr);
                 let err = serve(&shard, bp, link).await;
                 // Until the next connection confirms them, no topic counts as subscribed:
                 // a subscribe made meanwhile waits for the reconnect.
-                m.redis_subscriber_up.set(0);
+                bp.set_sub_link(LinkState::Down);
                 bp.topics.borrow_mut().clear();
                 bp.unanswered.borrow_mut().clear();
                 m.redis_reconnects.inc();
@@ -56,7 +59,10 @@ pub async fn run(shard: Rc<Shard>) {
                 }
             }
         }
-        monoio::time::sleep(backoff.next_delay()).await;
+        monoio::select! {
+            _ = monoio::time::sleep(backoff.next_delay()) => {}
+            _ = bp.sub_retry.woken() => {}
+        }
     }
 }
 
@@ -89,12 +95,17 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     let mut out = BytesMut::new();
     link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
     encode_channels(&mut out, b"SUBSCRIBE", &topics);
+    // Redis answers in order: its PONG says every SUBSCRIBE above is in place.
+    link::encode(&mut out, &[b"PING"]);
     if let Err(e) = link.write(out.freeze()).await {
         return e;
     }
     let mut last_traffic = Instant::now();
-    let mut ping_sent: Option<Instant> = None;
+    let mut ping_sent: Option<Instant> = Some(last_traffic);
     loop {
+        if let Some(to) = bp.moved_from(&link.addr) {
+            return LinkError::MasterMoved(to);
+        }
         let (subscribe, unsubscribe) = take_changes(shard, bp);
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             note_changes(shard, bp, &subscribe, &unsubscribe);
@@ -109,11 +120,13 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
         let mut handled = 0;
         loop {
             match link.next_buffered() {
-                Ok(Some(frame)) => {
-                    if let Err(e) = on_frame(shard, bp, frame) {
-                        return e;
+                Ok(Some(frame)) => match on_frame(shard, bp, frame) {
+                    Err(e) => return e,
+                    Ok(Pushed::Pong) if bp.sub_link.get() == LinkState::Syncing => {
+                        bp.set_sub_link(LinkState::Up);
                     }
-                }
+                    Ok(_) => {}
+                },
                 Ok(None) => break,
                 Err(e) => return e,
             }
@@ -215,9 +228,15 @@ fn count_subscribes(bp: &Backplane, topics: &[Rc<str>]) {
     }
 }
 
+/// What a push from Redis was, as far as the connection's loop cares.
+enum Pushed {
+    Pong,
+    Other,
+}
+
 /// Handles one push from Redis; an error reply breaks the connection (the reconnect
 /// starts from a clean state).
-fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<(), LinkError> {
+fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<Pushed, LinkError> {
     let parts = match frame {
         BytesFrame::Array(parts) => parts,
         BytesFrame::Error(e) => {
@@ -226,11 +245,14 @@ fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<(), Link
                 message: e.to_string(),
             })
         }
-        _ => return Ok(()),
+        _ => return Ok(Pushed::Other),
     };
+    if matches!(parts.first(), Some(BytesFrame::BulkString(k)) if &k[..] == b"pong") {
+        return Ok(Pushed::Pong);
+    }
     let [BytesFrame::BulkString(kind), BytesFrame::BulkString(channel), third] = parts.as_slice()
     else {
-        return Ok(());
+        return Ok(Pushed::Other);
     };
     match (&kind[..], third) {
         (b"message", BytesFrame::BulkString(payload)) => dispatch(shard, bp, channel, payload),
@@ -249,7 +271,7 @@ fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<(), Link
         }
         _ => {}
     }
-    Ok(())
+    Ok(Pushed::Other)
 }
 
 /// Delivers one message from Redis to this shard's connections.

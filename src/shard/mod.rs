@@ -1121,6 +1121,7 @@ async fn run(
     if shard.fanout.backplane().is_some() {
         monoio::spawn(backplane::run_subscriber(shard.clone()));
         monoio::spawn(backplane::run_commands(shard.clone()));
+        monoio::spawn(backplane::watch_sentinel(shard.clone()));
     }
     let _ = ready.send(Ok(()));
     let mut handled: usize = 0;

@@ -48,11 +48,14 @@ class RedisServer:
     """A private redis-server, loopback only, on a free port; no persistence unless
     `aof` (append-only file, fsync every second)."""
 
-    def __init__(self, aof: bool = False, tls: Any = None, ca_file: str | None = None):
+    def __init__(self, aof: bool = False, tls: Any = None, ca_file: str | None = None,
+                 password: str | None = None, replica_of: "RedisServer | None" = None):
         # `tls`: a trustme leaf certificate, and `ca_file` its CA: the server speaks TLS
-        # only (`rediss://`), without asking clients for certificates.
+        # only (`rediss://`), without asking clients for certificates. `password`: AUTH
+        # required (and used towards its master); `replica_of`: start as its replica.
         self.aof = aof
         self.tls, self.ca_file = tls, ca_file
+        self.password, self.replica_of = password, replica_of
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ringway-redis-")
@@ -73,9 +76,18 @@ class RedisServer:
             cmd[cmd.index("--port") + 1] = "0"
             cmd += ["--tls-port", str(self.port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
                     "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
+        if self.password:
+            cmd += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.replica_of:
+            cmd += ["--replicaof", HOST, str(self.replica_of.port)]
+        # Replicas sync at once (Redis 7 waits 5 s for more replicas by default).
+        cmd += ["--repl-diskless-sync-delay", "0"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(self._pings, 10, what=f"redis-server on port {self.port}")
+        if self.replica_of:
+            wait_until(lambda: self.client().info("replication")["master_link_status"] == "up", 15,
+                       what=f"redis-server on port {self.port} to sync with its master")
         return self
 
     def _pings(self) -> bool:
@@ -86,7 +98,8 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         tls = {"ssl": True, "ssl_ca_certs": self.ca_file} if self.tls else {}
-        return redis.Redis(host=HOST, port=self.port, socket_timeout=5, decode_responses=True, **tls)
+        return redis.Redis(host=HOST, port=self.port, socket_timeout=5, decode_responses=True,
+                           password=self.password, **tls)
 
     def kill(self) -> None:
         """SIGKILL: Redis vanishes with every connection, subscription and key."""
@@ -118,6 +131,68 @@ class RedisServer:
 
     def stop(self) -> None:
         self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Sentinels:
+    """`count` Redis Sentinels (redis-server --sentinel) watching `master` under `name`,
+    quorum 2: a master unreachable for one second is failed over to its replica."""
+
+    def __init__(self, master: RedisServer, name: str = "mymaster", count: int = 3):
+        self.master, self.name = master, name
+        self.ports = [free_port() for _ in range(count)]
+        self.procs: list[subprocess.Popen] = []
+        self.dir = tempfile.mkdtemp(prefix="ringway-sentinel-")
+
+    @property
+    def url(self) -> str:
+        """The gateway's `redis` option: the master's password, every Sentinel."""
+        auth = f":{self.master.password}@" if self.master.password else ""
+        hosts = ",".join(f"{HOST}:{p}" for p in self.ports)
+        return f"redis+sentinel://{auth}{hosts}/{self.name}"
+
+    def start(self, replicas: int = 1) -> "Sentinels":
+        for port in self.ports:
+            conf = Path(self.dir) / f"sentinel-{port}.conf"
+            lines = [f"port {port}", f"bind {HOST}", f"dir {self.dir}",
+                     f"logfile {self.dir}/sentinel-{port}.log",
+                     f"sentinel monitor {self.name} {HOST} {self.master.port} 2",
+                     f"sentinel down-after-milliseconds {self.name} 1000",
+                     f"sentinel failover-timeout {self.name} 3000",
+                     f"sentinel parallel-syncs {self.name} 1"]
+            if self.master.password:
+                lines.append(f"sentinel auth-pass {self.name} {self.master.password}")
+            conf.write_text("\n".join(lines) + "\n")
+            self.procs.append(subprocess.Popen([_find("redis-server"), str(conf), "--sentinel"],
+                                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+        # Only Sentinels that know each other and the replica can fail over.
+        wait_until(lambda: self._settled(replicas), 30, interval=0.2,
+                   what="sentinels that know each other and the replica")
+        return self
+
+    def client(self, i: int = 0) -> redis.Redis:
+        return redis.Redis(host=HOST, port=self.ports[i], socket_timeout=5, decode_responses=True)
+
+    def _settled(self, replicas: int) -> bool:
+        try:
+            for i in range(len(self.ports)):
+                m = self.client(i).sentinel_master(self.name)
+                if m["num-other-sentinels"] < len(self.ports) - 1 or m["num-slaves"] < replicas:
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def master_port(self) -> int:
+        """The master's port as the first Sentinel sees it."""
+        return int(self.client().sentinel_get_master_addr_by_name(self.name)[1])
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
