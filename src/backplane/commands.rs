@@ -4,10 +4,11 @@
 //! Every write carries everything queued since the last one; replies come back in
 //! order and are matched to their handlers (`Reply`). Presence is never one command
 //! per connection: connects and disconnects since the last write go out as one
-//! `ringway_presence_set` / `ringway_presence_del` call per `PRESENCE_BATCH`, and the
-//! heartbeat refreshes a slice of the connection table each second, so that every entry
-//! is refreshed once per third of the TTL without bursts. After a (re)connect every
-//! entry is registered at once. Shard 0 also sends the node's heartbeat every second.
+//! `ringway_presence_set` / `ringway_presence_del` call per `PRESENCE_BATCH`, and an
+//! entry is never refreshed: shard 0's heartbeat, every second, is what keeps all of
+//! this process's entries live, and it also reaps a batch of entries left behind by a
+//! node process that died. After a (re)connect every entry is registered again (Redis
+//! may have restarted empty).
 
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -24,9 +25,11 @@ use super::{Backoff, Backplane, Command, LinkState, Reply, CONNECT_TIMEOUT, REPL
 /// killed node's users count as offline, and are not routed to, within this.
 const NODE_TTL: Duration = Duration::from_secs(5);
 
-/// Presence entries per function call: each costs Redis about four commands, so a call
-/// holds Redis for well under a millisecond and sends queued behind it barely notice.
+/// Presence entries per function call: each costs Redis three commands, so a call holds
+/// Redis for well under a millisecond and sends queued behind it barely notice.
 const PRESENCE_BATCH: usize = 128;
+/// Entries of a dead node process reaped per second by each node.
+const REAP_BATCH: usize = 1000;
 use crate::shard::Shard;
 
 /// Runs for the life of the shard, or until `Backplane::finish` has been served.
@@ -100,10 +103,6 @@ async fn serve(
     mut link: Link,
     in_flight: &mut VecDeque<(Instant, Reply)>,
 ) -> Result<(), LinkError> {
-    // Every entry is refreshed once per period (a third of the TTL), a slice of the
-    // connection table each second, so Redis sees a steady trickle instead of a burst
-    // that would hold up every send queued behind it.
-    let period_ticks = (bp.presence_ttl.as_secs() / 3).max(1) as usize;
     // On every (re)connect: load the functions first, then register everything anew.
     bp.queue.borrow_mut().push_front(Command {
         bytes: {
@@ -118,12 +117,11 @@ async fn serve(
     });
     // Stream reads that waited for this connection.
     bp.start_reads();
-    // The full heartbeat below covers connections added while Redis was away;
-    // removals are kept so entries of connections that closed meanwhile are deleted.
+    // The registration below covers connections added while Redis was away; removals
+    // are kept so entries of connections that closed meanwhile are deleted.
     bp.presence_added.borrow_mut().clear();
     let mut next_heartbeat = Instant::now();
     let mut tick: usize = 0;
-    let mut cursor: usize = 0;
     let mut deregistered = false;
     loop {
         if let Some(to) = bp.moved_from(&link.addr) {
@@ -132,21 +130,14 @@ async fn serve(
         let now = Instant::now();
         if now >= next_heartbeat && !bp.stopping.get() {
             if tick == 0 {
-                // Just (re)connected: Redis may have restarted empty.
-                refresh_presence(shard, bp, 0, usize::MAX);
-            } else {
-                let slots = shard.conn_slots();
-                let step = slots.div_ceil(period_ticks).max(1);
-                refresh_presence(shard, bp, cursor, step);
-                cursor += step;
-                if cursor >= slots {
-                    cursor = 0;
-                }
+                // Just (re)connected: Redis may have restarted empty. Otherwise entries
+                // are written once, at connect: nothing is refreshed.
+                register_all(shard, bp);
             }
-            // The node's heartbeat, every second: a send skips the connections of a
-            // node whose heartbeat stopped (`NODE_TTL`).
+            // The node's heartbeat, every second: it is what keeps every entry of this
+            // process live (`NODE_TTL`).
             node_alive(shard, bp);
-            if tick.is_multiple_of(period_ticks) {
+            if tick.is_multiple_of(10) {
                 shard
                     .metrics
                     .presence_entries
@@ -162,13 +153,16 @@ async fn serve(
             if shard.index == 0 {
                 let node = &shard.node.id;
                 let node_key = format!("{}{node}", schema::NODE_PREFIX);
-                let args: [&[u8]; 6] = [
+                let incarnation = schema::incarnation(node, &shard.node.epoch);
+                let args: [&[u8]; 8] = [
                     b"FCALL",
                     b"ringway_node_gone",
-                    b"2",
+                    b"3",
                     schema::NODES_KEY.as_bytes(),
                     node_key.as_bytes(),
+                    schema::INCARNATIONS_KEY.as_bytes(),
                     node.as_bytes(),
+                    incarnation.as_bytes(),
                 ];
                 bp.command(&args, Reply::Ignore("ringway_node_gone"));
             }
@@ -238,81 +232,86 @@ async fn serve(
     }
 }
 
-/// Refreshes the presence of the identified connections in slots `from .. from + len`
-/// of the connection table, in calls of `PRESENCE_BATCH` entries.
-fn refresh_presence(shard: &Shard, bp: &Backplane, from: usize, len: usize) {
-    let entries = shard.identified_conns(from, len);
-    if entries.is_empty() {
-        return;
-    }
-    let ttl_ms = bp.presence_ttl.as_millis().to_string();
+/// Registers every identified connection of the shard, in calls of `PRESENCE_BATCH`.
+fn register_all(shard: &Shard, bp: &Backplane) {
+    let entries = shard.identified_conns(0, usize::MAX);
     for chunk in entries.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
+        presence_call(shard, bp, "ringway_presence_set", chunk);
     }
 }
 
-/// On shard 0, keeps the node's registry entry alive.
+/// On shard 0: keeps the node's registry entry, and so every presence entry of this
+/// process, alive; and reaps a batch of entries left by a node process that died.
 fn node_alive(shard: &Shard, bp: &Backplane) {
-    let ttl_ms = NODE_TTL.as_millis().to_string();
-    if shard.index == 0 {
-        let node = &shard.node.id;
-        let node_key = format!("{}{node}", schema::NODE_PREFIX);
-        let info = serde_json::json!({
-            "node": node,
-            "shards": shard.node.shards.len(),
-            "listen": shard.node.listen.to_string(),
-            "version": env!("CARGO_PKG_VERSION"),
-        })
-        .to_string();
-        let args: [&[u8]; 8] = [
-            b"FCALL",
-            b"ringway_node_alive",
-            b"2",
-            schema::NODES_KEY.as_bytes(),
-            node_key.as_bytes(),
-            ttl_ms.as_bytes(),
-            node.as_bytes(),
-            info.as_bytes(),
-        ];
-        bp.command(&args, Reply::Ignore("ringway_node_alive"));
+    if shard.index != 0 {
+        return;
     }
+    let ttl_ms = NODE_TTL.as_millis().to_string();
+    let node = &shard.node.id;
+    let node_key = format!("{}{node}", schema::NODE_PREFIX);
+    let incarnation = schema::incarnation(node, &shard.node.epoch);
+    let info = serde_json::json!({
+        "node": node,
+        "shards": shard.node.shards.len(),
+        "listen": shard.node.listen.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "boot": shard.node.epoch,
+    })
+    .to_string();
+    let args: [&[u8]; 10] = [
+        b"FCALL",
+        b"ringway_node_alive",
+        b"3",
+        schema::NODES_KEY.as_bytes(),
+        node_key.as_bytes(),
+        schema::INCARNATIONS_KEY.as_bytes(),
+        ttl_ms.as_bytes(),
+        node.as_bytes(),
+        info.as_bytes(),
+        incarnation.as_bytes(),
+    ];
+    bp.command(&args, Reply::Ignore("ringway_node_alive"));
+    let batch = REAP_BATCH.to_string();
+    let args: [&[u8]; 5] = [
+        b"FCALL",
+        b"ringway_reap",
+        b"1",
+        schema::INCARNATIONS_KEY.as_bytes(),
+        batch.as_bytes(),
+    ];
+    bp.command(&args, Reply::Ignore("ringway_reap"));
 }
 
 /// Connects and disconnects since the last write, one call each per `BATCH`.
 fn queue_presence_changes(shard: &Shard, bp: &Backplane) {
     let added = std::mem::take(&mut *bp.presence_added.borrow_mut());
     let removed = std::mem::take(&mut *bp.presence_removed.borrow_mut());
-    if !added.is_empty() {
-        let ttl_ms = bp.presence_ttl.as_millis().to_string();
-        for chunk in added.chunks(PRESENCE_BATCH) {
-            presence_call(shard, bp, "ringway_presence_set", Some(&ttl_ms), chunk);
-        }
+    for chunk in added.chunks(PRESENCE_BATCH) {
+        presence_call(shard, bp, "ringway_presence_set", chunk);
     }
     for chunk in removed.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, "ringway_presence_del", None, chunk);
+        presence_call(shard, bp, "ringway_presence_del", chunk);
     }
 }
 
-/// `FCALL <function> n user-keys… [ttl] members…`
+/// `FCALL <function> n+1 user-keys… index-key members…`
 fn presence_call(
     shard: &Shard,
     bp: &Backplane,
     function: &'static str,
-    ttl_ms: Option<&str>,
     entries: &[(Rc<str>, u64)],
 ) {
-    let keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
+    let boot = &shard.node.epoch;
+    let mut keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
+    keys.push(schema::conns_key(&shard.node.id, boot));
     let members: Vec<String> = entries
         .iter()
-        .map(|(_, conn)| schema::presence_member(&shard.node.id, shard.index, *conn))
+        .map(|(_, conn)| schema::presence_member(&shard.node.id, shard.index, *conn, boot))
         .collect();
-    let count = entries.len().to_string();
-    let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * entries.len());
+    let count = keys.len().to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + members.len());
     args.extend([b"FCALL".as_slice(), function.as_bytes(), count.as_bytes()]);
     args.extend(keys.iter().map(|k| k.as_bytes()));
-    if let Some(ttl) = ttl_ms {
-        args.push(ttl.as_bytes());
-    }
     args.extend(members.iter().map(|m| m.as_bytes()));
     bp.command(&args, Reply::Ignore(function));
 }

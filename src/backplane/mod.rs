@@ -135,7 +135,6 @@ pub struct Backplane {
     pub url: RedisUrl,
     /// This shard's direct-message channel.
     pub direct_channel: String,
-    presence_ttl: Duration,
     topics: RefCell<HashMap<Rc<str>, SubState>>,
     /// SUBSCRIBEs written per topic and not yet answered on the current connection: a
     /// topic is confirmed only when the last one is (a SUBSCRIBE, UNSUBSCRIBE,
@@ -224,7 +223,6 @@ impl Backplane {
             reads_done: RefCell::default(),
             inboxes: RefCell::default(),
             direct_channel: schema::shard_channel(node, shard),
-            presence_ttl: Duration::from_secs(cfg.presence_ttl_secs),
             topics: RefCell::default(),
             unanswered: RefCell::default(),
             queued_bytes: Cell::new(0),

@@ -6,6 +6,7 @@
 local USER_PREFIX = 'ringway:user:'
 local SHARD_PREFIX = 'ringway:shard:'
 local NODE_PREFIX = 'ringway:node:'
+local CONNS_PREFIX = 'ringway:conns:'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -36,25 +37,55 @@ local function id_and_data(args)
   return args[1]
 end
 
--- KEYS: ringway:user:<U>...; ARGV: ttl_ms, member for each key (same order).
+-- Presence costs nothing at rest: a connection's entry is written once when it opens
+-- and removed when it closes; whether it is live is its node process's heartbeat
+-- (ringway:node:<node>, whose JSON names the process's `boot`), checked at lookup.
+-- Member: <node>/<shard>/<shard>-<conn>@<boot>. Each node process also indexes its
+-- entries (ringway:conns:<node>@<boot>, field member, value user), so the entries of
+-- a process that died without removing them can be reaped (ringway_reap).
+
+-- KEYS: ringway:user:<U>..., then ringway:conns:<node>@<boot>; ARGV: member for each
+-- user key (same order).
 local function presence_set(keys, args)
-  local now = now_ms()
-  local expiry = now + tonumber(args[1])
-  for i, key in ipairs(keys) do
-    redis.call('ZADD', key, expiry, args[i + 1])
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local last = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-    redis.call('PEXPIREAT', key, math.floor(tonumber(last[2])))
+  local n = #keys - 1
+  local index = keys[#keys]
+  for i = 1, n do
+    redis.call('ZADD', keys[i], 0, args[i])
+    -- Entries of an older version expired with their key; these do not.
+    redis.call('PERSIST', keys[i])
+    redis.call('HSET', index, args[i], string.sub(keys[i], #USER_PREFIX + 1))
   end
-  return #keys
+  return n
 end
 
--- KEYS: ringway:user:<U>...; ARGV: member for each key.
+-- KEYS: ringway:user:<U>..., then ringway:conns:<node>@<boot>; ARGV: member for each
+-- user key.
 local function presence_del(keys, args)
-  for i, key in ipairs(keys) do
-    redis.call('ZREM', key, args[i])
+  local n = #keys - 1
+  local index = keys[#keys]
+  for i = 1, n do
+    redis.call('ZREM', keys[i], args[i])
+    redis.call('HDEL', index, args[i])
   end
-  return #keys
+  return n
+end
+
+-- KEYS: ringway:incarnations; ARGV: batch. Removes up to `batch` entries of one node
+-- process whose heartbeat stopped, and forgets the process once none are left.
+-- Returns how many entries it removed.
+local function reap(keys, args)
+  local dead = redis.call('ZRANGE', keys[1], '-inf', now_ms(), 'BYSCORE', 'LIMIT', 0, 1)[1]
+  if not dead then return 0 end
+  local index = CONNS_PREFIX .. dead
+  local fv = redis.call('HSCAN', index, 0, 'COUNT', tonumber(args[1]) or 500)[2]
+  for i = 1, #fv, 2 do
+    redis.call('ZREM', USER_PREFIX .. fv[i + 1], fv[i])
+    redis.call('HDEL', index, fv[i])
+  end
+  if redis.call('EXISTS', index) == 0 then
+    redis.call('ZREM', keys[1], dead)
+  end
+  return #fv / 2
 end
 
 -- The last id a stream gave out, as (ms, seq); (0, 0) when there is no stream.
@@ -128,17 +159,23 @@ local function send(keys, args)
   else
     id = args[1]
   end
-  local now = now_ms()
-  -- A node that stopped its heartbeat (killed, cut off) holds nobody, though its
-  -- presence entries live on until their TTL.
-  local alive = {}
-  local function node_alive(node)
-    local a = alive[node]
-    if a == nil then
-      a = redis.call('EXISTS', NODE_PREFIX .. node) == 1
-      alive[node] = a
+  -- A connection is live while its node process's heartbeat is: the node key exists
+  -- and names the boot in the member. A dead process's entries wait for ringway_reap.
+  local boots = {}
+  local function member_alive(member)
+    local node, boot = string.match(member, '^([^/]*)/[^@]*@(.*)$')
+    if not node then return false end
+    local b = boots[node]
+    if b == nil then
+      b = false
+      local info = redis.call('GET', NODE_PREFIX .. node)
+      if info then
+        local ok, v = pcall(cjson.decode, info)
+        if ok and type(v) == 'table' and type(v.boot) == 'string' then b = v.boot end
+      end
+      boots[node] = b
     end
-    return a
+    return b == boot
   end
   local routes, order, done, online, connections = {}, {}, {}, 0, 0
   for i = 1, users do
@@ -146,13 +183,13 @@ local function send(keys, args)
     if not done[key] then
       done[key] = true
       local user = string.sub(key, #USER_PREFIX + 1)
-      local members = redis.call('ZRANGE', key, now, '+inf', 'BYSCORE')
+      local members = redis.call('ZRANGE', key, 0, -1)
       local live = 0
       local seen = {}
       for _, member in ipairs(members) do
         local route = string.match(member, '^(.*)/[^/]*$')
         local node = string.match(member, '^([^/]*)/')
-        if route and node_alive(node) then live = live + 1 else route = nil end
+        if route and member_alive(member) then live = live + 1 else route = nil end
         if route and not seen[route] then
           seen[route] = true
           local list = routes[route]
@@ -305,20 +342,25 @@ local function history(keys, args)
   return {epoch, last, deleted, entries}
 end
 
--- KEYS: ringway:nodes, ringway:node:<id>; ARGV: ttl_ms, node id, info JSON.
+-- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: ttl_ms, node
+-- id, info JSON (with the process's `boot`), <node>@<boot>.
 local function node_alive(keys, args)
   local now = now_ms()
   local ttl = tonumber(args[1])
   redis.call('ZADD', keys[1], now + ttl, args[2])
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
   redis.call('SET', keys[2], args[3], 'PX', ttl)
+  redis.call('ZADD', keys[3], now + ttl, args[4])
   return 1
 end
 
--- KEYS: ringway:nodes, ringway:node:<id>; ARGV: node id.
+-- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: node id,
+-- <node>@<boot>. The node drained: it is gone now, and whatever entries it could not
+-- remove are reaped.
 local function node_gone(keys, args)
   redis.call('ZREM', keys[1], args[1])
   redis.call('DEL', keys[2])
+  redis.call('ZADD', keys[3], 0, args[2])
   return 1
 end
 
@@ -330,3 +372,4 @@ redis.register_function('ringway_publish', publish)
 redis.register_function{function_name = 'ringway_history', callback = history, flags = {'no-writes'}}
 redis.register_function('ringway_node_alive', node_alive)
 redis.register_function('ringway_node_gone', node_gone)
+redis.register_function('ringway_reap', reap)

@@ -9,9 +9,11 @@
 //! | `ringway:epoch:<topic>` | string | the history's epoch; a new one whenever the stream was lost |
 //! | `ringway:inbox:<user>` | stream | the user's unacknowledged direct messages: entries `d` = data; the entry id is the message id |
 //! | `ringway:shard:<node>/<shard>` | channel | direct messages for users on that shard: `{"users":["U",…],"id":"…","data":<JSON>}` |
-//! | `ringway:user:<user>` | sorted set | presence: member `<node>/<shard>/<conn>`, score = expiry (Redis time, ms); the key expires with its last member |
+//! | `ringway:user:<user>` | sorted set | presence: member `<node>/<shard>/<shard>-<conn>@<boot>` per open connection, written at connect and removed at close; live while its node's heartbeat names that boot |
 //! | `ringway:nodes` | sorted set | live nodes: member node id, score = expiry (ms) |
-//! | `ringway:node:<node>` | string | JSON about the node (shards, listen address, version), same expiry |
+//! | `ringway:node:<node>` | string | the node's heartbeat: JSON about it (shards, listen address, version, `boot` = this process), expires 5 s after the last beat |
+//! | `ringway:incarnations` | sorted set | node processes: member `<node>@<boot>`, score = expiry (ms); dead ones are reaped |
+//! | `ringway:conns:<node>@<boot>` | hash | a node process's presence entries: field member, value user (for reaping) |
 //!
 //! Functions (library `ringway`, loaded at start with `FUNCTION LOAD REPLACE`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
@@ -30,8 +32,8 @@
 //! - `FCALL_RO ringway_history 2 ringway:history:<T> ringway:epoch:<T> <start> <count>`:
 //!   the epoch, the last id given out, the highest id trimmed away and up to `count`
 //!   entries from `start` (`-`, or `(<id>` for after an id).
-//! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive`: used by the
-//!   gateway itself.
+//! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive`,
+//!   `ringway_node_gone`, `ringway_reap`: used by the gateway itself.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -44,6 +46,8 @@ pub const NODE_PREFIX: &str = "ringway:node:";
 pub const HISTORY_PREFIX: &str = "ringway:history:";
 pub const EPOCH_PREFIX: &str = "ringway:epoch:";
 pub const INBOX_PREFIX: &str = "ringway:inbox:";
+pub const INCARNATIONS_KEY: &str = "ringway:incarnations";
+pub const CONNS_PREFIX: &str = "ringway:conns:";
 
 /// The Lua library (Redis ≥ 7.0 functions).
 pub const LIBRARY: &str = include_str!("ringway.lua");
@@ -72,9 +76,20 @@ pub fn user_key(user: &str) -> String {
     format!("{USER_PREFIX}{user}")
 }
 
-/// A presence member: where one connection of a user is.
-pub fn presence_member(node: &str, shard: usize, conn: u64) -> String {
-    format!("{node}/{shard}/{shard}-{conn}")
+/// A presence member: where one connection of a user is, and in which process of the
+/// node (`boot`).
+pub fn presence_member(node: &str, shard: usize, conn: u64, boot: &str) -> String {
+    format!("{node}/{shard}/{shard}-{conn}@{boot}")
+}
+
+/// A node process: `<node>@<boot>`.
+pub fn incarnation(node: &str, boot: &str) -> String {
+    format!("{node}@{boot}")
+}
+
+/// The index of a node process's presence entries.
+pub fn conns_key(node: &str, boot: &str) -> String {
+    format!("{CONNS_PREFIX}{node}@{boot}")
 }
 
 /// The payload of a topic message on its channel. `id` is set by ringway; a service may
@@ -135,6 +150,7 @@ mod tests {
     fn names() {
         assert_eq!(topic_channel("news"), "ringway:topic:news");
         assert_eq!(shard_channel("n1", 2), "ringway:shard:n1/2");
-        assert_eq!(presence_member("n1", 2, 9), "n1/2/2-9");
+        assert_eq!(presence_member("n1", 2, 9, "k3x"), "n1/2/2-9@k3x");
+        assert_eq!(conns_key("n1", "k3x"), "ringway:conns:n1@k3x");
     }
 }

@@ -6,6 +6,7 @@ Redis restarts, without restarting ringway."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
@@ -171,7 +172,7 @@ def test_a_direct_message_reaches_only_the_shard_that_holds_the_user(redis_serve
 
 
 def test_one_send_to_many_users_is_one_redis_call(redis_server, gateway):
-    nodes = start_cluster(gateway, redis_server, presence_ttl_secs=300)
+    nodes = start_cluster(gateway, redis_server)
     users = [f"u{i}" for i in range(12)]
 
     async def body():
@@ -221,9 +222,8 @@ def test_direct_messages_follow_a_user_who_reconnects_to_another_node(redis_serv
     arun(body())
 
 
-def test_presence_of_a_killed_node_expires_within_the_ttl(redis_server, gateway):
-    ttl = 3
-    n1, n2 = start_cluster(gateway, redis_server, n=2, presence_ttl_secs=ttl)
+def test_a_killed_node_holds_nobody_within_five_seconds_and_its_entries_are_reaped(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
     rc = redis_server.client()
 
     async def body():
@@ -233,20 +233,76 @@ def test_presence_of_a_killed_node_expires_within_the_ttl(redis_server, gateway)
         n2.proc.kill()
         n2.proc.wait(5)
         n2.stopped = True
-        # Nobody is left to remove dave's entry: it expires on its own within the TTL
-        # (plus the test's polling margin).
-        wait_until(lambda: send(n1, {"user": "dave", "data": 0})["online"] == 0, ttl + 2,
-                   interval=0.1, what="dave's presence to expire")
-        wait_until(lambda: rc.exists("ringway:user:dave") == 0, ttl + 2, what="the key to expire")
-        wait_until(lambda: n1.http("GET", "/v1/nodes").json()["nodes"] == ["node1"], ttl + 2,
+        # Nobody is left to remove dave's entry: sends skip it once node 2's heartbeat
+        # (5 s) is gone, and node 1 reaps it soon after.
+        wait_until(lambda: send(n1, {"user": "dave", "data": 0})["online"] == 0, 7,
+                   interval=0.1, what="dave to count as offline")
+        wait_until(lambda: rc.exists("ringway:user:dave") == 0, 10, what="dave's entry to be reaped")
+        wait_until(lambda: n1.http("GET", "/v1/nodes").json()["nodes"] == ["node1"], 5,
                    what="node2 to leave the registry")
+        assert not [k for k in rc.scan_iter("ringway:conns:node2@*")], "the dead process's index is gone"
         await c.ws.close()
 
     arun(body())
 
 
+def test_a_node_restarted_under_the_same_id_does_not_count_its_old_connections(redis_server, gateway):
+    """The old process's entries carry its boot: the new process's heartbeat does not
+    make them live, and they are reaped."""
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+    rc = redis_server.client()
+
+    async def body():
+        c = await Client(n2, **as_user("ivy")).__aenter__()
+        wait_presence(redis_server, "ivy", "node2")
+        n2.proc.kill()
+        n2.proc.wait(5)
+        n2.stopped = True
+        (again,) = [gateway(**cluster_opts(redis_server, 2, allow_anonymous=True),
+                            env={"RINGWAY_JWT_SECRET": SECRET})]
+        assert "node2" in again.http("GET", "/v1/nodes").json()["nodes"]
+        assert send(n1, {"user": "ivy", "data": 0})["online"] == 0
+        wait_until(lambda: rc.exists("ringway:user:ivy") == 0, 12, what="the old entry to be reaped")
+        async with Client(again, **as_user("ivy")) as back:
+            wait_presence(redis_server, "ivy", "node2")
+            sent = send(n1, {"user": "ivy", "data": 1})
+            assert sent["online"] == 1 and sent["connections"] == 1
+            # The message sent while ivy was offline was kept for her, then the new one.
+            got = [await back.recv() for _ in range(2)]
+            assert [g["data"] for g in got] == [0, 1] and got[1]["id"] == sent["id"]
+        await c.ws.close()
+
+    arun(body(), timeout=60)
+
+
+def test_idle_connections_cost_redis_nothing(redis_server, gateway):
+    """Entries are written once at connect: 400 idle identified connections make no
+    Redis commands of their own, only each node's heartbeat does."""
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+    rc = redis_server.client()
+    conns = 400
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(conns):
+                await stack.enter_async_context(Client((n1, n2)[i % 2], **as_user(f"idle{i}")))
+            wait_until(lambda: all(rc.exists(f"ringway:user:idle{i}") for i in (0, conns - 1)), 5,
+                       what="registration")
+            await asyncio.sleep(1)
+            before = rc.info("stats")["total_commands_processed"]
+            hset = redis_server.calls("hset")
+            await asyncio.sleep(4)
+            spent = rc.info("stats")["total_commands_processed"] - before - 2  # the INFOs
+            # Registering is HSET; at rest there is none, and everything Redis ran in
+            # 4 s (heartbeats, PINGs) is far below one command per connection.
+            assert redis_server.calls("hset") == hset
+            assert spent < conns / 4, spent
+
+    arun(body(), timeout=60)
+
+
 def test_a_graceful_stop_removes_presence_and_the_node_at_once(redis_server, gateway):
-    n1, n2 = start_cluster(gateway, redis_server, n=2, presence_ttl_secs=300)
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
     rc = redis_server.client()
 
     async def body():
@@ -371,7 +427,7 @@ def test_delivery_resumes_after_redis_restarts_without_restarting_ringway(redis_
 def test_a_redis_that_hangs_is_noticed_and_recovered_from(redis_server, gateway):
     """SIGSTOP leaves Redis's sockets open but answering nothing: only ringway's own
     deadlines (a subscriber PING, a command reply) can tell."""
-    (n1,) = start_cluster(gateway, redis_server, n=1, presence_ttl_secs=3)
+    (n1,) = start_cluster(gateway, redis_server, n=1)
 
     async def body():
         async with Client(n1) as sub:

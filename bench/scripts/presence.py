@@ -1,0 +1,183 @@
+#!/usr/bin/env python3
+"""What identified connections cost Redis at rest: `--nodes` gateways (2 shards each)
+on one fresh redis-server hold `--conns` connections, each of its own user (HS256
+token), spread over the nodes; nothing is sent. After the connections are open and
+registered (`--settle` s), Redis's own counters are read, then again `--secs` s later:
+
+- commands per minute, in all and per connection (INFO stats
+  `total_commands_processed`; a function call counts the commands it runs too);
+- Redis CPU-milliseconds per minute (INFO cpu, user + sys);
+- the calls per minute of each command (INFO commandstats).
+
+    cargo build --release -p ringway
+    python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt
+    .venv/bin/python bench/scripts/presence.py     # --conns, --nodes, --secs, --runs, --bin
+
+Run it with `ulimit -n` above the connection count (the script holds every client
+socket). Results: bench/results/presence-<timestamp>/ (runs.jsonl, summary.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import jwt
+import redis
+import websockets
+
+REPO = Path(__file__).resolve().parents[2]
+SECRET = "presence-bench-secret-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def ready(admin: int) -> bool:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
+        return r.status == 200
+
+
+def counters(r: redis.Redis) -> dict:
+    stats, cpu, cmds = r.info("stats"), r.info("cpu"), r.info("commandstats")
+    return {
+        "commands": stats["total_commands_processed"],
+        "cpu_ms": (cpu["used_cpu_user"] + cpu["used_cpu_sys"]) * 1000,
+        "calls": {k.removeprefix("cmdstat_"): v["calls"] for k, v in cmds.items()},
+    }
+
+
+async def hold(ports: list[int], conns: int, secs: float, on_open) -> None:
+    """Opens `conns` identified connections round robin over `ports`, calls `on_open`
+    (in a thread) once all are open, and keeps them for `secs` after it returns."""
+    sockets = []
+    sem = asyncio.Semaphore(64)
+
+    async def one(i: int):
+        tok = jwt.encode({"sub": f"user{i}", "exp": int(time.time()) + 3600}, SECRET, algorithm="HS256")
+        async with sem:
+            ws = await websockets.connect(f"ws://127.0.0.1:{ports[i % len(ports)]}/ws",
+                                          additional_headers={"Authorization": f"Bearer {tok}"},
+                                          ping_interval=None, open_timeout=30, max_queue=None)
+            await ws.recv()  # welcome
+            sockets.append(ws)
+
+    await asyncio.gather(*(one(i) for i in range(conns)))
+    await asyncio.to_thread(on_open)
+    await asyncio.sleep(secs)
+    await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+def run_once(args) -> dict:
+    tmp = tempfile.mkdtemp(prefix="ringway-presence-")
+    rport = free_port()
+    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    gws = []
+    try:
+        rc = redis.Redis(port=rport, decode_responses=True)
+        wait_for(rc.ping, 10, "redis-server")
+        env = {**os.environ, "RINGWAY_JWT_SECRET": SECRET}
+        env.pop("RUST_LOG", None)
+        ports = []
+        for n in range(args.nodes):
+            port, admin = free_port(), free_port()
+            gws.append(subprocess.Popen(
+                [args.bin, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                 "--redis", f"redis://127.0.0.1:{rport}", "--node-id", f"node{n}", "--shards", "2"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_for(lambda: ready(admin), 20, f"node{n} ready")
+            ports.append(port)
+        result = {}
+
+        def measure():
+            time.sleep(args.settle)
+            before = counters(rc)
+            time.sleep(args.secs)
+            after = counters(rc)
+            per_min = 60 / args.secs
+            result.update({
+                "conns": args.conns, "nodes": args.nodes, "secs": args.secs,
+                "commands_per_min": (after["commands"] - before["commands"]) * per_min,
+                "redis_cpu_ms_per_min": (after["cpu_ms"] - before["cpu_ms"]) * per_min,
+                "calls_per_min": {k: (v - before["calls"].get(k, 0)) * per_min
+                                  for k, v in after["calls"].items() if v != before["calls"].get(k, 0)},
+            })
+            result["commands_per_conn_per_min"] = result["commands_per_min"] / args.conns
+
+        asyncio.run(hold(ports, args.conns, 0, measure))
+        return result
+    finally:
+        for g in gws:
+            g.terminate()
+        for g in gws:
+            try:
+                g.wait(15)
+            except subprocess.TimeoutExpired:
+                g.kill()
+        redis_proc.kill()
+        redis_proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bin", default=str(REPO / "target/release/ringway"))
+    p.add_argument("--conns", type=int, default=4000)
+    p.add_argument("--nodes", type=int, default=2)
+    p.add_argument("--secs", type=float, default=60)
+    p.add_argument("--settle", type=float, default=5)
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args()
+    out = REPO / "bench/results" / time.strftime("presence-%Y%m%dT%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for i in range(args.runs):
+        r = run_once(args)
+        runs.append(r)
+        print(json.dumps(r), flush=True)
+        with open(out / "runs.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    summary = (
+        f"# Presence at rest: {args.conns} identified connections on {args.nodes} nodes, "
+        f"{args.secs:.0f} s, {args.runs} runs (medians)\n\n"
+        f"| figure | median |\n|---|---|\n"
+        f"| Redis commands per minute | {med('commands_per_min'):.0f} |\n"
+        f"| Redis commands per connection per minute | {med('commands_per_conn_per_min'):.3f} |\n"
+        f"| Redis CPU-ms per minute | {med('redis_cpu_ms_per_min'):.0f} |\n\n"
+        f"Calls per minute, last run: {json.dumps(runs[-1]['calls_per_min'])}\n"
+    )
+    (out / "summary.md").write_text(summary)
+    print(summary)
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
