@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
+use super::keep::{keep_connected, Role};
 use super::link::{self, Link, LinkError};
 use super::schema;
-use super::{Backoff, Backplane, Command, LinkState, Reply, CONNECT_TIMEOUT, REPLY_TIMEOUT};
+use super::{Backplane, Command, LinkState, Reply, REPLY_TIMEOUT};
 
 /// How long a node counts as alive after its last heartbeat (sent every second): a
 /// killed node's users count as offline, and are not routed to, within this.
@@ -37,51 +38,18 @@ pub async fn run(shard: Rc<Shard>) {
     let Some(bp) = shard.backplane() else {
         return;
     };
-    let m = &shard.metrics;
-    let mut backoff = Backoff::new(shard.index as u64 * 2 + 2);
-    let mut outage: Option<Instant> = None;
-    let mut in_flight: VecDeque<(Instant, Reply)> = VecDeque::new();
-    loop {
-        if bp.stopping.get() {
-            break;
-        }
-        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
-            Ok(link) => {
-                backoff.reset();
-                if let Some(since) = outage.take() {
-                    tracing::info!(
-                        shard = shard.index,
-                        down_ms = since.elapsed().as_millis() as u64,
-                        "redis command connection restored; re-registering presence"
-                    );
-                }
-                bp.set_cmd_link(LinkState::Up);
-                bp.connected_to(&link.addr);
-                let end = serve(&shard, bp, link, &mut in_flight).await;
-                bp.set_cmd_link(LinkState::Down);
-                fail_all(bp, &mut in_flight);
-                shard.finish_reads();
-                match end {
-                    Ok(()) => break,
-                    Err(e) => {
-                        m.redis_reconnects.inc();
-                        tracing::warn!(shard = shard.index, error = %e, "redis command connection lost");
-                        outage = Some(Instant::now());
-                    }
-                }
-            }
-            Err(e) => {
-                if outage.is_none() {
-                    tracing::warn!(shard = shard.index, error = %e, "cannot reach redis (commands); retrying with backoff");
-                    outage = Some(Instant::now());
-                }
-            }
-        }
-        monoio::select! {
-            _ = monoio::time::sleep(backoff.next_delay()) => {}
-            _ = bp.cmd_retry.woken() => {}
-        }
-    }
+    let shard = &*shard;
+    keep_connected(shard, bp, Role::Commands, |link| async move {
+        let mut in_flight = VecDeque::new();
+        let end = serve(shard, bp, link, &mut in_flight).await;
+        // Down before the failures are handed out, so nothing they trigger is queued
+        // for a connection that is gone.
+        bp.set_link(Role::Commands, LinkState::Down);
+        fail_all(bp, &mut in_flight);
+        shard.finish_reads();
+        end
+    })
+    .await;
     bp.finished.set(true);
 }
 

@@ -6,26 +6,32 @@
 //!   subscriber arrives and UNSUBSCRIBEs when its last leaves, batching every change made
 //!   since its last write into one command; also listens on the shard's direct channel.
 //!   A client's `subscribed` reply waits for Redis to confirm the subscription, so a
-//!   message published after it is never missed.
+//!   message published after it is never missed. What it has asked Redis for, and who
+//!   waits on it, is a pure state machine (`subscriptions`).
 //! - **commands** (`commands`): pipelines publishes, presence changes and heartbeats,
 //!   and requests from the admin API; replies are matched in order.
 //!
-//! Both reconnect with exponential backoff and jitter, then restore their state:
-//! every topic is resubscribed and every user's presence re-registered. Until then the
-//! shard keeps serving its own connections. The schema is in `schema`.
+//! Both run the same connect-and-backoff loop (`keep`): exponential backoff and jitter,
+//! then they restore their state: every topic is resubscribed and every user's presence
+//! re-registered. Until then the shard keeps serving its own connections. With Sentinel
+//! (`sentinel`) they follow the master. Each link's state (`LinkState`) is the truth
+//! the shard acts on; the `ringway_redis_*_up` gauges mirror it. The schema is in
+//! `schema`.
 
 mod commands;
 pub mod inbox;
+mod keep;
 pub mod link;
 pub mod remote;
 pub mod replay;
 pub mod schema;
 mod sentinel;
 mod subscriber;
+mod subscriptions;
 mod url;
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -104,13 +110,6 @@ struct Command {
     reply: Reply,
 }
 
-/// Where a topic's Redis subscription stands on the current connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SubState {
-    Sent,
-    Confirmed,
-}
-
 /// Where one of the shard's Redis links stands. This is the truth the shard acts on;
 /// the `ringway_redis_*_up` gauges (and so `/readyz`) mirror it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,13 +134,8 @@ pub struct Backplane {
     pub url: RedisUrl,
     /// This shard's direct-message channel.
     pub direct_channel: String,
-    topics: RefCell<HashMap<Rc<str>, SubState>>,
-    /// SUBSCRIBEs written per topic and not yet answered on the current connection: a
-    /// topic is confirmed only when the last one is (a SUBSCRIBE, UNSUBSCRIBE,
-    /// SUBSCRIBE sequence must not be confirmed by the first reply).
-    unanswered: RefCell<HashMap<Rc<str>, u32>>,
-    dirty: RefCell<Vec<Rc<str>>>,
-    acks: RefCell<HashMap<Rc<str>, Vec<PendingAck>>>,
+    /// The subscriber connection's topics, and the replies waiting on them.
+    subs: RefCell<subscriptions::Subscriptions<PendingAck>>,
     sub_wake: Wake,
     queue: RefCell<VecDeque<Command>>,
     /// Bytes in `queue`; bounded by `MAX_QUEUED_BYTES`.
@@ -223,12 +217,9 @@ impl Backplane {
             reads_done: RefCell::default(),
             inboxes: RefCell::default(),
             direct_channel: schema::shard_channel(node, shard),
-            topics: RefCell::default(),
-            unanswered: RefCell::default(),
+            subs: RefCell::default(),
             queued_bytes: Cell::new(0),
             last_command_warn: Cell::new(None),
-            dirty: RefCell::default(),
-            acks: RefCell::default(),
             sub_wake: Wake::default(),
             queue: RefCell::default(),
             in_flight: Cell::new(0),
@@ -249,18 +240,17 @@ impl Backplane {
     /// A connection subscribed to `topic`: the reply `ack` goes out once Redis has the
     /// subscription (at once if it already has).
     pub fn subscribed(&self, topic: &str, conn: &Rc<ConnHandle>, ack: Bytes) -> Option<Bytes> {
-        if self.topics.borrow().get(topic) == Some(&SubState::Confirmed) {
+        if self.subs.borrow().is_confirmed(topic) {
             return Some(ack);
         }
         let topic: Rc<str> = Rc::from(topic);
-        self.acks
-            .borrow_mut()
-            .entry(topic.clone())
-            .or_default()
-            .push(PendingAck {
+        self.subs.borrow_mut().wait(
+            topic.clone(),
+            PendingAck {
                 conn: Rc::downgrade(conn),
                 frame: ack,
-            });
+            },
+        );
         self.topic_changed(topic);
         None
     }
@@ -270,20 +260,32 @@ impl Backplane {
         self.cmd_link.get() == LinkState::Up
     }
 
-    fn set_cmd_link(&self, state: LinkState) {
-        self.cmd_link.set(state);
-        self.metrics
-            .redis_commands_up
-            .set(u64::from(state == LinkState::Up));
+    /// A link's state changed; its gauge mirrors it. The subscriber counts as up only
+    /// once the subscriptions it restored are confirmed: until then the node is not
+    /// ready. A subscriber that goes down forgets what Redis had.
+    fn set_link(&self, role: keep::Role, state: LinkState) {
+        let up = u64::from(state == LinkState::Up);
+        match role {
+            keep::Role::Subscriber => {
+                self.sub_link.set(state);
+                self.metrics.redis_subscriber_up.set(up);
+                if state == LinkState::Down {
+                    self.subs.borrow_mut().lost();
+                }
+            }
+            keep::Role::Commands => {
+                self.cmd_link.set(state);
+                self.metrics.redis_commands_up.set(up);
+            }
+        }
     }
 
-    /// The subscriber connection is up only once the subscriptions it restored are
-    /// confirmed: until then the node is not ready.
-    fn set_sub_link(&self, state: LinkState) {
-        self.sub_link.set(state);
-        self.metrics
-            .redis_subscriber_up
-            .set(u64::from(state == LinkState::Up));
+    /// Ends a link's backoff early.
+    fn retry(&self, role: keep::Role) -> &Wake {
+        match role {
+            keep::Role::Subscriber => &self.sub_retry,
+            keep::Role::Commands => &self.cmd_retry,
+        }
     }
 
     /// A link connected to `addr`. With Sentinel that is the master now (the link
@@ -326,7 +328,7 @@ impl Backplane {
     /// whole topic table anyway.
     pub fn topic_changed(&self, topic: Rc<str>) {
         if self.sub_link.get() != LinkState::Down {
-            self.dirty.borrow_mut().push(topic);
+            self.subs.borrow_mut().mark_dirty(topic);
             self.sub_wake.wake();
         }
     }
@@ -334,24 +336,12 @@ impl Backplane {
     /// The connection unsubscribes from `topic`: a `subscribed` reply still waiting
     /// for Redis goes out now, so the client never sees the two replies out of order.
     pub fn unsubscribing(&self, topic: &str, conn: &Rc<ConnHandle>) {
-        let mut acks = self.acks.borrow_mut();
-        let Some(waiting) = acks.get_mut(topic) else {
-            return;
-        };
-        let mut mine = Vec::new();
-        waiting.retain(|a| {
-            let is_mine = std::ptr::eq(a.conn.as_ptr(), Rc::as_ptr(conn));
-            if is_mine {
-                mine.push(a.frame.clone());
-            }
-            !is_mine
-        });
-        if waiting.is_empty() {
-            acks.remove(topic);
-        }
-        drop(acks);
-        for frame in mine {
-            self.reply(conn, frame);
+        let mine = self
+            .subs
+            .borrow_mut()
+            .take_waiting(topic, |a| std::ptr::eq(a.conn.as_ptr(), Rc::as_ptr(conn)));
+        for a in mine {
+            self.reply(conn, a.frame);
         }
     }
 
@@ -400,7 +390,7 @@ impl Backplane {
                 reference: reference.map(ToOwned::to_owned),
             },
         );
-        if self.topics.borrow().get(&topic) == Some(&SubState::Confirmed) {
+        if self.subs.borrow().is_confirmed(&topic) {
             self.start_read(&topic);
         } else {
             self.topic_changed(topic);
@@ -411,7 +401,7 @@ impl Backplane {
     /// Sends `topic`'s stream read if someone waits, Redis has the subscription and the
     /// command connection is up.
     pub fn start_read(&self, topic: &str) {
-        if !self.cmd_up() || self.topics.borrow().get(topic) != Some(&SubState::Confirmed) {
+        if !self.cmd_up() || !self.subs.borrow().is_confirmed(topic) {
             return;
         }
         let Some(req) = self.replays.borrow_mut().start(topic) else {
@@ -559,27 +549,12 @@ impl Backplane {
         }
     }
 
-    /// Sends every pending `subscribed` reply for `topic`.
+    /// Redis answered a SUBSCRIBE of `topic`: once confirmed, every pending `subscribed`
+    /// reply goes out.
     fn confirm(&self, topic: &str) {
-        {
-            let mut unanswered = self.unanswered.borrow_mut();
-            match unanswered.get_mut(topic) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    return;
-                }
-                Some(_) => {
-                    unanswered.remove(topic);
-                }
-                None => {}
-            }
-        }
-        match self.topics.borrow_mut().get_mut(topic) {
-            Some(state) => *state = SubState::Confirmed,
-            // Unsubscribed since: the replies still waiting went out with the unsubscribe.
-            None => return,
-        }
-        let waiting = self.acks.borrow_mut().remove(topic).unwrap_or_default();
+        let Some(waiting) = self.subs.borrow_mut().confirmed(topic) else {
+            return;
+        };
         for ack in waiting {
             if let Some(conn) = ack.conn.upgrade() {
                 self.reply(&conn, ack.frame);

@@ -12,12 +12,11 @@ use std::time::Instant;
 use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
+use super::keep::{keep_connected, Role};
 use super::link::{self, Link, LinkError};
 use super::replay::Gate;
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
-use super::{
-    Backoff, Backplane, LinkState, SubState, BATCH, CONNECT_TIMEOUT, PING_EVERY, REPLY_TIMEOUT,
-};
+use super::{Backplane, LinkState, BATCH, PING_EVERY, REPLY_TIMEOUT};
 use crate::protocol::{self, MessageId};
 use crate::shard::Shard;
 
@@ -26,72 +25,27 @@ pub async fn run(shard: Rc<Shard>) {
     let Some(bp) = shard.backplane() else {
         return;
     };
-    let m = &shard.metrics;
-    let mut backoff = Backoff::new(shard.index as u64 * 2 + 1);
-    let mut outage: Option<Instant> = None;
-    loop {
-        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
-            Ok(link) => {
-                backoff.reset();
-                if let Some(since) = outage.take() {
-                    tracing::info!(
-                        shard = shard.index,
-                        down_ms = since.elapsed().as_millis() as u64,
-                        "redis subscriber reconnected; resubscribing"
-                    );
-                }
-                bp.set_sub_link(LinkState::Syncing);
-                bp.connected_to(&link.addr);
-                let err = serve(&shard, bp, link).await;
-                // Until the next connection confirms them, no topic counts as subscribed:
-                // a subscribe made meanwhile waits for the reconnect.
-                bp.set_sub_link(LinkState::Down);
-                bp.topics.borrow_mut().clear();
-                bp.unanswered.borrow_mut().clear();
-                m.redis_reconnects.inc();
-                tracing::warn!(shard = shard.index, error = %err, "redis subscriber connection lost");
-                outage = Some(Instant::now());
-            }
-            Err(e) => {
-                if outage.is_none() {
-                    tracing::warn!(shard = shard.index, error = %e, "cannot reach redis (subscriber); retrying with backoff");
-                    outage = Some(Instant::now());
-                }
-            }
-        }
-        monoio::select! {
-            _ = monoio::time::sleep(backoff.next_delay()) => {}
-            _ = bp.sub_retry.woken() => {}
-        }
-    }
+    let shard = &*shard;
+    keep_connected(shard, bp, Role::Subscriber, |link| async move {
+        Err(serve(shard, bp, link).await)
+    })
+    .await;
 }
 
 /// Serves one connection until it fails.
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
-    // Everything this shard wants, from scratch.
-    bp.dirty.borrow_mut().clear();
+    // Everything this shard wants, from scratch. Replies waiting for topics nobody
+    // holds any more (their clients left during the outage) are dropped, not kept for
+    // a confirmation that will never come.
     let topics: Vec<Rc<str>> = shard.topic_names();
-    {
-        let mut state = bp.topics.borrow_mut();
-        state.clear();
-        for t in &topics {
-            state.insert(t.clone(), SubState::Sent);
-        }
-    }
-    {
-        // Replies waiting for topics nobody holds any more (their clients left during
-        // the outage) are dropped, not kept for a confirmation that will never come.
-        bp.acks.borrow_mut().retain(|topic, waiting| {
-            waiting.retain(|a| a.conn.strong_count() > 0);
-            !waiting.is_empty() && shard.has_subscribers(topic)
-        });
-    }
+    bp.subs.borrow_mut().restart(&topics, |topic, a| {
+        a.conn.strong_count() > 0 && shard.has_subscribers(topic)
+    });
     // What was published while the connection was away is read from the streams once
     // each topic is confirmed (`replay`).
     bp.replays
         .borrow_mut()
         .reconnected(&topics, shard.history_on());
-    count_subscribes(bp, &topics);
     let mut out = BytesMut::new();
     link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
     encode_channels(&mut out, b"SUBSCRIBE", &topics);
@@ -106,10 +60,12 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
         if let Some(to) = bp.moved_from(&link.addr) {
             return LinkError::MasterMoved(to);
         }
-        let (subscribe, unsubscribe) = take_changes(shard, bp);
+        let (subscribe, unsubscribe) = bp
+            .subs
+            .borrow_mut()
+            .take_changes(|t| shard.has_subscribers(t));
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             note_changes(shard, bp, &subscribe, &unsubscribe);
-            count_subscribes(bp, &subscribe);
             let mut out = BytesMut::new();
             encode_channels(&mut out, b"SUBSCRIBE", &subscribe);
             encode_channels(&mut out, b"UNSUBSCRIBE", &unsubscribe);
@@ -123,7 +79,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
                 Ok(Some(frame)) => match on_frame(shard, bp, frame) {
                     Err(e) => return e,
                     Ok(Pushed::Pong) if bp.sub_link.get() == LinkState::Syncing => {
-                        bp.set_sub_link(LinkState::Up);
+                        bp.set_link(Role::Subscriber, LinkState::Up);
                     }
                     Ok(_) => {}
                 },
@@ -173,29 +129,6 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     }
 }
 
-/// Topics to subscribe and unsubscribe: the changed ones whose wanted state differs
-/// from what Redis has.
-fn take_changes(shard: &Shard, bp: &Backplane) -> (Vec<Rc<str>>, Vec<Rc<str>>) {
-    let dirty = std::mem::take(&mut *bp.dirty.borrow_mut());
-    let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
-    if dirty.is_empty() {
-        return (subscribe, unsubscribe);
-    }
-    let mut state = bp.topics.borrow_mut();
-    for topic in dirty {
-        let wanted = shard.has_subscribers(&topic);
-        let have = state.contains_key(&topic);
-        if wanted && !have {
-            state.insert(topic.clone(), SubState::Sent);
-            subscribe.push(topic);
-        } else if !wanted && have {
-            state.remove(&topic);
-            unsubscribe.push(topic);
-        }
-    }
-    (subscribe, unsubscribe)
-}
-
 /// Topics the shard subscribes to anew get their position read (`replay`); those it
 /// leaves are forgotten.
 fn note_changes(shard: &Shard, bp: &Backplane, subscribe: &[Rc<str>], unsubscribe: &[Rc<str>]) {
@@ -217,14 +150,6 @@ fn encode_channels(out: &mut BytesMut, command: &[u8], topics: &[Rc<str>]) {
         args.push(command);
         args.extend(channels.iter().map(|c| c.as_bytes()));
         link::encode(out, &args);
-    }
-}
-
-/// Counts the SUBSCRIBEs about to be written, per topic.
-fn count_subscribes(bp: &Backplane, topics: &[Rc<str>]) {
-    let mut unanswered = bp.unanswered.borrow_mut();
-    for t in topics {
-        *unanswered.entry(t.clone()).or_insert(0) += 1;
     }
 }
 

@@ -1,0 +1,85 @@
+//! The connect-and-backoff loop both of a shard's Redis links run: connect (through the
+//! Sentinels when configured), serve until the connection fails, then retry with
+//! exponential backoff and jitter, or at once when the master is known to have moved.
+//! The link's state (and so its gauge), the reconnect counter and the outage log lines
+//! are kept here, once for both links.
+
+use std::future::Future;
+use std::time::Instant;
+
+use super::link::{Link, LinkError};
+use super::{Backoff, Backplane, LinkState, CONNECT_TIMEOUT};
+use crate::shard::Shard;
+
+/// Which of the shard's two links a loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Subscriber,
+    Commands,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Subscriber => "subscriber",
+            Role::Commands => "commands",
+        }
+    }
+}
+
+/// Runs `serve` on one connection after another, for the life of the shard or until
+/// it returns `Ok` (the command link, once the shard is stopping and all is answered).
+pub async fn keep_connected<F, Fut>(shard: &Shard, bp: &Backplane, role: Role, mut serve: F)
+where
+    F: FnMut(Link) -> Fut,
+    Fut: Future<Output = Result<(), LinkError>>,
+{
+    let seed = shard.index as u64 * 2 + if role == Role::Subscriber { 1 } else { 2 };
+    let mut backoff = Backoff::new(seed);
+    let mut outage: Option<Instant> = None;
+    loop {
+        if role == Role::Commands && bp.stopping.get() {
+            return;
+        }
+        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
+            Ok(link) => {
+                backoff.reset();
+                if let Some(since) = outage.take() {
+                    tracing::info!(
+                        shard = shard.index,
+                        link = role.name(),
+                        down_ms = since.elapsed().as_millis() as u64,
+                        "redis connection restored; restoring subscriptions and presence"
+                    );
+                }
+                // The subscriber is up only once Redis confirms what it restores.
+                let state = match role {
+                    Role::Subscriber => LinkState::Syncing,
+                    Role::Commands => LinkState::Up,
+                };
+                bp.set_link(role, state);
+                bp.connected_to(&link.addr);
+                let end = serve(link).await;
+                bp.set_link(role, LinkState::Down);
+                match end {
+                    Ok(()) => return,
+                    Err(e) => {
+                        shard.metrics.redis_reconnects.inc();
+                        tracing::warn!(shard = shard.index, link = role.name(), error = %e, "redis connection lost");
+                        outage = Some(Instant::now());
+                    }
+                }
+            }
+            Err(e) => {
+                if outage.is_none() {
+                    tracing::warn!(shard = shard.index, link = role.name(), error = %e, "cannot reach redis; retrying with backoff");
+                    outage = Some(Instant::now());
+                }
+            }
+        }
+        monoio::select! {
+            _ = monoio::time::sleep(backoff.next_delay()) => {}
+            _ = bp.retry(role).woken() => {}
+        }
+    }
+}
