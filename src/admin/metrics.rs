@@ -34,10 +34,10 @@
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
 //! | `ringway_backplane_received_total` | counter | shard | topic messages received from Redis |
 //! | `ringway_backplane_malformed_total` | counter | shard | payloads on ringway channels not following the schema |
-//! | `ringway_redis_subscriber_up` / `ringway_redis_commands_up` | gauge | shard | 1 while that Redis connection is up |
+//! | `ringway_redis_subscriber_up` / `ringway_redis_commands_up` | gauge | shard | 1 while that Redis connection is up (the subscriber: once Redis confirmed the subscriptions it restored) |
 //! | `ringway_redis_reconnects_total` | counter | shard | Redis connections lost |
 //! | `ringway_redis_commands_total` | counter | shard | commands written to Redis |
-//! | `ringway_presence_entries` | gauge | shard | connections with a user id at the last heartbeat |
+//! | `ringway_presence_entries` | gauge | shard | connections with a user id (updated every 10 s) |
 //! | `ringway_ready` | gauge | — | 1 when every shard listens, not draining, Redis (if configured) reachable |
 //! | `ringway_info` | gauge | node, driver, version | always 1 |
 

@@ -317,6 +317,10 @@ def test_a_graceful_stop_removes_presence_and_the_node_at_once(redis_server, gat
         assert rc.exists("ringway:user:erin") == 0
         assert rc.zrange("ringway:nodes", 0, -1) == ["node1"]
         assert rc.exists("ringway:node:node2") == 0
+        # Its process's index is handed to the reaper and goes within a second or two.
+        wait_until(lambda: not list(rc.scan_iter("ringway:conns:node2@*")), 5, what="node 2's index to go")
+        wait_until(lambda: not [m for m in rc.zrange("ringway:incarnations", 0, -1) if m.startswith("node2@")], 5,
+                   what="node 2's process to be forgotten")
 
     arun(body())
 
