@@ -28,52 +28,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import jwt
 import redis
 import websockets
 
-REPO = Path(__file__).resolve().parents[2]
+from redisbench import REPO, admin_get, gateways, redis_server, wait_for
+
 SECRET = "nodes-bench-secret-0123456789abcd"
 TOPIC = "bench/nodes"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def get(admin: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=5) as r:
-        return r.read().decode()
 
 
 def subscriptions(admin: int) -> dict[str, int]:
     """Subscriptions per shard, from /metrics."""
     out = {}
-    for line in get(admin, "/metrics").splitlines():
+    for line in admin_get(admin, "/metrics").splitlines():
         if line.startswith("ringway_subscriptions{"):
             shard = line.split('shard="')[1].split('"')[0]
             out[shard] = int(float(line.rsplit(" ", 1)[1]))
@@ -90,33 +61,22 @@ def stats(r: redis.Redis) -> dict:
 
 
 async def scenario(args, nodes: int, interested: int) -> dict:
-    tmp = tempfile.mkdtemp(prefix="ringway-nodes-")
-    rport = free_port()
-    rproc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                              "--appendonly", "no", "--dir", tmp],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gws, socks = [], []
+    with redis_server() as (rport, rc), \
+            gateways(args.bin, rport, nodes, args.shards_per_node, ["--allow-anonymous", "--history-size", "0"],
+                     SECRET) as addrs:
+        return await measure(args, rc, addrs, interested)
+
+
+async def measure(args, rc: redis.Redis, addrs: list[tuple[int, int]], interested: int) -> dict:
+    socks = []
     try:
-        rc = redis.Redis(port=rport)
-        wait_for(rc.ping, 10, "redis-server")
-        env = {**os.environ, "RINGWAY_JWT_SECRET": SECRET}
-        env.pop("RUST_LOG", None)
-        ports = []
-        for n in range(nodes):
-            port, admin = free_port(), free_port()
-            gws.append((subprocess.Popen(
-                [args.bin, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                 "--redis", f"redis://127.0.0.1:{rport}", "--node-id", f"n{n}",
-                 "--shards", str(args.shards_per_node), "--allow-anonymous", "--history-size", "0"],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), admin))
-            ports.append(port)
-        for proc, admin in gws:
-            wait_for(lambda a=admin: get(a, "/readyz") == "ready\n", 30, "a node ready")
+        ports = [port for port, _ in addrs]
+        admins = [admin for _, admin in addrs]
         # Subscribers: on the first `interested` nodes, enough connections that every
         # shard of those nodes holds one.
         for n in range(interested):
-            while len(subscriptions(gws[n][1])) < args.shards_per_node or \
-                    min(subscriptions(gws[n][1]).values()) == 0:
+            while len(subscriptions(admins[n])) < args.shards_per_node or \
+                    min(subscriptions(admins[n]).values()) == 0:
                 ws = await websockets.connect(f"ws://127.0.0.1:{ports[n]}/ws", ping_interval=None, max_queue=None)
                 await ws.recv()
                 await ws.send(json.dumps({"op": "subscribe", "topic": TOPIC, "ref": 1}))
@@ -178,21 +138,11 @@ async def scenario(args, nodes: int, interested: int) -> dict:
             "lost": args.msgs - got,
         }
         await user.close()
-        return {"nodes": nodes, "interested": interested, "shards_per_node": args.shards_per_node,
+        return {"nodes": len(addrs), "interested": interested, "shards_per_node": args.shards_per_node,
                 "msgs": args.msgs, "topic": topic, "direct": direct}
     finally:
         for ws in socks:
             await ws.close()
-        for proc, _ in gws:
-            proc.terminate()
-        for proc, _ in gws:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        rproc.kill()
-        rproc.wait(5)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

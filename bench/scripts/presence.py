@@ -22,45 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
-import urllib.request
-from pathlib import Path
 
 import jwt
 import redis
 import websockets
 
-REPO = Path(__file__).resolve().parents[2]
+from redisbench import REPO, gateways, redis_server
+
 SECRET = "presence-bench-secret-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
-def ready(admin: int) -> bool:
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=2) as r:
-        return r.status == 200
 
 
 def counters(r: redis.Redis) -> dict:
@@ -94,26 +65,8 @@ async def hold(ports: list[int], conns: int, secs: float, on_open) -> None:
 
 
 def run_once(args) -> dict:
-    tmp = tempfile.mkdtemp(prefix="ringway-presence-")
-    rport = free_port()
-    redis_proc = subprocess.Popen(["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
-                                   "--appendonly", "no", "--dir", tmp, "--maxclients", "10000"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gws = []
-    try:
-        rc = redis.Redis(port=rport, decode_responses=True)
-        wait_for(rc.ping, 10, "redis-server")
-        env = {**os.environ, "RINGWAY_JWT_SECRET": SECRET}
-        env.pop("RUST_LOG", None)
-        ports = []
-        for n in range(args.nodes):
-            port, admin = free_port(), free_port()
-            gws.append(subprocess.Popen(
-                [args.bin, "serve", "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                 "--redis", f"redis://127.0.0.1:{rport}", "--node-id", f"node{n}", "--shards", "2"],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            wait_for(lambda: ready(admin), 20, f"node{n} ready")
-            ports.append(port)
+    with redis_server() as (rport, rc), \
+            gateways(args.bin, rport, args.nodes, 2, [], SECRET) as addrs:
         result = {}
 
         def measure():
@@ -131,19 +84,8 @@ def run_once(args) -> dict:
             })
             result["commands_per_conn_per_min"] = result["commands_per_min"] / args.conns
 
-        asyncio.run(hold(ports, args.conns, 0, measure))
+        asyncio.run(hold([port for port, _ in addrs], args.conns, 0, measure))
         return result
-    finally:
-        for g in gws:
-            g.terminate()
-        for g in gws:
-            try:
-                g.wait(15)
-            except subprocess.TimeoutExpired:
-                g.kill()
-        redis_proc.kill()
-        redis_proc.wait(5)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

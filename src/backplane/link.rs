@@ -8,7 +8,7 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use monoio::io::AsyncWriteRentExt;
@@ -325,6 +325,54 @@ impl Link {
             self.readable().await?;
             self.fill()?;
         }
+    }
+}
+
+/// Keeps a quiet connection honest: PINGs it after `every` without traffic, and fails
+/// it when a PING goes unanswered for `timeout` (Redis gone or hung, even if TCP has not
+/// noticed).
+pub struct Keepalive {
+    last_traffic: Instant,
+    ping_sent: Option<Instant>,
+    every: Duration,
+    timeout: Duration,
+}
+
+impl Keepalive {
+    /// `pinged`: a PING was just written with the connection's first commands.
+    pub fn new(every: Duration, timeout: Duration, pinged: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            last_traffic: now,
+            ping_sent: pinged.then_some(now),
+            every,
+            timeout,
+        }
+    }
+
+    /// Something arrived.
+    pub fn heard(&mut self) {
+        self.last_traffic = Instant::now();
+        self.ping_sent = None;
+    }
+
+    /// PINGs when due, fails when a PING is overdue; how long until it must be asked
+    /// again.
+    pub async fn check(&mut self, link: &mut Link) -> Result<Duration, LinkError> {
+        if let Some(sent) = self.ping_sent {
+            if sent.elapsed() > self.timeout {
+                return Err(LinkError::NoAnswer(self.timeout));
+            }
+        } else if self.last_traffic.elapsed() >= self.every {
+            let mut out = BytesMut::new();
+            encode(&mut out, &[b"PING"]);
+            link.write(out.freeze()).await?;
+            self.ping_sent = Some(Instant::now());
+        }
+        Ok(match self.ping_sent {
+            Some(sent) => self.timeout.saturating_sub(sent.elapsed()),
+            None => self.every.saturating_sub(self.last_traffic.elapsed()),
+        })
     }
 }
 

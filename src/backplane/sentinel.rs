@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::link::{self, Link, LinkError};
+use super::link::{self, Keepalive, Link, LinkError};
 use super::url::{Addr, Target};
 use super::{Backoff, Backplane, RedisUrl, PING_EVERY, REPLY_TIMEOUT};
 use crate::shard::Shard;
@@ -171,8 +171,7 @@ async fn follow(bp: &Backplane, sentinel: &Addr, name: &str, password: Option<&s
     if let Err(e) = link.write(out.freeze()).await {
         return e;
     }
-    let mut last_traffic = Instant::now();
-    let mut ping_sent: Option<Instant> = None;
+    let mut keepalive = Keepalive::new(PING_EVERY, REPLY_TIMEOUT, false);
     loop {
         loop {
             let frame = match link.next_buffered() {
@@ -180,8 +179,7 @@ async fn follow(bp: &Backplane, sentinel: &Addr, name: &str, password: Option<&s
                 Ok(None) => break,
                 Err(e) => return e,
             };
-            last_traffic = Instant::now();
-            ping_sent = None;
+            keepalive.heard();
             if std::mem::take(&mut expect_auth) {
                 if let Err(e) = refused("AUTH", frame) {
                     return e;
@@ -220,21 +218,9 @@ async fn follow(bp: &Backplane, sentinel: &Addr, name: &str, password: Option<&s
                 _ => {}
             }
         }
-        if let Some(sent) = ping_sent {
-            if sent.elapsed() > REPLY_TIMEOUT {
-                return LinkError::NoAnswer(REPLY_TIMEOUT);
-            }
-        } else if last_traffic.elapsed() >= PING_EVERY {
-            let mut out = BytesMut::new();
-            link::encode(&mut out, &[b"PING"]);
-            if let Err(e) = link.write(out.freeze()).await {
-                return e;
-            }
-            ping_sent = Some(Instant::now());
-        }
-        let wait = match ping_sent {
-            Some(sent) => REPLY_TIMEOUT.saturating_sub(sent.elapsed()),
-            None => PING_EVERY.saturating_sub(last_traffic.elapsed()),
+        let wait = match keepalive.check(&mut link).await {
+            Ok(wait) => wait,
+            Err(e) => return e,
         };
         let readable = monoio::select! {
             r = link.readable() => Some(r),

@@ -7,13 +7,12 @@
 //! a reconnect the whole set is subscribed again from the topic table.
 
 use std::rc::Rc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
 use super::keep::{keep_connected, Role};
-use super::link::{self, Link, LinkError};
+use super::link::{self, Keepalive, Link, LinkError};
 use super::replay::Gate;
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
 use super::{Backplane, LinkState, BATCH, PING_EVERY, REPLY_TIMEOUT};
@@ -54,8 +53,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     if let Err(e) = link.write(out.freeze()).await {
         return e;
     }
-    let mut last_traffic = Instant::now();
-    let mut ping_sent: Option<Instant> = Some(last_traffic);
+    let mut keepalive = Keepalive::new(PING_EVERY, REPLY_TIMEOUT, true);
     loop {
         if let Some(to) = bp.moved_from(&link.addr) {
             return LinkError::MasterMoved(to);
@@ -89,28 +87,13 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             handled += 1;
         }
         if handled > 0 {
-            last_traffic = Instant::now();
-            ping_sent = None;
+            keepalive.heard();
             // Let connection tasks write what the deliveries queued.
             crate::shard::yield_now().await;
         }
-        // A quiet connection is PINGed; a PING unanswered in time means Redis is gone
-        // (or hung) even if TCP has not noticed.
-        if let Some(sent) = ping_sent {
-            if sent.elapsed() > REPLY_TIMEOUT {
-                return LinkError::NoAnswer(REPLY_TIMEOUT);
-            }
-        } else if last_traffic.elapsed() >= PING_EVERY {
-            let mut out = BytesMut::new();
-            link::encode(&mut out, &[b"PING"]);
-            if let Err(e) = link.write(out.freeze()).await {
-                return e;
-            }
-            ping_sent = Some(Instant::now());
-        }
-        let wait = match ping_sent {
-            Some(sent) => REPLY_TIMEOUT.saturating_sub(sent.elapsed()),
-            None => PING_EVERY.saturating_sub(last_traffic.elapsed()),
+        let wait = match keepalive.check(&mut link).await {
+            Ok(wait) => wait,
+            Err(e) => return e,
         };
         let readable = monoio::select! {
             r = link.readable() => Some(r),
