@@ -397,6 +397,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     let set_log = init_logging(&cfg);
+    if cfg.presence_ttl_secs != crate::config::Config::default().presence_ttl_secs {
+        tracing::warn!("presence_ttl_secs is no longer used: presence entries live as long as their node's heartbeat; remove it");
+    }
     match crate::sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file limit raised to the hard limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the file limit"),

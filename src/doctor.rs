@@ -84,6 +84,7 @@ pub fn run(cfg: &Config) -> Vec<Check> {
     ));
     out.push(cpus(cfg));
     out.extend(redis(cfg));
+    out.extend(sentinels(cfg));
     out
 }
 
@@ -123,6 +124,56 @@ fn redis(cfg: &Config) -> Option<Check> {
             "start Redis or correct the `redis` URL (and its user/password); ringway itself starts anyway, answers 503 on /readyz and keeps retrying",
         ),
     }
+}
+
+/// With `redis+sentinel://`: whether every Sentinel answers and all name the same
+/// master (a failover needs a quorum of them; one that is down or disagrees is a risk
+/// worth knowing before it matters).
+fn sentinels(cfg: &Config) -> Option<Check> {
+    let url = crate::backplane::RedisUrl::parse(cfg.redis.as_deref()?).ok()?;
+    if !matches!(url.target, crate::backplane::Target::Sentinel { .. }) {
+        return None;
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .ok()?;
+    let answers = rt.block_on(crate::backplane::sentinel::ask_each(&url));
+    let total = answers.len();
+    let mut masters: Vec<String> = Vec::new();
+    let mut problems = Vec::new();
+    for (sentinel, answer) in answers {
+        match answer {
+            Ok(Some(master)) => masters.push(master.to_string()),
+            Ok(None) => problems.push(format!("{sentinel} does not know that master")),
+            Err(e) => problems.push(format!("{sentinel}: {e}")),
+        }
+    }
+    let answered = masters.len();
+    masters.sort();
+    masters.dedup();
+    if problems.is_empty() && masters.len() == 1 {
+        return Some(check(
+            Level::Pass,
+            "sentinel",
+            format!("{answered} of {total} Sentinels name {}", masters[0]),
+            None,
+        ));
+    }
+    if masters.len() > 1 {
+        problems.push(format!("they disagree: {}", masters.join(" vs ")));
+    }
+    let level = if answered == 0 {
+        Level::Fail
+    } else {
+        Level::Warn
+    };
+    Some(check(
+        level,
+        "sentinel",
+        format!("{answered} of {total} Sentinels answer; {}", problems.join("; ")),
+        Some("start or fix the Sentinels named, or list the right ones in the `redis` URL (a failover needs a quorum of them)".into()),
+    ))
 }
 
 /// Connects as the gateway would (TLS, Sentinel, AUTH, SELECT, the master's role) and

@@ -25,7 +25,7 @@ pub mod link;
 pub mod remote;
 pub mod replay;
 pub mod schema;
-mod sentinel;
+pub mod sentinel;
 mod subscriber;
 mod subscriptions;
 mod url;

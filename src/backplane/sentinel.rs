@@ -46,6 +46,32 @@ pub async fn master(url: &RedisUrl) -> Result<Addr, LinkError> {
     Err(LinkError::NoMaster(said.join("; ")))
 }
 
+/// What each of the URL's Sentinels says the master is (for `ringway doctor`).
+pub async fn ask_each(url: &RedisUrl) -> Vec<(Addr, Result<Option<Addr>, LinkError>)> {
+    let Target::Sentinel {
+        sentinels,
+        master,
+        password,
+    } = &url.target
+    else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for s in sentinels {
+        let answer = match monoio::time::timeout(
+            SENTINEL_TIMEOUT,
+            ask(s, master, password.as_deref()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(LinkError::Timeout),
+        };
+        out.push((s.clone(), answer));
+    }
+    out
+}
+
 /// `SENTINEL get-master-addr-by-name` on one Sentinel.
 async fn ask(
     sentinel: &Addr,

@@ -193,8 +193,8 @@ table::options! {
     /// With a JWT key configured, let clients without a token connect as anonymous
     /// (they can subscribe but receive no direct messages). A bad token is always refused.
     allow_anonymous: bool = false, live;
-    /// Lifetime of a presence entry in Redis, in seconds; refreshed every third of it,
-    /// so a crashed node's users expire within this time.
+    /// No longer used: presence entries live as long as their node's heartbeat.
+    /// Accepted so that existing configuration files still load (a warning says so).
     presence_ttl_secs: u64 = 30;
     /// Topic namespaces (`[[namespace]]` sections): who may subscribe and publish
     /// without a grant in the token, by topic prefix (`crate::permissions`).

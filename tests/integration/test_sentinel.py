@@ -199,6 +199,16 @@ def test_doctor_finds_the_master_through_the_sentinels(group):
     ok = run_cli("doctor", "--redis", sentinels.url)
     line = next(l for l in ok.stdout.splitlines() if " redis " in f" {l} ")
     assert line.startswith("PASS") and f":{master.port} answers, Redis 7." in line, ok.stdout
+    line = next(l for l in ok.stdout.splitlines() if " sentinel " in f" {l} ")
+    assert line.startswith("PASS") and f"3 of 3 Sentinels name 127.0.0.1:{master.port}" in line, ok.stdout
+    # One Sentinel down: the master is still found, and the doctor warns.
+    sentinels.procs[2].kill()
+    sentinels.procs[2].wait(5)
+    one_down = run_cli("doctor", "--redis", sentinels.url)
+    line = next(l for l in one_down.stdout.splitlines() if " redis " in f" {l} ")
+    assert line.startswith("PASS"), one_down.stdout
+    line = next(l for l in one_down.stdout.splitlines() if " sentinel " in f" {l} ")
+    assert line.startswith("WARN") and "2 of 3 Sentinels answer" in line and f":{sentinels.ports[2]}" in line, one_down.stdout
     unknown = sentinels.url.replace("/mymaster", "/nosuchmaster")
     bad = run_cli("doctor", "--redis", unknown)
     line = next(l for l in bad.stdout.splitlines() if " redis " in f" {l} ")
