@@ -9,7 +9,8 @@
 //!   message published after it is never missed. What it has asked Redis for, and who
 //!   waits on it, is a pure state machine (`subscriptions`).
 //! - **commands** (`commands`): pipelines publishes, presence changes and heartbeats,
-//!   and requests from the admin API; replies are matched in order.
+//!   and requests from the admin API; replies are matched in order. Its queue
+//!   (`queue`, bounded) and the presence it keeps (`presence`) are modules of their own.
 //!
 //! Both run the same connect-and-backoff loop (`keep`): exponential backoff and jitter,
 //! then they restore their state: every topic is resubscribed and every user's presence
@@ -22,6 +23,8 @@ mod commands;
 pub mod inbox;
 mod keep;
 pub mod link;
+mod presence;
+mod queue;
 pub mod remote;
 pub mod replay;
 pub mod schema;
@@ -31,7 +34,6 @@ mod subscriptions;
 mod url;
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -58,12 +60,6 @@ use crate::shard::outbound::ConnHandle;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Channels or presence entries per command, so one command never blocks Redis long.
 const BATCH: usize = 512;
-/// Presence removals kept while Redis is away; beyond it, entries expire by their TTL.
-const MAX_PENDING_REMOVALS: usize = 100_000;
-/// Commands (and their bytes) waiting to be written; beyond either, new commands fail
-/// at once with `unavailable` rather than pile up behind a stalled Redis.
-const MAX_QUEUED: usize = 100_000;
-const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// A command unanswered this long, or a subscriber PING, breaks the connection.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The subscriber PINGs Redis after this long without traffic.
@@ -105,11 +101,6 @@ pub enum Reply {
     Remote(RemoteReply),
 }
 
-struct Command {
-    bytes: Bytes,
-    reply: Reply,
-}
-
 /// Where one of the shard's Redis links stands. This is the truth the shard acts on;
 /// the `ringway_redis_*_up` gauges (and so `/readyz`) mirror it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,16 +128,14 @@ pub struct Backplane {
     /// The subscriber connection's topics, and the replies waiting on them.
     subs: RefCell<subscriptions::Subscriptions<PendingAck>>,
     sub_wake: Wake,
-    queue: RefCell<VecDeque<Command>>,
-    /// Bytes in `queue`; bounded by `MAX_QUEUED_BYTES`.
-    queued_bytes: Cell<usize>,
+    /// The command connection's queue: waiting (bounded; beyond it new commands fail
+    /// at once with `unavailable` rather than pile up behind a stalled Redis) and
+    /// unanswered.
+    queue: RefCell<queue::CommandQueue<Reply>>,
     last_command_warn: Cell<Option<std::time::Instant>>,
-    /// Commands written and not yet answered.
-    in_flight: Cell<usize>,
     cmd_wake: Wake,
-    /// Presence entries (user, connection id) to add or remove at the next write.
-    presence_added: RefCell<Vec<(Rc<str>, u64)>>,
-    presence_removed: RefCell<Vec<(Rc<str>, u64)>>,
+    /// Presence entries to add or remove at the next write.
+    presence: RefCell<presence::Pending>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
     sub_link: Cell<LinkState>,
@@ -218,14 +207,11 @@ impl Backplane {
             inboxes: RefCell::default(),
             direct_channel: schema::shard_channel(node, shard),
             subs: RefCell::default(),
-            queued_bytes: Cell::new(0),
             last_command_warn: Cell::new(None),
             sub_wake: Wake::default(),
             queue: RefCell::default(),
-            in_flight: Cell::new(0),
             cmd_wake: Wake::default(),
-            presence_added: RefCell::default(),
-            presence_removed: RefCell::default(),
+            presence: RefCell::default(),
             stopping: Cell::new(false),
             finished: Cell::new(false),
             sub_link: Cell::new(LinkState::Down),
@@ -409,15 +395,14 @@ impl Backplane {
         };
         let mut buf = BytesMut::new();
         replay::encode_request(&mut buf, topic, &req);
-        self.queued_bytes.set(self.queued_bytes.get() + buf.len());
-        self.queue.borrow_mut().push_back(Command {
-            bytes: buf.freeze(),
-            reply: Reply::History {
+        self.queue.borrow_mut().push(
+            buf.freeze(),
+            Reply::History {
                 topic: Rc::from(topic),
                 serial: req.serial,
                 count: req.count,
             },
-        });
+        );
         self.cmd_wake.wake();
     }
 
@@ -485,19 +470,13 @@ impl Backplane {
             return;
         }
         let size: usize = args.iter().map(|a| a.len() + 16).sum();
-        if self.queue.borrow().len() >= MAX_QUEUED
-            || self.queued_bytes.get() + size > MAX_QUEUED_BYTES
-        {
+        if !self.queue.borrow().has_room(size) {
             self.complete(reply, Err("redis is not keeping up: backlog full".into()));
             return;
         }
         let mut buf = BytesMut::with_capacity(size);
         link::encode(&mut buf, args);
-        self.queued_bytes.set(self.queued_bytes.get() + buf.len());
-        self.queue.borrow_mut().push_back(Command {
-            bytes: buf.freeze(),
-            reply,
-        });
+        self.queue.borrow_mut().push(buf.freeze(), reply);
         self.cmd_wake.wake();
     }
 
@@ -505,20 +484,15 @@ impl Backplane {
     /// recorded: the reconnect registers every connection anyway.
     pub fn user_online(&self, user: &Rc<str>, conn: u64) {
         if self.cmd_up() {
-            self.presence_added.borrow_mut().push((user.clone(), conn));
+            self.presence.borrow_mut().opened(user, conn);
             self.cmd_wake.wake();
         }
     }
 
-    /// A connection of `user` closed. Kept while Redis is away (up to
-    /// `MAX_PENDING_REMOVALS`), so entries that outlived a network partition are
-    /// deleted at the reconnect rather than left to expire.
+    /// A connection of `user` closed. Kept while Redis is away (up to a bound), so
+    /// entries that outlived a network partition are deleted at the reconnect.
     pub fn user_offline(&self, user: &Rc<str>, conn: u64) {
-        let mut removed = self.presence_removed.borrow_mut();
-        if removed.len() < MAX_PENDING_REMOVALS {
-            removed.push((user.clone(), conn));
-        }
-        drop(removed);
+        self.presence.borrow_mut().closed(user, conn);
         self.cmd_wake.wake();
     }
 

@@ -1,0 +1,202 @@
+//! Presence in Redis as one shard keeps it: a user's connection has an entry in the
+//! user's sorted set from when it opens to when it closes, and nothing at rest.
+//!
+//! - Connects and disconnects since the command connection's last write go out as one
+//!   `ringway_presence_set` / `ringway_presence_del` call per `PRESENCE_BATCH`.
+//! - An entry is never refreshed: shard 0's heartbeat, every second, keeps every entry
+//!   of this node process live, and also reaps a batch of the entries a dead process
+//!   left behind (`ringway_reap`).
+//! - After a (re)connect every entry is registered again (Redis may have restarted
+//!   empty); removals made while Redis was away are kept (`Pending`), so entries that
+//!   outlived a partition are deleted at the reconnect.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::{schema, Backplane, Reply};
+use crate::shard::Shard;
+
+/// How long a node counts as alive after its last heartbeat (sent every second): a
+/// killed node's users count as offline, and are not routed to, within this.
+const NODE_TTL: Duration = Duration::from_secs(5);
+/// Presence entries per function call: each costs Redis three commands, so a call holds
+/// Redis for well under a millisecond and sends queued behind it barely notice.
+const PRESENCE_BATCH: usize = 128;
+/// Entries of a dead node process reaped per second by each node.
+const REAP_BATCH: usize = 1000;
+/// Presence removals kept while Redis is away. Beyond it the surplus entries stay in
+/// Redis, counted as live, until this process stops (then the reaper removes every
+/// entry it left); a warning says so.
+const MAX_PENDING_REMOVALS: usize = 100_000;
+
+/// A connection of a user: (user, connection number).
+type Entry = (Rc<str>, u64);
+
+/// Connects and disconnects not yet written.
+#[derive(Default)]
+pub struct Pending {
+    opened: Vec<Entry>,
+    closed: Vec<Entry>,
+    /// The bound was hit (warned once per outage).
+    overflowed: bool,
+}
+
+impl Pending {
+    pub fn opened(&mut self, user: &Rc<str>, conn: u64) {
+        self.opened.push((user.clone(), conn));
+    }
+
+    /// Kept up to `MAX_PENDING_REMOVALS`; false once that is full.
+    pub fn closed(&mut self, user: &Rc<str>, conn: u64) -> bool {
+        if self.closed.len() >= MAX_PENDING_REMOVALS {
+            if !self.overflowed {
+                self.overflowed = true;
+                tracing::warn!(
+                    kept = MAX_PENDING_REMOVALS,
+                    "too many connections closed while redis was away: the presence entries of the rest stay until this process stops"
+                );
+            }
+            return false;
+        }
+        self.closed.push((user.clone(), conn));
+        true
+    }
+
+    /// A (re)connect registers every open connection anyway.
+    pub fn forget_opened(&mut self) {
+        self.opened.clear();
+    }
+
+    fn take(&mut self) -> (Vec<Entry>, Vec<Entry>) {
+        self.overflowed = false;
+        (
+            std::mem::take(&mut self.opened),
+            std::mem::take(&mut self.closed),
+        )
+    }
+}
+
+/// Registers every identified connection of the shard, in calls of `PRESENCE_BATCH`.
+pub fn register_all(shard: &Shard, bp: &Backplane) {
+    let entries = shard.identified_conns(0, usize::MAX);
+    for chunk in entries.chunks(PRESENCE_BATCH) {
+        presence_call(shard, bp, "ringway_presence_set", chunk);
+    }
+}
+
+/// On shard 0: keeps the node's registry entry, and so every presence entry of this
+/// process, alive; and reaps a batch of entries left by a node process that died.
+pub fn heartbeat(shard: &Shard, bp: &Backplane) {
+    if shard.index != 0 {
+        return;
+    }
+    let ttl_ms = NODE_TTL.as_millis().to_string();
+    let node = &shard.node.id;
+    let node_key = format!("{}{node}", schema::NODE_PREFIX);
+    let incarnation = schema::incarnation(node, &shard.node.epoch);
+    let info = serde_json::json!({
+        "node": node,
+        "shards": shard.node.shards.len(),
+        "listen": shard.node.listen.to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "boot": shard.node.epoch,
+    })
+    .to_string();
+    let args: [&[u8]; 10] = [
+        b"FCALL",
+        b"ringway_node_alive",
+        b"3",
+        schema::NODES_KEY.as_bytes(),
+        node_key.as_bytes(),
+        schema::INCARNATIONS_KEY.as_bytes(),
+        ttl_ms.as_bytes(),
+        node.as_bytes(),
+        info.as_bytes(),
+        incarnation.as_bytes(),
+    ];
+    bp.command(&args, Reply::Ignore("ringway_node_alive"));
+    let batch = REAP_BATCH.to_string();
+    let args: [&[u8]; 5] = [
+        b"FCALL",
+        b"ringway_reap",
+        b"1",
+        schema::INCARNATIONS_KEY.as_bytes(),
+        batch.as_bytes(),
+    ];
+    bp.command(&args, Reply::Ignore("ringway_reap"));
+}
+
+/// On shard 0, when the node drains: the node leaves the registry, and its process is
+/// handed to the reaper for whatever entries its shards could not remove.
+pub fn node_gone(shard: &Shard, bp: &Backplane) {
+    if shard.index != 0 {
+        return;
+    }
+    let node = &shard.node.id;
+    let node_key = format!("{}{node}", schema::NODE_PREFIX);
+    let incarnation = schema::incarnation(node, &shard.node.epoch);
+    let args: [&[u8]; 8] = [
+        b"FCALL",
+        b"ringway_node_gone",
+        b"3",
+        schema::NODES_KEY.as_bytes(),
+        node_key.as_bytes(),
+        schema::INCARNATIONS_KEY.as_bytes(),
+        node.as_bytes(),
+        incarnation.as_bytes(),
+    ];
+    bp.command(&args, Reply::Ignore("ringway_node_gone"));
+}
+
+/// Connects and disconnects since the last write, one call each per `PRESENCE_BATCH`.
+pub fn queue_changes(shard: &Shard, bp: &Backplane) {
+    let (added, removed) = bp.presence.borrow_mut().take();
+    for chunk in added.chunks(PRESENCE_BATCH) {
+        presence_call(shard, bp, "ringway_presence_set", chunk);
+    }
+    for chunk in removed.chunks(PRESENCE_BATCH) {
+        presence_call(shard, bp, "ringway_presence_del", chunk);
+    }
+}
+
+/// `FCALL <function> n+1 user-keys… index-key members…`
+fn presence_call(
+    shard: &Shard,
+    bp: &Backplane,
+    function: &'static str,
+    entries: &[(Rc<str>, u64)],
+) {
+    let boot = &shard.node.epoch;
+    let mut keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
+    keys.push(schema::conns_key(&shard.node.id, boot));
+    let members: Vec<String> = entries
+        .iter()
+        .map(|(_, conn)| schema::presence_member(&shard.node.id, shard.index, *conn, boot))
+        .collect();
+    let count = keys.len().to_string();
+    let mut args: Vec<&[u8]> = Vec::with_capacity(3 + keys.len() + members.len());
+    args.extend([b"FCALL".as_slice(), function.as_bytes(), count.as_bytes()]);
+    args.extend(keys.iter().map(|k| k.as_bytes()));
+    args.extend(members.iter().map(|m| m.as_bytes()));
+    bp.command(&args, Reply::Ignore(function));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_kept_up_to_a_bound_and_registrations_can_be_forgotten() {
+        let mut p = Pending::default();
+        let u: Rc<str> = Rc::from("u");
+        p.opened(&u, 1);
+        p.forget_opened();
+        for i in 0..MAX_PENDING_REMOVALS as u64 {
+            assert!(p.closed(&u, i));
+        }
+        assert!(!p.closed(&u, 0));
+        let (opened, closed) = p.take();
+        assert!(opened.is_empty() && closed.len() == MAX_PENDING_REMOVALS);
+        assert!(p.closed(&u, 0));
+    }
+}
