@@ -26,28 +26,28 @@ const SENTINEL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The master's address as the first Sentinel that knows it says.
 pub async fn master(url: &RedisUrl) -> Result<Addr, LinkError> {
-    let Target::Sentinel {
-        sentinels,
-        master,
-        password,
-    } = &url.target
-    else {
-        return Err(LinkError::NoMaster("not a Sentinel URL".into()));
-    };
     let mut said = Vec::new();
-    for s in sentinels {
-        match monoio::time::timeout(SENTINEL_TIMEOUT, ask(s, master, password.as_deref())).await {
-            Ok(Ok(Some(addr))) => return Ok(addr),
-            Ok(Ok(None)) => said.push(format!("{s}: does not know {master:?}")),
-            Ok(Err(e)) => said.push(format!("{s}: {e}")),
-            Err(_) => said.push(format!("{s}: timed out")),
+    for (s, answer) in answers(url, true).await {
+        match answer {
+            Ok(Some(addr)) => return Ok(addr),
+            Ok(None) => said.push(format!("{s}: does not know that master")),
+            Err(e) => said.push(format!("{s}: {e}")),
         }
+    }
+    if said.is_empty() {
+        said.push("not a Sentinel URL".into());
     }
     Err(LinkError::NoMaster(said.join("; ")))
 }
 
 /// What each of the URL's Sentinels says the master is (for `ringway doctor`).
 pub async fn ask_each(url: &RedisUrl) -> Vec<(Addr, Result<Option<Addr>, LinkError>)> {
+    answers(url, false).await
+}
+
+/// The Sentinels' answers in turn, each within `SENTINEL_TIMEOUT`; with `first`, up to
+/// the first that names a master.
+async fn answers(url: &RedisUrl, first: bool) -> Vec<(Addr, Result<Option<Addr>, LinkError>)> {
     let Target::Sentinel {
         sentinels,
         master,
@@ -58,16 +58,16 @@ pub async fn ask_each(url: &RedisUrl) -> Vec<(Addr, Result<Option<Addr>, LinkErr
     };
     let mut out = Vec::new();
     for s in sentinels {
-        let answer = match monoio::time::timeout(
-            SENTINEL_TIMEOUT,
-            ask(s, master, password.as_deref()),
-        )
-        .await
-        {
+        let asked = ask(s, master, password.as_deref());
+        let answer = match monoio::time::timeout(SENTINEL_TIMEOUT, asked).await {
             Ok(r) => r,
             Err(_) => Err(LinkError::Timeout),
         };
+        let found = matches!(answer, Ok(Some(_)));
         out.push((s.clone(), answer));
+        if first && found {
+            break;
+        }
     }
     out
 }
