@@ -141,14 +141,6 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
             let left = REPLY_TIMEOUT.saturating_sub(t.elapsed());
             sleep = sleep.min(left + Duration::from_millis(1));
         }
-        let readable = monoio::select! {
-            r = link.readable() => Some(r),
-            _ = bp.cmd_wake.woken() => None,
-            _ = monoio::time::sleep(sleep) => None,
-        };
-        if let Some(r) = readable {
-            r?;
-            link.fill()?;
-        }
+        link.fill_within(sleep, bp.cmd_wake.woken()).await?;
     }
 }

@@ -267,6 +267,25 @@ impl Link {
         Ok(())
     }
 
+    /// Waits for something to read, at most `wait` or until `wake` is ready, and moves
+    /// what arrived into the read buffer.
+    pub async fn fill_within(
+        &mut self,
+        wait: Duration,
+        wake: impl std::future::Future<Output = ()>,
+    ) -> Result<(), LinkError> {
+        let readable = monoio::select! {
+            r = self.readable() => Some(r),
+            _ = wake => None,
+            _ = monoio::time::sleep(wait) => None,
+        };
+        if let Some(r) = readable {
+            r?;
+            self.fill()?;
+        }
+        Ok(())
+    }
+
     /// Waits until the socket has something to read (or is closed).
     pub async fn readable(&self) -> Result<(), LinkError> {
         self.stream.readable(false).await?;

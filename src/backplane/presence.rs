@@ -78,7 +78,7 @@ impl Pending {
 
 /// Registers every identified connection of the shard, in calls of `PRESENCE_BATCH`.
 pub fn register_all(shard: &Shard, bp: &Backplane) {
-    let entries = shard.identified_conns(0, usize::MAX);
+    let entries = shard.identified_conns();
     for chunk in entries.chunks(PRESENCE_BATCH) {
         presence_call(shard, bp, "ringway_presence_set", chunk);
     }
@@ -91,9 +91,7 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
         return;
     }
     let ttl_ms = NODE_TTL.as_millis().to_string();
-    let node = &shard.node.id;
-    let node_key = format!("{}{node}", schema::NODE_PREFIX);
-    let incarnation = schema::incarnation(node, &shard.node.epoch);
+    let (node, node_key, incarnation) = registry(shard);
     let info = serde_json::json!({
         "node": node,
         "shards": shard.node.shards.len(),
@@ -126,15 +124,20 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
     bp.command(&args, Reply::Ignore("ringway_reap"));
 }
 
+/// The node's id, its heartbeat key and this process's `<node>@<boot>`.
+fn registry(shard: &Shard) -> (&str, String, String) {
+    let node = shard.node.id.as_str();
+    let key = format!("{}{node}", schema::NODE_PREFIX);
+    (node, key, schema::incarnation(node, &shard.node.epoch))
+}
+
 /// On shard 0, when the node drains: the node leaves the registry, and its process is
 /// handed to the reaper for whatever entries its shards could not remove.
 pub fn node_gone(shard: &Shard, bp: &Backplane) {
     if shard.index != 0 {
         return;
     }
-    let node = &shard.node.id;
-    let node_key = format!("{}{node}", schema::NODE_PREFIX);
-    let incarnation = schema::incarnation(node, &shard.node.epoch);
+    let (node, node_key, incarnation) = registry(shard);
     let args: [&[u8]; 8] = [
         b"FCALL",
         b"ringway_node_gone",

@@ -89,8 +89,7 @@ async fn ask(
     if expect_auth {
         refused("AUTH", link.next_frame().await?)?;
     }
-    let reply = link.next_frame().await?;
-    refused("SENTINEL", reply.clone())?;
+    let reply = refused("SENTINEL", link.next_frame().await?)?;
     Ok(parse_addr(&reply))
 }
 
@@ -248,18 +247,8 @@ async fn follow(bp: &Backplane, sentinel: &Addr, name: &str, password: Option<&s
             Ok(wait) => wait,
             Err(e) => return e,
         };
-        let readable = monoio::select! {
-            r = link.readable() => Some(r),
-            _ = monoio::time::sleep(wait) => None,
-        };
-        match readable {
-            Some(Err(e)) => return e,
-            Some(Ok(())) => {
-                if let Err(e) = link.fill() {
-                    return e;
-                }
-            }
-            None => {}
+        if let Err(e) = link.fill_within(wait, std::future::pending()).await {
+            return e;
         }
     }
 }

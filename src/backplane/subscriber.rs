@@ -95,19 +95,8 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             Ok(wait) => wait,
             Err(e) => return e,
         };
-        let readable = monoio::select! {
-            r = link.readable() => Some(r),
-            _ = bp.sub_wake.woken() => None,
-            _ = monoio::time::sleep(wait) => None,
-        };
-        match readable {
-            Some(Err(e)) => return e,
-            Some(Ok(())) => {
-                if let Err(e) = link.fill() {
-                    return e;
-                }
-            }
-            None => {}
+        if let Err(e) = link.fill_within(wait, bp.sub_wake.woken()).await {
+            return e;
         }
     }
 }

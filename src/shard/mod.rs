@@ -776,19 +776,12 @@ impl Shard {
         self.registry.borrow().subscribers(topic).is_some()
     }
 
-    /// Slots of the connection table (for walking it in slices).
-    pub fn conn_slots(&self) -> usize {
-        self.conns.borrow().capacity()
-    }
-
-    /// The identified connections among slots `from .. from + len`: (user, connection
-    /// number).
-    pub fn identified_conns(&self, from: usize, len: usize) -> Vec<(Rc<str>, u64)> {
-        let conns = self.conns.borrow();
-        let end = from.saturating_add(len).min(conns.capacity());
-        (from..end)
-            .filter_map(|k| conns.get(k))
-            .filter_map(|c| c.user.as_ref().map(|u| (u.clone(), c.id)))
+    /// The identified connections: (user, connection number).
+    pub fn identified_conns(&self) -> Vec<(Rc<str>, u64)> {
+        self.conns
+            .borrow()
+            .iter()
+            .filter_map(|(_, c)| c.user.as_ref().map(|u| (u.clone(), c.id)))
             .collect()
     }
 
