@@ -140,6 +140,12 @@ pub struct ShardMetrics {
     pub direct_deliveries: Counter,
     /// Topic messages received from Redis.
     pub backplane_received: Counter,
+    /// Topic messages from Redis handed to sibling shards (this shard owns the topic's
+    /// subscription on the node).
+    pub relayed: Counter,
+    /// Topic messages a sibling shard's full inbox could not take: it catches up from
+    /// the topic's stream instead.
+    pub relays_lost: Counter,
     /// Messages on ringway channels that did not follow the schema (dropped).
     pub backplane_bad: Counter,
     /// 1 while the shard's Redis subscriber / command connection is up.

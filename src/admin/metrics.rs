@@ -33,6 +33,8 @@
 //! | `ringway_direct_received_total` | counter | shard | direct messages that reached this shard |
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
 //! | `ringway_backplane_received_total` | counter | shard | topic messages received from Redis |
+//! | `ringway_relayed_total` | counter | shard | topic messages from Redis handed to sibling shards (the shard owns the topic's subscription on the node) |
+//! | `ringway_relays_lost_total` | counter | shard | messages a sibling's full inbox refused (the sibling catches up from the topic's stream) |
 //! | `ringway_backplane_malformed_total` | counter | shard | payloads on ringway channels not following the schema |
 //! | `ringway_redis_subscriber_up` / `ringway_redis_commands_up` | gauge | shard | 1 while that Redis connection is up (the subscriber: once Redis confirmed the subscriptions it restored) |
 //! | `ringway_redis_reconnects_total` | counter | shard | Redis connections lost |
@@ -92,7 +94,7 @@ impl Collector for NodeCollector {
                 .map(|(i, m)| (vec![("shard", i.clone())], f(m)))
                 .collect()
         };
-        let counters: [ShardFamily; 24] = [
+        let counters: [ShardFamily; 26] = [
             ("ringway_accepted", "TCP connections accepted", |m| {
                 m.accepted.get()
             }),
@@ -191,6 +193,16 @@ impl Collector for NodeCollector {
                 "ringway_backplane_received",
                 "Topic messages received from Redis",
                 |m| m.backplane_received.get(),
+            ),
+            (
+                "ringway_relayed",
+                "Topic messages from Redis handed to sibling shards (this shard owns the topic's subscription on the node)",
+                |m| m.relayed.get(),
+            ),
+            (
+                "ringway_relays_lost",
+                "Topic messages a sibling shard's full inbox refused (the sibling catches up from the topic's stream)",
+                |m| m.relays_lost.get(),
             ),
             (
                 "ringway_backplane_malformed",

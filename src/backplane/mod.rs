@@ -2,12 +2,16 @@
 //!
 //! Every shard has two Redis connections of its own, each run by one task on the
 //! shard's runtime:
-//! - **subscriber** (`subscriber`): SUBSCRIBEs to a topic's channel when its first local
-//!   subscriber arrives and UNSUBSCRIBEs when its last leaves, batching every change made
-//!   since its last write into one command; also listens on the shard's direct channel.
-//!   A client's `subscribed` reply waits for Redis to confirm the subscription, so a
-//!   message published after it is never missed. What it has asked Redis for, and who
-//!   waits on it, is a pure state machine (`subscriptions`).
+//! - **subscriber** (`subscriber`): SUBSCRIBEs to a topic's channel when its first
+//!   subscriber on the node arrives and UNSUBSCRIBEs when its last leaves, batching every
+//!   change made since its last write into one command; also listens on the shard's
+//!   direct channel. A client's `subscribed` reply waits for Redis to confirm the
+//!   subscription, so a message published after it is never missed. What it has asked
+//!   Redis for, and who waits on it, is a pure state machine (`subscriptions`).
+//! - One copy per node (`owners`, `relay`): each topic's subscription is held by one
+//!   shard of the node, its owner, which hands every message to the sibling shards that
+//!   want the topic. A sibling asks its owner as it would ask Redis, and waits for the
+//!   answer the same way.
 //! - **commands** (`commands`): pipelines publishes, presence changes and heartbeats,
 //!   and requests from the admin API; replies are matched in order. Its queue
 //!   (`queue`, bounded) and the presence it keeps (`presence`) are modules of their own.
@@ -23,8 +27,10 @@ mod commands;
 pub mod inbox;
 mod keep;
 pub mod link;
+mod owners;
 mod presence;
 mod queue;
+mod relay;
 pub mod remote;
 pub mod replay;
 pub mod schema;
@@ -43,6 +49,7 @@ use redis_protocol::resp2::types::BytesFrame;
 use serde_json::value::RawValue;
 
 pub use commands::run as run_commands;
+pub use relay::run as run_interest;
 pub use sentinel::watch as watch_sentinel;
 pub use subscriber::run as run_subscriber;
 use url::Addr;
@@ -55,6 +62,7 @@ use crate::metrics::ShardMetrics;
 use crate::protocol::{self, ErrorCode, NotRecovered};
 use crate::shard::history::Bounds as HistoryBounds;
 use crate::shard::outbound::ConnHandle;
+use crate::shard::Node;
 
 /// Time allowed for connecting to Redis (and AUTH/SELECT).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -125,9 +133,19 @@ pub struct Backplane {
     pub url: RedisUrl,
     /// This shard's direct-message channel.
     pub direct_channel: String,
-    /// The subscriber connection's topics, and the replies waiting on them.
+    /// The subscriber connection's topics (those this shard owns), and the replies
+    /// waiting on them.
     subs: RefCell<subscriptions::Subscriptions<PendingAck>>,
     sub_wake: Wake,
+    /// The topics this shard gets from their owners, and the replies waiting on them;
+    /// the interest task (`relay::run`) sends the changes.
+    via: RefCell<subscriptions::Subscriptions<PendingAck>>,
+    via_wake: Wake,
+    /// The topics this shard owns for its siblings.
+    owned: RefCell<owners::Owned>,
+    /// This shard's index, and the node (its other shards' inboxes).
+    index: usize,
+    node: Arc<Node>,
     /// The command connection's queue: waiting (bounded; beyond it new commands fail
     /// at once with `unavailable` rather than pile up behind a stalled Redis) and
     /// unanswered.
@@ -193,19 +211,24 @@ pub fn published_id(reply: &BytesFrame) -> Option<String> {
 impl Backplane {
     pub fn new(
         url: RedisUrl,
-        node: &str,
+        node: Arc<Node>,
         shard: usize,
         cfg: &Config,
         metrics: Arc<ShardMetrics>,
     ) -> Self {
         Self {
             url,
+            via: RefCell::default(),
+            via_wake: Wake::default(),
+            owned: RefCell::default(),
+            index: shard,
             reply_limit: Cell::new(cfg.outbound_queue_bytes),
             metrics,
             replays: RefCell::default(),
             reads_done: RefCell::default(),
             inboxes: RefCell::default(),
-            direct_channel: schema::shard_channel(node, shard),
+            direct_channel: schema::shard_channel(&node.id, shard),
+            node,
             subs: RefCell::default(),
             last_command_warn: Cell::new(None),
             sub_wake: Wake::default(),
@@ -226,11 +249,11 @@ impl Backplane {
     /// A connection subscribed to `topic`: the reply `ack` goes out once Redis has the
     /// subscription (at once if it already has).
     pub fn subscribed(&self, topic: &str, conn: &Rc<ConnHandle>, ack: Bytes) -> Option<Bytes> {
-        if self.subs.borrow().is_confirmed(topic) {
+        if self.is_confirmed(topic) {
             return Some(ack);
         }
         let topic: Rc<str> = Rc::from(topic);
-        self.subs.borrow_mut().wait(
+        self.subs_of(&topic).borrow_mut().wait(
             topic.clone(),
             PendingAck {
                 conn: Rc::downgrade(conn),
@@ -239,6 +262,25 @@ impl Backplane {
         );
         self.topic_changed(topic);
         None
+    }
+
+    /// Whether this shard owns `topic`'s Redis subscription on the node.
+    fn mine(&self, topic: &str) -> bool {
+        owners::owner(topic, self.node.shards.len()) == self.index
+    }
+
+    /// The subscriptions `topic` is in: Redis's (owned here) or its owner's.
+    fn subs_of(&self, topic: &str) -> &RefCell<subscriptions::Subscriptions<PendingAck>> {
+        if self.mine(topic) {
+            &self.subs
+        } else {
+            &self.via
+        }
+    }
+
+    /// Whether `topic`'s subscription is confirmed (by Redis, or by its owner).
+    fn is_confirmed(&self, topic: &str) -> bool {
+        self.subs_of(topic).borrow().is_confirmed(topic)
     }
 
     /// The command connection is up.
@@ -257,6 +299,7 @@ impl Backplane {
                 self.metrics.redis_subscriber_up.set(up);
                 if state == LinkState::Down {
                     self.subs.borrow_mut().lost();
+                    self.siblings_lost();
                 }
             }
             keep::Role::Commands => {
@@ -309,11 +352,15 @@ impl Backplane {
             .cloned()
     }
 
-    /// A topic gained its first or lost its last local subscriber. While the
-    /// subscriber connection is down nothing is recorded: the reconnect subscribes the
-    /// whole topic table anyway.
+    /// A topic gained its first or lost its last local subscriber (or, for a topic
+    /// this shard owns, a sibling's interest changed). For a topic owned here, nothing
+    /// is recorded while the subscriber connection is down: the reconnect subscribes
+    /// everything wanted anyway.
     pub fn topic_changed(&self, topic: Rc<str>) {
-        if self.sub_link.get() != LinkState::Down {
+        if !self.mine(&topic) {
+            self.via.borrow_mut().mark_dirty(topic);
+            self.via_wake.wake();
+        } else if self.sub_link.get() != LinkState::Down {
             self.subs.borrow_mut().mark_dirty(topic);
             self.sub_wake.wake();
         }
@@ -323,7 +370,7 @@ impl Backplane {
     /// for Redis goes out now, so the client never sees the two replies out of order.
     pub fn unsubscribing(&self, topic: &str, conn: &Rc<ConnHandle>) {
         let mine = self
-            .subs
+            .subs_of(topic)
             .borrow_mut()
             .take_waiting(topic, |a| std::ptr::eq(a.conn.as_ptr(), Rc::as_ptr(conn)));
         for a in mine {
@@ -376,7 +423,7 @@ impl Backplane {
                 reference: reference.map(ToOwned::to_owned),
             },
         );
-        if self.subs.borrow().is_confirmed(&topic) {
+        if self.is_confirmed(&topic) {
             self.start_read(&topic);
         } else {
             self.topic_changed(topic);
@@ -387,7 +434,7 @@ impl Backplane {
     /// Sends `topic`'s stream read if someone waits, Redis has the subscription and the
     /// command connection is up.
     pub fn start_read(&self, topic: &str) {
-        if !self.cmd_up() || !self.subs.borrow().is_confirmed(topic) {
+        if !self.cmd_up() || !self.is_confirmed(topic) {
             return;
         }
         let Some(req) = self.replays.borrow_mut().start(topic) else {
@@ -523,12 +570,16 @@ impl Backplane {
         }
     }
 
-    /// Redis answered a SUBSCRIBE of `topic`: once confirmed, every pending `subscribed`
-    /// reply goes out.
-    fn confirm(&self, topic: &str) {
-        let Some(waiting) = self.subs.borrow_mut().confirmed(topic) else {
+    /// Redis answered a SUBSCRIBE of `topic` (or, for a topic owned by a sibling, its
+    /// owner answered an interest): once confirmed, every pending `subscribed` reply
+    /// goes out, and siblings waiting on this shard are answered.
+    pub fn confirm(&self, topic: &str) {
+        let Some(waiting) = self.subs_of(topic).borrow_mut().confirmed(topic) else {
             return;
         };
+        if self.mine(topic) {
+            self.answer_siblings(topic);
+        }
         for ack in waiting {
             if let Some(conn) = ack.conn.upgrade() {
                 self.reply(&conn, ack.frame);

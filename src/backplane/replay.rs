@@ -121,8 +121,8 @@ pub enum Gate {
 struct Batch {
     members: Vec<Who>,
     serial: u64,
-    /// The subscriber connection's generation when the read was sent.
-    generation: u64,
+    /// The topic's `lost` count when the read was sent.
+    lost: u64,
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +144,9 @@ struct Topic {
     floor_all: Option<MessageId>,
     /// The shard left the topic while a read was in flight: its answer is dropped.
     left: bool,
+    /// Times the topic's live messages were lost (the subscription went down); a read
+    /// sent before the last loss is stale.
+    lost: u64,
 }
 
 impl Topic {
@@ -181,8 +184,6 @@ impl Topic {
 pub struct Replays {
     topics: HashMap<Rc<str>, Topic>,
     seen: HashMap<Rc<str>, Position>,
-    /// Bumped at every reconnect of the subscriber connection.
-    generation: u64,
     serial: u64,
 }
 
@@ -213,7 +214,6 @@ impl Replays {
 
     /// The read to send for `topic` now, if someone waits and no read is in flight.
     pub fn start(&mut self, topic: &str) -> Option<Request> {
-        let generation = self.generation;
         let t = self.topics.get_mut(topic)?;
         if t.batch.is_some() || t.waiting.is_empty() {
             return None;
@@ -245,7 +245,7 @@ impl Replays {
         t.batch = Some(Batch {
             members,
             serial: self.serial,
-            generation,
+            lost: t.lost,
         });
         Some(Request {
             after: after.flatten(),
@@ -335,24 +335,35 @@ impl Replays {
         }
     }
 
-    /// The subscriber connection is back and about to subscribe to `topics` again:
-    /// reads in flight are stale, held messages are dropped (the catch-up reads them
-    /// from the stream), and every topic the shard had a position for catches up.
-    /// `history`: whether this node keeps history (else nothing is read).
-    pub fn reconnected(&mut self, topics: &[Rc<str>], history: bool) {
-        self.generation += 1;
+    /// The subscriber connection is back and about to subscribe to `topics` again
+    /// (those of the topics `mine` picks that have subscribers here; the others come
+    /// through another shard and are left alone): each is `lost`, and what `mine`
+    /// picks but is not in `topics` is forgotten. `history`: whether this node keeps
+    /// history (else nothing is read).
+    pub fn reconnected(&mut self, topics: &[Rc<str>], history: bool, mine: impl Fn(&str) -> bool) {
         let wanted: std::collections::HashSet<&str> = topics.iter().map(|t| &**t).collect();
         let gone: Vec<Rc<str>> = self
             .topics
             .keys()
-            .filter(|t| !wanted.contains(&***t))
+            .filter(|t| mine(t) && !wanted.contains(&***t))
             .cloned()
             .collect();
         for t in gone {
             self.unsubscribed(&t);
         }
-        self.seen.retain(|t, _| wanted.contains(&**t));
-        for t in self.topics.values_mut() {
+        self.seen.retain(|t, _| !mine(t) || wanted.contains(&**t));
+        for topic in topics {
+            self.lost(topic, history);
+        }
+    }
+
+    /// `topic`'s live messages may have been missed (its subscription went down and is
+    /// being made again): a read in flight is stale, held messages are dropped (the
+    /// catch-up reads them from the stream), and, with history, every subscriber is
+    /// held until the catch-up from the shard's position is answered.
+    pub fn lost(&mut self, topic: &Rc<str>, history: bool) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.lost += 1;
             t.held.clear();
             t.held_bytes = 0;
             t.overflowed = false;
@@ -360,16 +371,14 @@ impl Replays {
         if !history {
             return;
         }
-        for topic in topics {
-            let who = match self.seen.get(topic) {
-                Some(p) => Who::Shard {
-                    since: p.clone(),
-                    tries: 0,
-                },
-                None => Who::Position { tries: 0 },
-            };
-            self.wait(topic, who);
-        }
+        let who = match self.seen.get(topic) {
+            Some(p) => Who::Shard {
+                since: p.clone(),
+                tries: 0,
+            },
+            None => Who::Position { tries: 0 },
+        };
+        self.wait(topic, who);
     }
 
     /// Catch-ups that have held their topic's subscribers longer than `HOLD_LIMIT`
@@ -484,7 +493,6 @@ impl Replays {
         result: Result<Page, NotRecovered>,
         room: impl Fn(ConnKey, u64) -> Option<usize>,
     ) -> Vec<Delivery> {
-        let generation = self.generation;
         let Some(t) = self.topics.get_mut(topic) else {
             return Vec::new();
         };
@@ -499,7 +507,7 @@ impl Replays {
             }
             return Vec::new();
         }
-        if batch.generation != generation {
+        if batch.lost != t.lost {
             let mut members = batch.members;
             // The reconnect queued a fresh catch-up; an old one would start too early.
             members.retain(|w| !matches!(w, Who::Shard { .. } | Who::Position { .. }));
@@ -1049,7 +1057,7 @@ mod tests {
         assert_eq!(r.live("t", Some((id(5), "e")), &live_frame(5)), Gate::All);
         // The subscriber connection dropped after 5 and is back; 6..8 were published
         // meanwhile, 9 arrives live after the resubscription.
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         let req = r.start("t").unwrap();
         assert_eq!(req.after, Some(id(5)));
         assert_eq!(
@@ -1085,11 +1093,43 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_lost_alone_catches_up_alone_and_a_reconnect_keeps_other_shards_topics() {
+        let mut r = Replays::default();
+        let (a, b): (Rc<str>, Rc<str>) = (Rc::from("a"), Rc::from("b"));
+        r.live("a", Some((id(5), "e")), &live_frame(5));
+        r.live("b", Some((id(7), "e")), &live_frame(7));
+        // A read of b in flight goes stale when b is lost; a is untouched.
+        r.wait(&b, conn(3, 1));
+        let stale = r.start("b").unwrap();
+        r.lost(&b, true);
+        assert_eq!(r.live("a", Some((id(6), "e")), &live_frame(6)), Gate::All);
+        assert_eq!(
+            r.live("b", Some((id(8), "e")), &live_frame(8)),
+            Gate::Nobody
+        );
+        assert!(r
+            .finish("b", stale.serial, Ok(page(1, 8, 0)), room)
+            .is_empty());
+        let req = r.start("b").unwrap();
+        assert_eq!(req.after, Some(id(1)), "the resuming connection's position");
+        let out = r.finish("b", req.serial, Ok(page(2, 8, 0)), room);
+        assert!(out.iter().any(|d| matches!(d.to, To::Others { .. })));
+        assert!(out.iter().any(|d| d.to == To::Conn { key: 3, conn: 103 }));
+        // The shard's own connection comes back subscribing to a only: b (owned by
+        // another shard) keeps its position.
+        r.reconnected(std::slice::from_ref(&a), true, |t| t == "a");
+        let req = r.start("a").unwrap();
+        assert_eq!(req.after, Some(id(6)));
+        assert!(r.start("b").is_none());
+        assert_eq!(r.live("b", Some((id(9), "e")), &live_frame(9)), Gate::All);
+    }
+
+    #[test]
     fn a_catch_up_after_history_was_lost_tells_the_subscribers() {
         let mut r = Replays::default();
         let t: Rc<str> = Rc::from("t");
         r.live("t", Some((id(5), "e")), &live_frame(5));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         let req = r.start("t").unwrap();
         let mut fresh = page(1, 2, 0);
         fresh.epoch = Some("new".into());
@@ -1109,7 +1149,7 @@ mod tests {
         r.wait(&t, conn(1, 3));
         let req = r.start("t").unwrap();
         r.live("t", Some((id(9), "e")), &live_frame(9));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         assert!(r
             .finish("t", req.serial, Ok(page(4, 9, 0)), room)
             .is_empty());
@@ -1135,7 +1175,7 @@ mod tests {
         let out = r.finish("t", req.serial, Ok(Page::default()), room);
         assert!(out.is_empty());
         // Redis went away; while it was, the topic got its first messages.
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         let req = r.start("t").unwrap();
         assert_eq!(req.after, None);
         let mut first = page(1, 3, 0);
@@ -1181,7 +1221,7 @@ mod tests {
         let mut r = Replays::default();
         let t: Rc<str> = Rc::from("t");
         r.live("t", Some((id(5), "e")), &live_frame(5));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         r.wait(&t, conn(1, 3));
         let req = r.start("t").unwrap();
         let out = r.finish("t", req.serial, Ok(page(4, 7, 0)), room);
@@ -1203,7 +1243,7 @@ mod tests {
         let mut r = Replays::default();
         let t: Rc<str> = Rc::from("t");
         r.live("t", Some((id(5), "e")), &live_frame(5));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         let req = r.start("t").unwrap();
         r.unsubscribed("t");
         r.wait(&t, conn(2, 6));
@@ -1222,7 +1262,7 @@ mod tests {
         let mut r = Replays::default();
         let t: Rc<str> = Rc::from("t");
         r.live("t", Some((id(5), "e")), &live_frame(5));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         // The command connection is away: no read starts; messages are held.
         assert_eq!(
             r.live("t", Some((id(6), "e")), &live_frame(6)),
@@ -1240,7 +1280,7 @@ mod tests {
         let mut r = Replays::default();
         let t: Rc<str> = Rc::from("t");
         r.live("t", Some((id(5), "e")), &live_frame(5));
-        r.reconnected(std::slice::from_ref(&t), true);
+        r.reconnected(std::slice::from_ref(&t), true, |_| true);
         let req = r.start("t").unwrap();
         let mut fresh = page(1, 2, 0);
         fresh.epoch = Some("new".into());

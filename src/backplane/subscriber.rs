@@ -1,6 +1,6 @@
 //! The subscriber connection of one shard: keeps Redis subscribed to exactly the topics
-//! this shard's connections want (plus the shard's direct channel) and delivers what
-//! Redis sends.
+//! this shard owns that the node's connections want (plus the shard's direct channel),
+//! delivers what Redis sends, and hands it to the sibling shards that want it (`relay`).
 //!
 //! Changes are batched: subscribes and unsubscribes made since the last write leave
 //! together, as one SUBSCRIBE and one UNSUBSCRIBE of up to `BATCH` channels each. After
@@ -13,7 +13,6 @@ use redis_protocol::resp2::types::BytesFrame;
 
 use super::keep::{keep_connected, Role};
 use super::link::{self, Keepalive, Link, LinkError};
-use super::replay::Gate;
 use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
 use super::{Backplane, LinkState, BATCH, PING_EVERY, REPLY_TIMEOUT};
 use crate::protocol::{self, MessageId};
@@ -33,18 +32,32 @@ pub async fn run(shard: Rc<Shard>) {
 
 /// Serves one connection until it fails.
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
-    // Everything this shard wants, from scratch. Replies waiting for topics nobody
-    // holds any more (their clients left during the outage) are dropped, not kept for
-    // a confirmation that will never come.
-    let topics: Vec<Rc<str>> = shard.topic_names();
+    // Everything this shard wants, from scratch: the topics it owns that its own
+    // connections or its siblings want. Replies waiting for topics nobody holds any
+    // more (their clients left during the outage) are dropped, not kept for a
+    // confirmation that will never come.
+    let local: Vec<Rc<str>> = shard
+        .topic_names()
+        .into_iter()
+        .filter(|t| bp.mine(t))
+        .collect();
+    let mut topics = local.clone();
+    topics.extend(
+        bp.owned
+            .borrow()
+            .topics()
+            .filter(|t| !shard.has_subscribers(t))
+            .cloned(),
+    );
     bp.subs.borrow_mut().restart(&topics, |topic, a| {
         a.conn.strong_count() > 0 && shard.has_subscribers(topic)
     });
     // What was published while the connection was away is read from the streams once
-    // each topic is confirmed (`replay`).
+    // each topic is confirmed (`replay`); the siblings were told (`Lost`) and read for
+    // themselves.
     bp.replays
         .borrow_mut()
-        .reconnected(&topics, shard.history_on());
+        .reconnected(&local, shard.history_on(), |t| bp.mine(t));
     let mut out = BytesMut::new();
     link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
     encode_channels(&mut out, b"SUBSCRIBE", &topics);
@@ -61,7 +74,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
         let (subscribe, unsubscribe) = bp
             .subs
             .borrow_mut()
-            .take_changes(|t| shard.has_subscribers(t));
+            .take_changes(|t| shard.has_subscribers(t) || bp.owned.borrow().wanted(t));
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             note_changes(shard, bp, &subscribe, &unsubscribe);
             let mut out = BytesMut::new();
@@ -101,15 +114,20 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     }
 }
 
-/// Topics the shard subscribes to anew get their position read (`replay`); those it
-/// leaves are forgotten.
-fn note_changes(shard: &Shard, bp: &Backplane, subscribe: &[Rc<str>], unsubscribe: &[Rc<str>]) {
+/// Topics the shard subscribes to anew for its own connections get their position
+/// read (`replay`); those it leaves are forgotten.
+pub(super) fn note_changes(
+    shard: &Shard,
+    bp: &Backplane,
+    subscribe: &[Rc<str>],
+    unsubscribe: &[Rc<str>],
+) {
     let mut replays = bp.replays.borrow_mut();
     for t in unsubscribe {
         replays.unsubscribed(t);
     }
     if shard.history_on() {
-        for t in subscribe {
+        for t in subscribe.iter().filter(|t| shard.has_subscribers(t)) {
             replays.subscribed(t);
         }
     }
@@ -206,14 +224,8 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
             // A message in history has a stream id; anything else cannot be placed in
             // the topic's order.
             let pos = epoch.and_then(|e| id.parse::<MessageId>().ok().map(|i| (i, e)));
-            let gate = bp.replays.borrow_mut().live(topic, pos, &frame);
-            match gate {
-                Gate::All => {
-                    shard.deliver(topic, &frame);
-                }
-                Gate::AllBut(waiting) => shard.deliver_except(topic, &frame, &waiting),
-                Gate::Nobody => {}
-            }
+            bp.relay(topic, pos, &frame);
+            bp.deliver_live(shard, topic, pos, &frame);
         }
         Err(e) => bp.bad_message(m, topic, &e),
     }

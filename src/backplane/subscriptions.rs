@@ -46,6 +46,22 @@ impl<A> Subscriptions<A> {
         self.state.get(topic) == Some(&State::Confirmed)
     }
 
+    /// Whether `topic` was asked for (and not given up) on the current connection.
+    pub fn holds(&self, topic: &str) -> bool {
+        self.state.contains_key(topic)
+    }
+
+    /// `topic`'s subscription was lost on its own (the connection stays): it is asked
+    /// for again at the next write if still wanted, and confirmed only by the answer to
+    /// that. Returns whether it was held.
+    pub fn relost(&mut self, topic: &Rc<str>) -> bool {
+        if self.state.remove(topic).is_none() {
+            return false;
+        }
+        self.dirty.push(topic.clone());
+        true
+    }
+
     /// The shard's interest in `topic` may have changed.
     pub fn mark_dirty(&mut self, topic: Rc<str>) {
         self.dirty.push(topic);
@@ -211,6 +227,25 @@ mod tests {
         assert_eq!(s.confirmed("a"), Some(vec![]));
         assert_eq!(s.confirmed("b"), Some(vec![1]));
         assert_eq!(s.confirmed("gone"), None);
+    }
+
+    #[test]
+    fn a_topic_lost_alone_is_asked_again_and_confirmed_by_the_last_answer() {
+        let mut s = Subscriptions::default();
+        s.mark_dirty(t("a"));
+        s.take_changes(|_| true);
+        s.wait(t("a"), 1);
+        // Lost before the first answer: asked again; the first answer confirms nothing.
+        assert!(s.relost(&t("a")));
+        assert!(!s.holds("a"));
+        assert_eq!(s.take_changes(|_| true), (vec![t("a")], vec![]));
+        assert_eq!(s.confirmed("a"), None);
+        assert_eq!(s.confirmed("a"), Some(vec![1]));
+        // Not held: nothing to lose.
+        assert!(!s.relost(&t("b")));
+        // Lost, then no longer wanted: nothing is asked.
+        assert!(s.relost(&t("a")));
+        assert_eq!(s.take_changes(|_| false), (vec![], vec![]));
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl Shard {
         let fanout = match cfg.redis.as_deref().and_then(|u| RedisUrl::parse(u).ok()) {
             Some(url) => Fanout::Redis(Box::new(Backplane::new(
                 url,
-                &node.id,
+                node.clone(),
                 index,
                 &cfg,
                 metrics.clone(),
@@ -414,6 +414,11 @@ impl Shard {
                 (ack, outcome.unwrap_or_default())
             }
         };
+        if change == Change::TopicEdge && self.history_on() {
+            if let Some(bp) = self.backplane() {
+                bp.first_subscriber(topic);
+            }
+        }
         // With Redis, a topic not yet confirmed there is (re)marked for the subscriber
         // connection here.
         if let Some(ack) = self.fanout.subscribed(topic, conn, ack) {
@@ -945,10 +950,10 @@ impl Shard {
         queued
     }
 
-    /// Handles one inbox message; false for `Drain`. Every other message held room in
-    /// the inbox (`ShardLink::reserve`), given back as it is taken out.
+    /// Handles one inbox message; false for `Drain`. Room a message held in the inbox
+    /// (`ShardLink::reserve`) is given back as it is taken out.
     fn handle(&self, msg: Inbox) -> bool {
-        if !matches!(msg, Inbox::Drain) {
+        if msg.holds_room() {
             self.node.shards[self.index].release();
         }
         match msg {
@@ -992,6 +997,27 @@ impl Shard {
                     let _ = reply.send(Err("no redis configured".into()));
                 }
             },
+            Inbox::Relay { topic, pos, frame } => {
+                if let Some(bp) = self.backplane() {
+                    let pos = pos.as_ref().map(|(id, epoch)| (*id, &**epoch));
+                    bp.on_relay(self, &topic, pos, &frame);
+                }
+            }
+            Inbox::Interest { topic, from, on } => {
+                if let Some(bp) = self.backplane() {
+                    bp.on_interest(topic, from, on);
+                }
+            }
+            Inbox::Answer { topic } => {
+                if let Some(bp) = self.backplane() {
+                    bp.confirm(&topic);
+                }
+            }
+            Inbox::Lost { topic } => {
+                if let Some(bp) = self.backplane() {
+                    bp.on_lost(self, &topic);
+                }
+            }
             Inbox::Drain => return false,
         }
         true
@@ -1114,12 +1140,13 @@ async fn run(
     if shard.fanout.backplane().is_some() {
         monoio::spawn(backplane::run_subscriber(shard.clone()));
         monoio::spawn(backplane::run_commands(shard.clone()));
+        monoio::spawn(backplane::run_interest(shard.clone()));
         monoio::spawn(backplane::watch_sentinel(shard.clone()));
     }
     let _ = ready.send(Ok(()));
     let mut handled: usize = 0;
     while let Ok(msg) = inbox.recv_async().await {
-        if shard.congested() && !matches!(msg, Inbox::Drain) {
+        if shard.congested() && msg.holds_room() {
             shard.ease_congestion().await;
         }
         if !shard.handle(msg) {

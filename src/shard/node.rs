@@ -52,8 +52,40 @@ pub enum Inbox {
         limit: usize,
         reply: flume::Sender<Result<HistoryPage, NotRecovered>>,
     },
+    /// A topic message from Redis, handed on by the shard that owns the topic's
+    /// subscription on this node (`backplane::owners`); `pos` is its id and epoch when
+    /// it is in history.
+    Relay {
+        topic: Arc<str>,
+        pos: Option<(MessageId, Arc<str>)>,
+        frame: Bytes,
+    },
+    /// To a topic's owner: sibling `from` wants (`on`) or no longer wants its messages.
+    Interest {
+        topic: Arc<str>,
+        from: usize,
+        on: bool,
+    },
+    /// From a topic's owner: the answer to one `Interest` on (its subscription is
+    /// confirmed, or the interest was taken back first).
+    Answer { topic: Arc<str> },
+    /// From a topic's owner: messages of the topic may have been missed; ask again and
+    /// catch up from the stream.
+    Lost { topic: Arc<str> },
     /// Stop accepting and close every connection with 1001.
     Drain,
+}
+
+impl Inbox {
+    /// Whether the message held room in the inbox (`ShardLink::reserve`). The drain and
+    /// the messages between a topic's owner and its siblings (a handful per
+    /// subscription change) need none, so they are never refused.
+    pub fn holds_room(&self) -> bool {
+        !matches!(
+            self,
+            Self::Drain | Self::Interest { .. } | Self::Answer { .. } | Self::Lost { .. }
+        )
+    }
 }
 
 /// A page of a topic's history: message frames, oldest first.
@@ -71,7 +103,9 @@ pub struct HistoryPage {
 /// direct send first holds room in every shard it goes to (`inbox_capacity` messages
 /// each), and goes to none of them if one is full. So a message is taken by every shard
 /// or by none, and an `overloaded` answer means nothing was delivered. The admin API's
-/// Redis commands hold room the same way; the drain (one per shard) needs none.
+/// Redis commands and relayed topic messages hold room the same way; the drain (one per
+/// shard) and the few messages that keep a topic's owner and its siblings in step
+/// (`Inbox::holds_room`) need none.
 #[derive(Debug)]
 pub struct ShardLink {
     pub tx: flume::Sender<Inbox>,

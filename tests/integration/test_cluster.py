@@ -13,7 +13,8 @@ import threading
 import time
 
 from cluster import SECRET, auth_headers, cluster_opts, token
-from harness import Client, arun, encode_frame, http_request, run_cli, shard_of, wait_until
+from harness import (Client, Collector, arun, encode_frame, http_request, open_on_every_shard, run_cli, shard_of,
+                     wait_until)
 
 
 def start_cluster(gateway, r, n: int = 3, **opts):
@@ -117,6 +118,91 @@ def test_a_shard_holds_one_redis_subscription_per_topic_while_it_has_subscribers
             assert redis_server.numsub("ringway:topic:y") == 1
         # b closed: its last topic is released too.
         wait_until(lambda: redis_server.numsub("ringway:topic:y") == 0, 5, what="UNSUBSCRIBE y")
+
+    arun(body())
+
+
+def publish_burst(r, topic: str, n: int, start: int = 0) -> list[str]:
+    """Publishes `n` messages (data = their number) into `topic`'s history through
+    Redis, pipelined; returns their ids."""
+    pipe = r.client().pipeline(transaction=False)
+    for i in range(start, start + n):
+        pipe.fcall("ringway_publish", 3, f"ringway:topic:{topic}", f"ringway:history:{topic}",
+                   f"ringway:epoch:{topic}", "", json.dumps(i), 10_000, 300_000)
+    return [reply[0] for reply in pipe.execute()]
+
+
+async def collect_all(clients, n: int, timeout: float = 20) -> list[list]:
+    """What each client receives of `n` messages (their data), in order."""
+    collectors = [Collector(c) for c in clients]
+    try:
+        for col in collectors:
+            await col.wait_for(n, timeout)
+        return [[m.get("data") for m in col.messages] for col in collectors]
+    finally:
+        for col in collectors:
+            col.stop()
+
+
+def test_a_node_takes_one_copy_of_a_topic_from_redis_whatever_its_shards(redis_server, gateway):
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_on_every_shard(stack, n1, 4)
+            for c in clients:
+                await c.subscribe("hot")
+            # Both shards of node 1 have subscribers; Redis holds one subscription.
+            assert redis_server.numsub("ringway:topic:hot") == 1
+            b = await stack.enter_async_context(Client(n2))
+            await b.subscribe("hot")
+            assert redis_server.numsub("ringway:topic:hot") == 2
+            # One copy per node: a service's PUBLISH reaches 2 receivers, not 3.
+            assert redis_server.client().publish("ringway:topic:hot", json.dumps({"id": "1-1", "data": -1})) == 2
+            got = await collect_all(clients + [b], 1)
+            assert got == [[-1]] * (len(clients) + 1), got
+            # Every subscriber on every shard gets every message once, in order.
+            publish_burst(redis_server, "hot", 300)
+            got = await collect_all(clients + [b], 300)
+            assert all(g == list(range(300)) for g in got), [g[:5] + ["…", len(g)] for g in got]
+            assert n1.metric("ringway_relayed_total") >= 300
+            # The owner shard's own subscribers leave; the sibling's still get it all
+            # through the one subscription.
+            owner = next(s for s in ("0", "1") if n1.metric("ringway_relayed_total", shard=s) > 0)
+            for c in clients:
+                if shard_of(c) == owner:
+                    await c.unsubscribe("hot")
+            rest = [c for c in clients if shard_of(c) != owner]
+            assert redis_server.numsub("ringway:topic:hot") == 2
+            publish_burst(redis_server, "hot", 50, start=300)
+            got = await collect_all(rest, 50)
+            assert all(g == list(range(300, 350)) for g in got), got
+            for c in rest:
+                await c.unsubscribe("hot")
+            wait_until(lambda: redis_server.numsub("ringway:topic:hot") == 1, 5, what="node 1's UNSUBSCRIBE")
+
+    arun(body())
+
+
+def test_a_shard_whose_inbox_overflows_catches_up_from_the_stream(redis_server, gateway):
+    # An inbox of one message: a burst from Redis cannot all be handed to the sibling
+    # shard, which is told so and reads what it missed from the topic's stream.
+    (n1,) = start_cluster(gateway, redis_server, n=1, inbox_capacity=1, history_size=20_000)
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            clients = await open_on_every_shard(stack, n1, 4)
+            for c in clients:
+                await c.subscribe("flood")
+            publish_burst(redis_server, "flood", 5000)
+            got = await collect_all(clients, 5000, timeout=30)
+            assert all(g == list(range(5000)) for g in got), [(len(g), g[:3]) for g in got]
+            assert n1.metric("ringway_relays_lost_total") > 0, "the sibling's inbox never overflowed"
+            assert n1.metric("ringway_caught_up_total") > 0
+            # Live again afterwards.
+            publish_burst(redis_server, "flood", 1, start=5000)
+            got = await collect_all(clients, 1)
+            assert got == [[5000]] * len(clients), got
 
     arun(body())
 
