@@ -143,8 +143,8 @@ pub struct ShardMetrics {
     /// Topic messages from Redis handed to sibling shards (this shard owns the topic's
     /// subscription on the node).
     pub relayed: Counter,
-    /// Topic messages a sibling shard's full inbox could not take: it catches up from
-    /// the topic's stream instead.
+    /// Topic messages not handed to a sibling shard because its relays were over
+    /// `relay_buffer_bytes`: it catches up from the topic's stream instead.
     pub relays_lost: Counter,
     /// Messages on ringway channels that did not follow the schema (dropped).
     pub backplane_bad: Counter,

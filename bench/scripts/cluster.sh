@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNS=${RUNS:-3}
-ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2,direct3-noinbox,pubsat-history,pubsat-nohistory}
+ONLY=${ONLY:-fanout1k-redis2,fanout1k-local,fanout10k-redis2,fanout10k-local,fanout10k-redis1,fanout10kx100-redis1,direct3,direct1,pub-history,pub-nohistory,resume10k-redis2,direct3-noinbox,pubsat-history,pubsat-nohistory}
 OUT=${OUT:-bench/results/cluster-$(date -u +%Y%m%d-%H%M%S)}
 GW_BIN=${GW_BIN:-target/release/ringway}
 B=${BENCH_BIN:-target/release/ringway-bench}
@@ -83,6 +83,10 @@ run() {
 FANOUT1K=(fanout --subs 1000 --topics 1 --rate 10 --duration 10)
 FANOUT=(fanout --subs 10000 --topics 1 --rate 10 --duration 10 --source-ips 2)
 DIRECT=(direct --subs 10000 --topics 10000 --rate 1000 --duration 10 --source-ips 2)
+# One node with a shard per CPU through Redis: Redis sends each message once to the
+# node, whose topic-owner shard hands it to the others. At 100 msg/s (1M deliveries/s
+# offered) the load is above what a 2-core host delivers; what is late counts as lost.
+FANOUT100=(fanout --subs 10000 --topics 1 --rate 100 --duration 10 --drain-secs 15 --source-ips 2)
 # The cost of history in Redis: the same publish rate with topic streams on and off.
 PUB=(fanout --subs 100 --topics 1 --rate 2000 --duration 10)
 # The same at saturation: publishes as fast as acknowledged (256 in flight).
@@ -102,6 +106,12 @@ for i in $(seq "$RUNS"); do
   fi
   if want fanout10k-local; then
     start_nodes 1; run "fanout10k-local-$i" "${FANOUT[@]}"; stop_all
+  fi
+  if want fanout10k-redis1; then
+    start_redis; start_nodes 1 redis; run "fanout10k-redis1-$i" "${FANOUT[@]}"; stop_all
+  fi
+  if want fanout10kx100-redis1; then
+    start_redis; start_nodes 1 redis; run "fanout10kx100-redis1-$i" "${FANOUT100[@]}"; stop_all
   fi
   if want direct3; then
     start_redis; start_nodes 3 redis; run "direct3-$i" "${DIRECT[@]}" --svg "$OUT/direct3-$i.svg"; stop_all
@@ -151,6 +161,8 @@ for name, label in (("fanout1k-redis2", "fanout through Redis: 1 topic, 1,000 su
                     ("fanout1k-local", "baseline, one node, in-process broker: the same load"),
                     ("fanout10k-redis2", "fanout through Redis: 1 topic, 10,000 subscribers over 2 nodes, 10 msg/s"),
                     ("fanout10k-local", "baseline, one node, in-process broker: the same load"),
+                    ("fanout10k-redis1", "fanout through Redis: 1 topic, 10,000 subscribers on 1 node of 2 shards, 10 msg/s"),
+                    ("fanout10kx100-redis1", "the same at 100 msg/s (1M deliveries/s offered, above capacity; not delivered 15 s after the last publish = lost)"),
                     ("direct3", "direct through Redis: 10,000 users over 3 nodes, 1,000 msg/s"),
                     ("direct3-noinbox", "the same with inboxes off (direct_inbox_size 0)"),
                     ("direct1", "baseline, one node, in-process directory: the same load"),

@@ -34,7 +34,7 @@
 //! | `ringway_direct_deliveries_total` | counter | shard | direct messages queued to connections |
 //! | `ringway_backplane_received_total` | counter | shard | topic messages received from Redis |
 //! | `ringway_relayed_total` | counter | shard | topic messages from Redis handed to sibling shards (the shard owns the topic's subscription on the node) |
-//! | `ringway_relays_lost_total` | counter | shard | messages a sibling's full inbox refused (the sibling catches up from the topic's stream) |
+//! | `ringway_relays_lost_total` | counter | shard | messages not handed to a sibling whose relays were over `relay_buffer_bytes` (it catches up from the topic's stream) |
 //! | `ringway_backplane_malformed_total` | counter | shard | payloads on ringway channels not following the schema |
 //! | `ringway_redis_subscriber_up` / `ringway_redis_commands_up` | gauge | shard | 1 while that Redis connection is up (the subscriber: once Redis confirmed the subscriptions it restored) |
 //! | `ringway_redis_reconnects_total` | counter | shard | Redis connections lost |
@@ -201,7 +201,7 @@ impl Collector for NodeCollector {
             ),
             (
                 "ringway_relays_lost",
-                "Topic messages a sibling shard's full inbox refused (the sibling catches up from the topic's stream)",
+                "Topic messages not handed to a sibling shard whose relays were over relay_buffer_bytes (it catches up from the topic's stream)",
                 |m| m.relays_lost.get(),
             ),
             (

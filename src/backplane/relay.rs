@@ -49,7 +49,7 @@ impl Backplane {
     /// Sends a message that holds no inbox room to shard `to`; a stopped shard is
     /// shutting down and needs nothing more.
     fn send_to(&self, to: usize, msg: Inbox) {
-        debug_assert!(!msg.holds_room());
+        debug_assert!(!msg.holds_room() && !matches!(msg, Inbox::Relay { .. }));
         let _ = self.node.shards[to].tx.send(msg);
     }
 
@@ -107,8 +107,9 @@ impl Backplane {
     }
 
     /// Owner: hands a message from Redis to the siblings that want its topic. A sibling
-    /// whose inbox is full is told `Lost` instead, and gets nothing more of the topic
-    /// until it asks again (then it catches up from the stream).
+    /// that has not taken `relay_buffer_bytes` of relays yet is told `Lost` instead,
+    /// and gets nothing more of the topic until it asks again (then it catches up from
+    /// the stream).
     pub(super) fn relay(&self, topic: &str, pos: Option<(MessageId, &str)>, frame: &Bytes) {
         let owned = self.owned.borrow();
         let siblings = owned.siblings(topic);
@@ -120,7 +121,7 @@ impl Backplane {
         let mut refused = Vec::new();
         for &s in siblings {
             let link = &self.node.shards[s];
-            if !link.reserve() {
+            if !link.reserve_relay(frame.len()) {
                 refused.push(s);
                 continue;
             }
@@ -130,7 +131,7 @@ impl Backplane {
                 frame: frame.clone(),
             };
             if link.tx.send(msg).is_err() {
-                link.release();
+                link.release_relay(frame.len());
             } else {
                 self.metrics.relayed.inc();
             }

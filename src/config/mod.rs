@@ -152,6 +152,11 @@ table::options! {
     /// a backlog of work: 1024 messages to 5,000 subscribers a shard is about two
     /// seconds of it on our 2-core hosts.
     inbox_capacity: usize = 1024;
+    /// With Redis: bytes of topic messages a topic's owner shard may have handed to
+    /// one sibling shard that the sibling has not yet taken (like Redis's own output
+    /// limit for a subscriber). Beyond it the sibling is told it missed messages and
+    /// reads them from the topic's stream; messages outside history are lost.
+    relay_buffer_bytes: usize = 33554432;
     /// How long an admin API publish or send waits for room in full inboxes before it
     /// is refused with `overloaded`; 0 refuses at once.
     publish_wait_ms: u64 = 1000, live;

@@ -998,6 +998,7 @@ impl Shard {
                 }
             },
             Inbox::Relay { topic, pos, frame } => {
+                self.node.shards[self.index].release_relay(frame.len());
                 if let Some(bp) = self.backplane() {
                     let pos = pos.as_ref().map(|(id, epoch)| (*id, &**epoch));
                     bp.on_relay(self, &topic, pos, &frame);

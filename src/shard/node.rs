@@ -79,11 +79,16 @@ pub enum Inbox {
 impl Inbox {
     /// Whether the message held room in the inbox (`ShardLink::reserve`). The drain and
     /// the messages between a topic's owner and its siblings (a handful per
-    /// subscription change) need none, so they are never refused.
+    /// subscription change) need none, so they are never refused; a relay holds its
+    /// bytes instead (`ShardLink::reserve_relay`).
     pub fn holds_room(&self) -> bool {
         !matches!(
             self,
-            Self::Drain | Self::Interest { .. } | Self::Answer { .. } | Self::Lost { .. }
+            Self::Drain
+                | Self::Relay { .. }
+                | Self::Interest { .. }
+                | Self::Answer { .. }
+                | Self::Lost { .. }
         )
     }
 }
@@ -103,9 +108,9 @@ pub struct HistoryPage {
 /// direct send first holds room in every shard it goes to (`inbox_capacity` messages
 /// each), and goes to none of them if one is full. So a message is taken by every shard
 /// or by none, and an `overloaded` answer means nothing was delivered. The admin API's
-/// Redis commands and relayed topic messages hold room the same way; the drain (one per
-/// shard) and the few messages that keep a topic's owner and its siblings in step
-/// (`Inbox::holds_room`) need none.
+/// Redis commands hold room the same way; relayed topic messages hold bytes
+/// (`relay_buffer_bytes`); the drain (one per shard) and the few messages that keep a
+/// topic's owner and its siblings in step (`Inbox::holds_room`) need none.
 #[derive(Debug)]
 pub struct ShardLink {
     pub tx: flume::Sender<Inbox>,
@@ -113,6 +118,9 @@ pub struct ShardLink {
     pub cpu: usize,
     reserved: AtomicUsize,
     capacity: usize,
+    /// Bytes of relayed topic messages in the inbox (`relay_buffer_bytes`).
+    relayed: AtomicUsize,
+    relay_capacity: usize,
 }
 
 impl ShardLink {
@@ -129,6 +137,24 @@ impl ShardLink {
     /// or it was never sent.
     pub fn release(&self) {
         self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Holds room for a relayed topic message of `bytes`; false when the shard's
+    /// relays would go over `relay_buffer_bytes` (a message larger than that is still
+    /// taken when none are waiting). Relays are bounded apart from the inbox's message
+    /// count: they are what Redis would otherwise have buffered for the shard.
+    pub fn reserve_relay(&self, bytes: usize) -> bool {
+        let before = self.relayed.fetch_add(bytes, Ordering::AcqRel);
+        if before > 0 && before + bytes > self.relay_capacity {
+            self.relayed.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back room held by `reserve_relay`.
+    pub fn release_relay(&self, bytes: usize) {
+        self.relayed.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Sends the request `make` builds around its reply channel (an admin API request
@@ -484,6 +510,8 @@ pub fn start(cfg: Arc<Config>) -> Result<RunningNode, StartError> {
             cpu: cpus[i % cpus.len()],
             reserved: AtomicUsize::new(0),
             capacity: cfg.inbox_capacity,
+            relayed: AtomicUsize::new(0),
+            relay_capacity: cfg.relay_buffer_bytes,
         });
     }
     let node = Arc::new(Node {

@@ -184,10 +184,10 @@ def test_a_node_takes_one_copy_of_a_topic_from_redis_whatever_its_shards(redis_s
     arun(body())
 
 
-def test_a_shard_whose_inbox_overflows_catches_up_from_the_stream(redis_server, gateway):
-    # An inbox of one message: a burst from Redis cannot all be handed to the sibling
-    # shard, which is told so and reads what it missed from the topic's stream.
-    (n1,) = start_cluster(gateway, redis_server, n=1, inbox_capacity=1, history_size=20_000)
+def test_a_shard_that_falls_behind_its_topics_owner_catches_up_from_the_stream(redis_server, gateway):
+    # Room for one relayed message: a burst from Redis cannot all be handed to the
+    # sibling shard, which is told so and reads what it missed from the topic's stream.
+    (n1,) = start_cluster(gateway, redis_server, n=1, relay_buffer_bytes=1, history_size=20_000)
 
     async def body():
         async with contextlib.AsyncExitStack() as stack:

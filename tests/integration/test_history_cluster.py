@@ -9,6 +9,7 @@ history is lost the client is told (`recovered: false`), never left with a silen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import threading
@@ -18,7 +19,7 @@ import urllib.parse
 import pytest
 
 from cluster import RedisServer, cluster_opts
-from harness import Client, arun, http_request, id_key, wait_until
+from harness import Client, arun, http_request, id_key, open_on_every_shard, shard_of, wait_until
 
 _names = itertools.count()
 
@@ -365,3 +366,62 @@ def test_a_dropped_subscriber_connection_catches_up_from_the_stream(redis_server
 
     arun(body(), timeout=60)
     assert n1.metric("ringway_caught_up_total") > 0, "nothing came through the catch-up"
+
+
+def test_when_only_the_topics_owner_shard_loses_redis_its_sibling_catches_up(redis_server, gateway):
+    """A 2-shard node takes each topic from Redis once, on the shard that owns it, which
+    hands it to the other. Redis drops only the owner's subscriber connection while
+    node 2 publishes: the sibling's own connection stays up, so only the owner's word
+    (`Lost`) tells it that it missed messages. Subscribers on both shards get every
+    message once and in order, those of the gap from the stream."""
+    n1, n2 = nodes(gateway, redis_server)
+    t = topic("owner")
+    rc = redis_server.client()
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def publish_loop():
+        pub = n2.publisher()
+        try:
+            while not stop.is_set():
+                accepted.append(pub.publish(t, len(accepted)))
+                time.sleep(0.002)
+        finally:
+            pub.close()
+
+    def kill_owner() -> int:
+        # Node 1's owner holds the topic and its direct channel; the other
+        # subscriber connections (node 1's sibling, node 2's shards) only theirs.
+        owners = [c["id"] for c in rc.client_list(_type="pubsub") if int(c["sub"]) >= 2]
+        assert len(owners) == 1, rc.client_list(_type="pubsub")
+        return rc.client_kill_filter(_id=owners[0])
+
+    async def body():
+        async with contextlib.AsyncExitStack() as stack:
+            subs = await open_on_every_shard(stack, n1, 2)
+            for s in subs:
+                await s.subscribe(t)
+            got: dict[int, list[str]] = {i: [] for i in range(len(subs))}
+            th = threading.Thread(target=publish_loop)
+            th.start()
+            try:
+                for _ in range(3):
+                    await asyncio.sleep(0.4)
+                    assert kill_owner() == 1
+                    for i, s in enumerate(subs):
+                        while len(got[i]) < len(accepted) - 50:
+                            got[i].append((await s.recv(timeout=10))["id"])
+                    wait_until(lambda: n1.metric("ringway_redis_subscriber_up") == 2, 10, what="the owner back")
+            finally:
+                stop.set()
+                await asyncio.to_thread(th.join)
+            for i, s in enumerate(subs):
+                while len(got[i]) < len(accepted):
+                    got[i].append((await s.recv(timeout=10))["id"])
+                await s.silent()
+                assert got[i] == accepted, f"shard {shard_of(s)}: a message was lost, repeated or reordered"
+
+    arun(body(), timeout=60)
+    # Both shards caught up: the owner after its reconnect, the sibling after `Lost`.
+    assert all(n1.metric("ringway_caught_up_total", shard=s) > 0 for s in ("0", "1"))
+    assert n1.metric("ringway_redis_reconnects_total") == 3, "only the owner's subscriber connection was dropped"
