@@ -46,12 +46,34 @@ const READS_PER_EVENT: usize = 16;
 /// Seqs beyond this are not counted per seq (bounds the counts vector: 4 bytes each).
 pub const MAX_COUNTED_SEQ: u64 = 50_000_000;
 
+/// Signed tokens for the connections of one process: for user `g mod users` of each
+/// connection g it opens. A process signs only its own range, so a million identified
+/// connections over many processes sign a million tokens, not a million each.
+#[derive(Debug)]
+pub struct Tokens {
+    pub users: u64,
+    /// The first connection of the range (0 when every user is signed).
+    pub first: u64,
+    /// Every user's token (`users` of them), or one per connection of the range.
+    pub signed: Vec<String>,
+}
+
+impl Tokens {
+    pub fn for_conn(&self, g: u64) -> &str {
+        if self.signed.len() as u64 == self.users && self.first == 0 {
+            &self.signed[(g % self.users) as usize]
+        } else {
+            &self.signed[(g - self.first) as usize]
+        }
+    }
+}
+
 /// What one client process runs.
 #[derive(Debug, Clone)]
 pub struct ClientCfg {
-    /// `direct`: the token of each user; connection g presents `tokens[g mod T]` and
-    /// does not subscribe.
-    pub tokens: Option<std::sync::Arc<Vec<String>>>,
+    /// `direct`: the users' tokens; connection g presents the token of user `g mod T`
+    /// and does not subscribe.
+    pub tokens: Option<std::sync::Arc<Tokens>>,
     /// How to talk to a server that is not ringway (comparison mode).
     pub foreign: Foreign,
     /// 0: none; K: every K-th subscriber (g mod K = K-1) is a slow consumer: a small
@@ -676,10 +698,7 @@ impl Worker {
                 Err(_) => return self.fail(slot, |f| &mut f.connect),
             }
             let g = self.first + u64::from(c.rel);
-            let token = self.cfg.tokens.as_ref().map(|t| {
-                let users = u64::from(self.cfg.topics.max(1));
-                t[(g % users) as usize].as_str()
-            });
+            let token = self.cfg.tokens.as_ref().map(|t| t.for_conn(g));
             let req = ws::upgrade_request(&self.cfg.host, &self.cfg.path, &ws::key_for(g), token);
             self.conns[slot].state = State::Upgrading;
             if !self.send(slot, &req) {

@@ -95,7 +95,7 @@ fn client_cfg(cli: &Cli, offset: u64, count: u64, concurrency: usize) -> Result<
     let target = parse_url(&cli.common.url)?;
     let (_, _, topics) = shape(cli);
     let tokens = match &cli.scenario {
-        Scenario::Direct(a) => Some(std::sync::Arc::new(user_tokens(a)?)),
+        Scenario::Direct(a) => Some(std::sync::Arc::new(user_tokens(a, offset, count)?)),
         _ => None,
     };
     let window = crate::window::Window::from_env()?.map(std::sync::Arc::new);
@@ -643,21 +643,34 @@ fn account(
     acc
 }
 
-/// One HS256 token per user `user-0 … user-(T-1)`, valid for a day.
-fn user_tokens(a: &FanoutArgs) -> Result<Vec<String>, String> {
+/// HS256 tokens, valid for a day, for the users of connections `offset ..
+/// offset + count` (user `g mod T` for connection g): every user's when the range covers
+/// them all, else one per connection of the range.
+fn user_tokens(a: &FanoutArgs, offset: u64, count: u64) -> Result<crate::client::Tokens, String> {
     let secret = a.jwt_secret.as_deref().ok_or("no --jwt-secret")?;
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
         + 86_400;
-    (0..a.topics)
-        .map(|u| {
-            let claims = json!({ "sub": format!("user-{u}"), "exp": exp });
+    let users = a.topics.max(1);
+    let (first, conns) = if count >= users {
+        (0, 0..users)
+    } else {
+        (offset, offset..offset + count)
+    };
+    let signed = conns
+        .map(|g| {
+            let claims = json!({ "sub": format!("user-{}", g % users), "exp": exp });
             jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
                 .map_err(|e| format!("cannot sign a token: {e}"))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok(crate::client::Tokens {
+        users,
+        first,
+        signed,
+    })
 }
 
 fn fanout(cli: &Cli, a: &FanoutArgs, direct: bool) -> Result<(Value, Table), Error> {
