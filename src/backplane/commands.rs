@@ -49,11 +49,28 @@ fn fail_all(bp: &Backplane) {
 
 /// Serves one connection. `Ok` once the shard is stopping and everything is answered.
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), LinkError> {
-    // On every (re)connect: load the functions first, then register everything anew.
+    // On every (re)connect: load this version's functions first, then register
+    // everything anew. Shard 0 also makes sure the public library (the names services
+    // call) is at least this version's.
+    if shard.index == 0 {
+        let mut public = BytesMut::new();
+        link::encode(
+            &mut public,
+            &[b"FUNCTION", b"LOAD", schema::library(true).as_bytes()],
+        );
+        bp.queue
+            .borrow_mut()
+            .push_front(public.freeze(), Reply::PublicLibrary);
+    }
     let mut load = BytesMut::new();
     link::encode(
         &mut load,
-        &[b"FUNCTION", b"LOAD", b"REPLACE", schema::LIBRARY.as_bytes()],
+        &[
+            b"FUNCTION",
+            b"LOAD",
+            b"REPLACE",
+            schema::library(false).as_bytes(),
+        ],
     );
     bp.queue.borrow_mut().push_front(
         load.freeze(),

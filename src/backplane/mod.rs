@@ -107,6 +107,13 @@ pub enum Reply {
     },
     /// A request from another thread (the admin API).
     Remote(RemoteReply),
+    /// The public library loaded where there was none; when there was one, its
+    /// version is asked (`PublicVersion`).
+    PublicLibrary,
+    /// The loaded public library's version (`ringway_version`): replaced when it is
+    /// older than this gateway's, or has none; left alone when a newer gateway loaded
+    /// it.
+    PublicVersion,
 }
 
 /// Where one of the shard's Redis links stands. This is the truth the shard acts on;
@@ -185,7 +192,7 @@ pub type ReadDone = (Rc<str>, u64, Result<replay::Page, NotRecovered>);
 pub fn publish_args(topic: &str, id: &str, data: &RawValue, history: HistoryBounds) -> Vec<Bytes> {
     vec![
         Bytes::from_static(b"FCALL"),
-        Bytes::from_static(b"ringway_publish"),
+        Bytes::from_static(schema::FN_PUBLISH.as_bytes()),
         Bytes::from_static(b"3"),
         Bytes::from(schema::topic_channel(topic)),
         Bytes::from(schema::history_key(topic)),
@@ -484,7 +491,7 @@ impl Backplane {
         let inbox = schema::inbox_key(user);
         let args: [&[u8]; 5] = [
             b"FCALL",
-            b"ringway_ack",
+            schema::FN_ACK.as_bytes(),
             b"1",
             inbox.as_bytes(),
             id.as_bytes(),
@@ -643,6 +650,28 @@ impl Backplane {
             }
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
+            }
+            Reply::PublicLibrary => match result {
+                Err(e) if e.contains("already exists") => {
+                    let args: [&[u8]; 3] = [b"FCALL", schema::FN_PUBLIC_VERSION.as_bytes(), b"0"];
+                    self.command(&args, Reply::PublicVersion);
+                }
+                Err(e) => {
+                    self.complete(Reply::Ignore("FUNCTION LOAD (the public library)"), Err(e))
+                }
+                Ok(_) => {}
+            },
+            Reply::PublicVersion => {
+                let older = match &result {
+                    Ok(BytesFrame::Integer(v)) => *v < schema::LIBRARY_VERSION,
+                    Err(e) => e.contains("not found"),
+                    Ok(_) => false,
+                };
+                if older {
+                    let text = schema::library(true);
+                    let args: [&[u8]; 4] = [b"FUNCTION", b"LOAD", b"REPLACE", text.as_bytes()];
+                    self.command(&args, Reply::Ignore("FUNCTION LOAD (the public library)"));
+                }
             }
             Reply::Inbox { key, conn, user } => {
                 let entries = result.and_then(|frame| inbox::parse_entries(&frame));

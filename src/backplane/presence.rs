@@ -80,7 +80,7 @@ impl Pending {
 pub fn register_all(shard: &Shard, bp: &Backplane) {
     let entries = shard.identified_conns();
     for chunk in entries.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, "ringway_presence_set", chunk);
+        presence_call(shard, bp, schema::FN_PRESENCE_SET, chunk);
     }
 }
 
@@ -102,7 +102,7 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
     .to_string();
     let args: [&[u8]; 10] = [
         b"FCALL",
-        b"ringway_node_alive",
+        schema::FN_NODE_ALIVE.as_bytes(),
         b"3",
         schema::NODES_KEY.as_bytes(),
         node_key.as_bytes(),
@@ -112,16 +112,16 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
         info.as_bytes(),
         incarnation.as_bytes(),
     ];
-    bp.command(&args, Reply::Ignore("ringway_node_alive"));
+    bp.command(&args, Reply::Ignore(schema::FN_NODE_ALIVE));
     let batch = REAP_BATCH.to_string();
     let args: [&[u8]; 5] = [
         b"FCALL",
-        b"ringway_reap",
+        schema::FN_REAP.as_bytes(),
         b"1",
         schema::INCARNATIONS_KEY.as_bytes(),
         batch.as_bytes(),
     ];
-    bp.command(&args, Reply::Ignore("ringway_reap"));
+    bp.command(&args, Reply::Ignore(schema::FN_REAP));
 }
 
 /// The node's id, its heartbeat key and this process's `<node>@<boot>`.
@@ -140,7 +140,7 @@ pub fn node_gone(shard: &Shard, bp: &Backplane) {
     let (node, node_key, incarnation) = registry(shard);
     let args: [&[u8]; 8] = [
         b"FCALL",
-        b"ringway_node_gone",
+        schema::FN_NODE_GONE.as_bytes(),
         b"3",
         schema::NODES_KEY.as_bytes(),
         node_key.as_bytes(),
@@ -148,17 +148,17 @@ pub fn node_gone(shard: &Shard, bp: &Backplane) {
         node.as_bytes(),
         incarnation.as_bytes(),
     ];
-    bp.command(&args, Reply::Ignore("ringway_node_gone"));
+    bp.command(&args, Reply::Ignore(schema::FN_NODE_GONE));
 }
 
 /// Connects and disconnects since the last write, one call each per `PRESENCE_BATCH`.
 pub fn queue_changes(shard: &Shard, bp: &Backplane) {
     let (added, removed) = bp.presence.borrow_mut().take();
     for chunk in added.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, "ringway_presence_set", chunk);
+        presence_call(shard, bp, schema::FN_PRESENCE_SET, chunk);
     }
     for chunk in removed.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, "ringway_presence_del", chunk);
+        presence_call(shard, bp, schema::FN_PRESENCE_DEL, chunk);
     }
 }
 

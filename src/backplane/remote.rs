@@ -116,7 +116,7 @@ pub async fn send(
     };
     let mut args = Vec::with_capacity(keys + 7);
     args.push(Bytes::from_static(b"FCALL"));
-    args.push(Bytes::from_static(b"ringway_send"));
+    args.push(Bytes::from_static(schema::FN_SEND.as_bytes()));
     args.push(Bytes::from(keys.to_string()));
     args.extend(users.iter().map(|u| Bytes::from(schema::user_key(u))));
     if !inbox.off() {

@@ -788,7 +788,7 @@ pub fn request_args(topic: &str, req: &Request) -> Vec<Bytes> {
     };
     vec![
         Bytes::from_static(b"FCALL_RO"),
-        Bytes::from_static(b"ringway_history"),
+        Bytes::from_static(schema::FN_HISTORY.as_bytes()),
         Bytes::from_static(b"2"),
         Bytes::from(schema::history_key(topic)),
         Bytes::from(schema::epoch_key(topic)),

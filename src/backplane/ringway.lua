@@ -1,7 +1,18 @@
 #!lua name=ringway
--- ringway's Redis functions (Redis >= 7.0). Loaded by every gateway at start with
--- FUNCTION LOAD REPLACE; the schema is documented in the README and in
--- src/backplane/schema.rs. Times are Redis's own clock, so nodes' clocks never matter.
+-- ringway's Redis functions (Redis >= 7.0); the schema is documented in the README and
+-- in src/backplane/schema.rs. Times are Redis's own clock, so nodes' clocks never
+-- matter.
+--
+-- This text is loaded as two libraries (src/backplane/schema.rs rewrites the name and
+-- PREFIX): `ringway_v<VERSION>`, whose functions (`ringway_v<VERSION>_send`, …) the
+-- gateways of this version call, loaded by each with FUNCTION LOAD REPLACE; and
+-- `ringway`, the public names services call (`ringway_send`, …), replaced only when
+-- the loaded one is older. So gateways of two versions share a Redis during a rolling
+-- upgrade, each calling its own code. VERSION changes whenever a function's keys,
+-- arguments or reply change.
+
+local PREFIX = 'ringway_'
+local VERSION = 1
 
 local USER_PREFIX = 'ringway:user:'
 local SHARD_PREFIX = 'ringway:shard:'
@@ -364,12 +375,13 @@ local function node_gone(keys, args)
   return 1
 end
 
-redis.register_function('ringway_presence_set', presence_set)
-redis.register_function('ringway_presence_del', presence_del)
-redis.register_function('ringway_send', send)
-redis.register_function('ringway_ack', ack)
-redis.register_function('ringway_publish', publish)
-redis.register_function{function_name = 'ringway_history', callback = history, flags = {'no-writes'}}
-redis.register_function('ringway_node_alive', node_alive)
-redis.register_function('ringway_node_gone', node_gone)
-redis.register_function('ringway_reap', reap)
+redis.register_function(PREFIX .. 'presence_set', presence_set)
+redis.register_function(PREFIX .. 'presence_del', presence_del)
+redis.register_function(PREFIX .. 'send', send)
+redis.register_function(PREFIX .. 'ack', ack)
+redis.register_function(PREFIX .. 'publish', publish)
+redis.register_function{function_name = PREFIX .. 'history', callback = history, flags = {'no-writes'}}
+redis.register_function(PREFIX .. 'node_alive', node_alive)
+redis.register_function(PREFIX .. 'node_gone', node_gone)
+redis.register_function(PREFIX .. 'reap', reap)
+redis.register_function{function_name = PREFIX .. 'version', callback = function() return VERSION end, flags = {'no-writes'}}

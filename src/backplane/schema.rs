@@ -15,7 +15,10 @@
 //! | `ringway:incarnations` | sorted set | node processes: member `<node>@<boot>`, score = expiry (ms); dead ones are reaped |
 //! | `ringway:conns:<node>@<boot>` | hash | a node process's presence entries: field member, value user (for reaping) |
 //!
-//! Functions (library `ringway`, loaded at start with `FUNCTION LOAD REPLACE`):
+//! Functions, loaded twice from one text (`library`): as `ringway_v<LIBRARY_VERSION>`
+//! (`ringway_v1_send`, …), which this release's gateways call and each loads with
+//! `FUNCTION LOAD REPLACE`, and as `ringway`, the names below for services, replaced
+//! only when the loaded one is older (`ringway_version`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
 //!   user up and publishes once per shard that holds any of them; returns
 //!   `[users online, shards published to, id, 0, connections]` (connections of nodes
@@ -49,8 +52,51 @@ pub const INBOX_PREFIX: &str = "ringway:inbox:";
 pub const INCARNATIONS_KEY: &str = "ringway:incarnations";
 pub const CONNS_PREFIX: &str = "ringway:conns:";
 
-/// The Lua library (Redis ≥ 7.0 functions).
-pub const LIBRARY: &str = include_str!("ringway.lua");
+/// The Lua library's text (Redis ≥ 7.0 functions), as the public library `ringway`.
+const LIBRARY: &str = include_str!("ringway.lua");
+
+/// The version of the functions' contract (their keys, arguments and replies); the
+/// library's own `VERSION`. The gateway calls the functions of `ringway_v<VERSION>`,
+/// so nodes of two versions can share a Redis while a cluster is upgraded node by node.
+pub const LIBRARY_VERSION: i64 = 1;
+
+/// The name of a function of this version's library (`ringway_v1_send`, …).
+macro_rules! gateway_fn {
+    ($name:literal) => {
+        concat!("ringway_v1_", $name)
+    };
+}
+pub const FN_SEND: &str = gateway_fn!("send");
+pub const FN_ACK: &str = gateway_fn!("ack");
+pub const FN_PUBLISH: &str = gateway_fn!("publish");
+pub const FN_HISTORY: &str = gateway_fn!("history");
+pub const FN_PRESENCE_SET: &str = gateway_fn!("presence_set");
+pub const FN_PRESENCE_DEL: &str = gateway_fn!("presence_del");
+pub const FN_NODE_ALIVE: &str = gateway_fn!("node_alive");
+pub const FN_NODE_GONE: &str = gateway_fn!("node_gone");
+pub const FN_REAP: &str = gateway_fn!("reap");
+/// The public library's version, as services see it (`FCALL ringway_version 0`).
+pub const FN_PUBLIC_VERSION: &str = "ringway_version";
+
+/// The library text: the public `ringway` (the names services call), or this
+/// version's `ringway_v<VERSION>` (the names the gateway calls).
+pub fn library(public: bool) -> String {
+    if public {
+        return LIBRARY.to_owned();
+    }
+    let v = LIBRARY_VERSION;
+    LIBRARY
+        .replacen(
+            "#!lua name=ringway\n",
+            &format!("#!lua name=ringway_v{v}\n"),
+            1,
+        )
+        .replacen(
+            "local PREFIX = 'ringway_'",
+            &format!("local PREFIX = 'ringway_v{v}_'"),
+            1,
+        )
+}
 
 pub fn topic_channel(topic: &str) -> String {
     format!("{TOPIC_PREFIX}{topic}")
@@ -144,6 +190,37 @@ mod tests {
         // Lua's cjson writes `/` as `\/`: ids with escapes are read too.
         let t: TopicEnvelope<'_> = serde_json::from_str(r#"{"id":"order\/42","data":1}"#).unwrap();
         assert_eq!(t.id.as_deref(), Some("order/42"));
+    }
+
+    #[test]
+    fn the_versioned_library_is_the_public_one_renamed() {
+        let v = LIBRARY_VERSION;
+        assert!(LIBRARY.contains(&format!("\nlocal VERSION = {v}\n")));
+        let versioned = library(false);
+        assert!(versioned.starts_with(&format!("#!lua name=ringway_v{v}\n")));
+        assert!(versioned.contains(&format!("local PREFIX = 'ringway_v{v}_'")));
+        assert!(library(true).starts_with("#!lua name=ringway\n"));
+        let prefix = format!("ringway_v{v}_");
+        for f in [
+            FN_SEND,
+            FN_ACK,
+            FN_PUBLISH,
+            FN_HISTORY,
+            FN_PRESENCE_SET,
+            FN_PRESENCE_DEL,
+            FN_NODE_ALIVE,
+            FN_NODE_GONE,
+            FN_REAP,
+        ] {
+            let name = f.strip_prefix(&prefix).expect("this version's prefix");
+            // Every name the gateway calls is registered by the library.
+            assert!(
+                LIBRARY.contains(&format!("PREFIX .. '{name}'")),
+                "{name} is not registered"
+            );
+        }
+        // Every registration goes through PREFIX.
+        assert!(!LIBRARY.contains("register_function('ringway_"));
     }
 
     #[test]

@@ -556,3 +556,64 @@ def test_doctor_checks_the_configured_redis(redis_server):
     line = next(l for l in down.stdout.splitlines() if " redis " in f" {l} ")
     assert line.startswith("FAIL") and "cannot connect" in line, down.stdout
     assert "fix: start Redis" in down.stdout
+
+
+# What a gateway of an older release (before libraries carried a version) left loaded.
+OLD_LIBRARY = "#!lua name=ringway\nredis.register_function('ringway_send', function() return 'old' end)\n"
+# What a gateway of a newer release would load: its own public names, version 99.
+NEWER_LIBRARY = """#!lua name=ringway
+redis.register_function('ringway_publish', function() return 'newer' end)
+redis.register_function{function_name = 'ringway_version', callback = function() return 99 end,
+                        flags = {'no-writes'}}
+"""
+
+
+def libraries(r) -> set[str]:
+    # RESP2: each library is a flat list of field, value pairs.
+    return {dict(zip(lib[::2], lib[1::2]))["library_name"] for lib in r.client().function_list()}
+
+
+def test_an_older_public_library_is_replaced_by_this_versions(redis_server, gateway):
+    rc = redis_server.client()
+    rc.function_load(OLD_LIBRARY)
+    start_cluster(gateway, redis_server, n=2)
+    wait_until(lambda: "ringway_v1" in libraries(redis_server), 5, what="this version's library")
+
+    def public_version():
+        try:
+            return rc.fcall("ringway_version", 0)
+        except Exception:
+            return None
+
+    assert wait_until(lambda: public_version() == 1, 5, what="the public library replaced")
+    assert libraries(redis_server) == {"ringway", "ringway_v1"}
+    # Services call the public names: the real functions now.
+    fid, receivers = rc.fcall("ringway_publish", 1, "ringway:topic:x", "", json.dumps(1))
+    assert "-" in fid and receivers == 0
+
+
+def test_a_newer_public_library_is_left_alone_and_the_gateways_run_their_own(redis_server, gateway):
+    rc = redis_server.client()
+    rc.function_load(NEWER_LIBRARY)
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+    wait_until(lambda: "ringway_v1" in libraries(redis_server), 5, what="this version's library")
+    time.sleep(0.5)
+    # A newer gateway's public library is not downgraded...
+    assert rc.fcall("ringway_version", 0) == 99
+    assert rc.fcall("ringway_publish", 0) == "newer"
+
+    async def body():
+        # ... and this version's gateways still work, through their own functions.
+        async with Client(n1) as a, Client(n2, **as_user("alice")) as b:
+            await a.subscribe("news")
+            mid = n2.publish("news", {"n": 1})
+            m = await a.recv()
+            assert (m["id"], m["data"]) == (mid, {"n": 1})
+            assert [e[0] for e in rc.xrange("ringway:history:news")] == [mid]
+            wait_presence(redis_server, "alice", "node2")
+            sent = send(n1, {"users": ["alice"], "data": "hi"})
+            assert sent["online"] == 1, sent
+            m = await b.recv()
+            assert m["data"] == "hi", m
+
+    arun(body())
