@@ -107,6 +107,9 @@ pub enum Reply {
     },
     /// A request from another thread (the admin API).
     Remote(RemoteReply),
+    /// The node's heartbeat (`ringway_node_alive`): 0 past the first means it came
+    /// too late and every shard registers its connections again.
+    Heartbeat,
     /// The public library loaded where there was none; when there was one, its
     /// version is asked (`PublicVersion`).
     PublicLibrary,
@@ -152,6 +155,8 @@ pub struct Backplane {
     owned: RefCell<owners::Owned>,
     /// This shard's index, and the node (its other shards' inboxes).
     index: usize,
+    /// Shard 0 has had an answer to a heartbeat from this process.
+    beaten: Cell<bool>,
     node: Arc<Node>,
     /// The command connection's queue: waiting (bounded; beyond it new commands fail
     /// at once with `unavailable` rather than pile up behind a stalled Redis) and
@@ -229,6 +234,7 @@ impl Backplane {
             via_wake: Wake::default(),
             owned: RefCell::default(),
             index: shard,
+            beaten: Cell::new(false),
             reply_limit: Cell::new(cfg.outbound_queue_bytes),
             metrics,
             replays: RefCell::default(),
@@ -543,6 +549,14 @@ impl Backplane {
         }
     }
 
+    /// Registers every identified connection of the shard again (its node's heartbeat
+    /// lapsed). While Redis is away nothing is sent: the reconnect registers them.
+    pub fn register_all(&self, shard: &crate::shard::Shard) {
+        if self.cmd_up() {
+            presence::register_all(shard, self);
+        }
+    }
+
     /// A connection of `user` closed. Kept while Redis is away (up to a bound), so
     /// entries that outlived a network partition are deleted at the reconnect.
     pub fn user_offline(&self, user: &Rc<str>, conn: u64) {
@@ -651,6 +665,18 @@ impl Backplane {
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
             }
+            Reply::Heartbeat => match result {
+                Ok(BytesFrame::Integer(0)) if self.beaten.replace(true) => {
+                    tracing::warn!(
+                        "this node's heartbeat came after it had expired (the process was paused, starved or cut off from redis); every shard registers its connections again"
+                    );
+                    for link in &self.node.shards {
+                        let _ = link.tx.send(crate::shard::Inbox::Reregister);
+                    }
+                }
+                Ok(_) => self.beaten.set(true),
+                Err(e) => self.complete(Reply::Ignore(schema::FN_NODE_ALIVE), Err(e)),
+            },
             Reply::PublicLibrary => match result {
                 Err(e) if e.contains("already exists") => {
                     let args: [&[u8]; 3] = [b"FCALL", schema::FN_PUBLIC_VERSION.as_bytes(), b"0"];

@@ -112,7 +112,7 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
         info.as_bytes(),
         incarnation.as_bytes(),
     ];
-    bp.command(&args, Reply::Ignore(schema::FN_NODE_ALIVE));
+    bp.command(&args, Reply::Heartbeat);
     let batch = REAP_BATCH.to_string();
     let args: [&[u8]; 5] = [
         b"FCALL",

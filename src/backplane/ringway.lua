@@ -354,14 +354,20 @@ local function history(keys, args)
 end
 
 -- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: ttl_ms, node
--- id, info JSON (with the process's `boot`), <node>@<boot>.
+-- id, info JSON (with the process's `boot`), <node>@<boot>. Returns 1, or 0 when the
+-- node's heartbeat key had expired: past a process's first beat, that means it was
+-- late (paused, starved or cut off) and other nodes may have reaped its entries; it
+-- registers them again. Once this has run no reaper takes the process, so nothing it
+-- registers after the answer is lost.
 local function node_alive(keys, args)
   local now = now_ms()
   local ttl = tonumber(args[1])
+  local lapsed = redis.call('EXISTS', keys[2]) == 0
   redis.call('ZADD', keys[1], now + ttl, args[2])
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
   redis.call('SET', keys[2], args[3], 'PX', ttl)
   redis.call('ZADD', keys[3], now + ttl, args[4])
+  if lapsed then return 0 end
   return 1
 end
 

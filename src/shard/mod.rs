@@ -1019,6 +1019,11 @@ impl Shard {
                     bp.on_lost(self, &topic);
                 }
             }
+            Inbox::Reregister => {
+                if let Some(bp) = self.backplane() {
+                    bp.register_all(self);
+                }
+            }
             Inbox::Drain => return false,
         }
         true

@@ -72,6 +72,9 @@ pub enum Inbox {
     /// From a topic's owner: messages of the topic may have been missed; ask again and
     /// catch up from the stream.
     Lost { topic: Arc<str> },
+    /// From shard 0: the node's heartbeat lapsed, so other nodes may have reaped its
+    /// presence entries; register every identified connection again.
+    Reregister,
     /// Stop accepting and close every connection with 1001.
     Drain,
 }
@@ -89,6 +92,7 @@ impl Inbox {
                 | Self::Interest { .. }
                 | Self::Answer { .. }
                 | Self::Lost { .. }
+                | Self::Reregister
         )
     }
 }

@@ -332,6 +332,31 @@ def test_a_killed_node_holds_nobody_within_five_seconds_and_its_entries_are_reap
     arun(body())
 
 
+def test_a_node_paused_past_its_heartbeat_registers_its_users_again(redis_server, gateway):
+    """A node stopped for longer than its heartbeat lasts (a paused or starved process)
+    looks dead: another node reaps its users' entries. When it runs again, its late
+    heartbeat tells it so and it registers them again, without losing a connection."""
+    n1, n2 = start_cluster(gateway, redis_server, n=2)
+    rc = redis_server.client()
+
+    async def body():
+        async with Client(n1, **as_user("erin")) as c:
+            wait_presence(redis_server, "erin", "node1")
+            n1.proc.send_signal(signal.SIGSTOP)
+            try:
+                wait_until(lambda: rc.exists("ringway:user:erin") == 0, 12, interval=0.1,
+                           what="node 2 to reap erin's entry")
+            finally:
+                n1.proc.send_signal(signal.SIGCONT)
+            wait_presence(redis_server, "erin", "node1")
+            sent = send(n2, {"user": "erin", "data": "back"})
+            assert sent["online"] == 1, sent
+            m = await c.recv()
+            assert m["data"] == "back", m
+
+    arun(body())
+
+
 def test_a_node_restarted_under_the_same_id_does_not_count_its_old_connections(redis_server, gateway):
     """The old process's entries carry its boot: the new process's heartbeat does not
     make them live, and they are reaped."""
