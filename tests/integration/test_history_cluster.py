@@ -323,6 +323,22 @@ def m_epoch(rc, t: str) -> str:
     return rc.get(f"ringway:epoch:{t}")
 
 
+def steady_publisher(gw, t: str, accepted: list[str], stop: threading.Event):
+    """A thread body: publishes to `t` through `gw`'s admin API every 2 ms (data = the
+    count so far) until `stop`, appending each accepted id to `accepted`."""
+
+    def run():
+        pub = gw.publisher()
+        try:
+            while not stop.is_set():
+                accepted.append(pub.publish(t, len(accepted)))
+                time.sleep(0.002)
+        finally:
+            pub.close()
+
+    return run
+
+
 def test_a_dropped_subscriber_connection_catches_up_from_the_stream(redis_server, gateway):
     """Redis drops node 1's pub/sub connections (CLIENT KILL TYPE pubsub) while node 2
     publishes: node 1's subscriber, still connected, gets every message once and in
@@ -332,15 +348,7 @@ def test_a_dropped_subscriber_connection_catches_up_from_the_stream(redis_server
     rc = redis_server.client()
     accepted: list[str] = []
     stop = threading.Event()
-
-    def publish_loop():
-        pub = n2.publisher()
-        try:
-            while not stop.is_set():
-                accepted.append(pub.publish(t, len(accepted)))
-                time.sleep(0.002)
-        finally:
-            pub.close()
+    publish_loop = steady_publisher(n2, t, accepted, stop)
 
     async def body():
         async with Client(n1) as sub:
@@ -379,15 +387,7 @@ def test_when_only_the_topics_owner_shard_loses_redis_its_sibling_catches_up(red
     rc = redis_server.client()
     accepted: list[str] = []
     stop = threading.Event()
-
-    def publish_loop():
-        pub = n2.publisher()
-        try:
-            while not stop.is_set():
-                accepted.append(pub.publish(t, len(accepted)))
-                time.sleep(0.002)
-        finally:
-            pub.close()
+    publish_loop = steady_publisher(n2, t, accepted, stop)
 
     def kill_owner() -> int:
         # Node 1's owner holds the topic and its direct channel; the other
