@@ -670,8 +670,8 @@ impl Backplane {
                     tracing::warn!(
                         "this node's heartbeat came after it had expired (the process was paused, starved or cut off from redis); every shard registers its connections again"
                     );
-                    for link in &self.node.shards {
-                        let _ = link.tx.send(crate::shard::Inbox::Reregister);
+                    for shard in 0..self.node.shards.len() {
+                        self.send_to(shard, crate::shard::Inbox::Reregister);
                     }
                 }
                 Ok(_) => self.beaten.set(true),

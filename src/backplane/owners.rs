@@ -9,8 +9,8 @@
 //! follows before it ever is). So the sibling's `Subscriptions` counts the answers just
 //! as it counts Redis's, and a client's `subscribed` reply waits for the owner's.
 //!
-//! When the owner loses the topic's messages (its Redis connection went down, or a
-//! sibling's inbox was full for a relayed message) the sibling is told `Lost`: it holds
+//! When a sibling may have missed messages (the owner's Redis connection went down, or
+//! the sibling was more than `relay_buffer_bytes` behind) it is told `Lost`: it holds
 //! its subscribers, asks again, and catches up from the topic's stream once answered,
 //! as after its own reconnect (`replay`).
 //!
@@ -61,12 +61,7 @@ impl Owned {
     /// owed for it: they go out now, since the subscription they wait for may never
     /// come.
     pub fn off(&mut self, topic: &str, from: usize) -> usize {
-        if let Some(who) = self.interested.get_mut(topic) {
-            who.retain(|&s| s != from);
-            if who.is_empty() {
-                self.interested.remove(topic);
-            }
-        }
+        self.drop_sibling(topic, from);
         let Some(owed) = self.owed.get_mut(topic) else {
             return 0;
         };
@@ -95,8 +90,8 @@ impl Owned {
         out
     }
 
-    /// Sibling `to` could not take a message of `topic`: it stops being interested
-    /// until it asks again (after its `Lost`).
+    /// Sibling `to` no longer gets `topic`'s messages: it took its interest back, or
+    /// could not take a message (it asks again after its `Lost`).
     pub fn drop_sibling(&mut self, topic: &str, to: usize) {
         if let Some(who) = self.interested.get_mut(topic) {
             who.retain(|&s| s != to);

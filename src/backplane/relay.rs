@@ -46,9 +46,9 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 impl Backplane {
-    /// Sends a message that holds no inbox room to shard `to`; a stopped shard is
-    /// shutting down and needs nothing more.
-    fn send_to(&self, to: usize, msg: Inbox) {
+    /// Sends a message that holds no inbox room (a control message between shards) to
+    /// shard `to`; a stopped shard is shutting down and needs nothing more.
+    pub(super) fn send_to(&self, to: usize, msg: Inbox) {
         debug_assert!(!msg.holds_room() && !matches!(msg, Inbox::Relay { .. }));
         let _ = self.node.shards[to].tx.send(msg);
     }

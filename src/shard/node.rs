@@ -80,9 +80,9 @@ pub enum Inbox {
 }
 
 impl Inbox {
-    /// Whether the message held room in the inbox (`ShardLink::reserve`). The drain and
-    /// the messages between a topic's owner and its siblings (a handful per
-    /// subscription change) need none, so they are never refused; a relay holds its
+    /// Whether the message held room in the inbox (`ShardLink::reserve`). The drain, the
+    /// messages between a topic's owner and its siblings (a handful per subscription
+    /// change) and `Reregister` need none, so they are never refused; a relay holds its
     /// bytes instead (`ShardLink::reserve_relay`).
     pub fn holds_room(&self) -> bool {
         !matches!(
