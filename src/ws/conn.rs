@@ -305,7 +305,10 @@ async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
             }
         }
         if let Some(config) = tls.take() {
-            match tls::accept(stream, config, &mut buf).await {
+            // Boxed: the TLS handshake's state (a 4 KiB read buffer among it) would
+            // otherwise be part of every upgrade task, plain ones included, and the
+            // allocator keeps the pages of a few hundred such tasks in flight.
+            match Box::pin(tls::accept(stream, config, &mut buf)).await {
                 Ok(s) => session = Some(s),
                 Err(tls::Failed::PlainHttp) => {
                     return refuse(shard, stream, None, Refusal::PlainOnTls).await
