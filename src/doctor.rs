@@ -186,7 +186,7 @@ fn redis_version(url: &crate::backplane::RedisUrl) -> Result<(String, String), S
         .build()
         .map_err(|e| format!("cannot start a runtime: {e}"))?;
     rt.block_on(async {
-        let mut link = Link::connect(url, std::time::Duration::from_secs(3))
+        let mut link = Link::connect(url, std::time::Duration::from_secs(3), None)
             .await
             .map_err(|e| e.to_string())?;
         let mut out = bytes::BytesMut::new();

@@ -3,8 +3,8 @@
 //!
 //! Every write carries everything queued since the last one (`queue`); replies come
 //! back in order and are matched to their handlers (`Reply`). Each second it also runs
-//! the presence heartbeat, and on every (re)connect it loads the functions and
-//! registers every connection again (`presence`).
+//! the presence heartbeat, and on every (re)connect it loads the functions and sends
+//! presence what it missed (`presence`).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -40,10 +40,14 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 /// Fails every command written or queued: their callers learn now, not never.
+/// Presence changes are kept instead, to be written again.
 fn fail_all(bp: &Backplane) {
     let replies = bp.queue.borrow_mut().drain_all();
     for reply in replies {
-        bp.complete(reply, Err("redis connection lost".into()));
+        match reply {
+            Reply::Presence { set, entries } => bp.presence.borrow_mut().unanswered(set, entries),
+            reply => bp.complete(reply, Err("redis connection lost".into())),
+        }
     }
 }
 
@@ -76,11 +80,16 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
         load.freeze(),
         Reply::Ignore("FUNCTION LOAD (needs Redis >= 7.0)"),
     );
+    // Which Redis this is decides what presence sends: only what changed while it was
+    // away (the same Redis), or every connection (another). Nothing is sent until then.
+    bp.presence_ready.set(false);
+    let mut info = BytesMut::new();
+    link::encode(&mut info, &[b"INFO", b"server"]);
+    bp.queue
+        .borrow_mut()
+        .push_front(info.freeze(), Reply::Server);
     // Stream reads that waited for this connection.
     bp.start_reads();
-    // The registration below covers connections added while Redis was away; removals
-    // are kept so entries of connections that closed meanwhile are deleted.
-    bp.presence.borrow_mut().forget_opened();
     let mut next_heartbeat = Instant::now();
     let mut tick: usize = 0;
     let mut deregistered = false;
@@ -90,11 +99,6 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
         }
         let now = Instant::now();
         if now >= next_heartbeat && !bp.stopping.get() {
-            if tick == 0 {
-                // Just (re)connected: Redis may have restarted empty. Otherwise entries
-                // are written once, at connect: nothing is refreshed.
-                presence::register_all(shard, bp);
-            }
             // The node's heartbeat, every second: it is what keeps every entry of this
             // process live.
             presence::heartbeat(shard, bp);
@@ -107,7 +111,9 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
             tick += 1;
             next_heartbeat = now + Duration::from_secs(1);
         }
-        presence::queue_changes(shard, bp);
+        if bp.presence_ready.get() {
+            presence::queue_changes(shard, bp);
+        }
         bp.queue_inbox_reads();
         if bp.stopping.get() && !deregistered {
             deregistered = true;

@@ -37,11 +37,12 @@ where
     let seed = shard.index as u64 * 2 + if role == Role::Subscriber { 1 } else { 2 };
     let mut backoff = Backoff::new(seed);
     let mut outage: Option<Instant> = None;
+    let name = client_name(&shard.node.id, shard.index, role);
     loop {
         if role == Role::Commands && bp.stopping.get() {
             return;
         }
-        match Link::connect(&bp.url, CONNECT_TIMEOUT).await {
+        match Link::connect(&bp.url, CONNECT_TIMEOUT, Some(&name)).await {
             Ok(link) => {
                 backoff.reset();
                 if let Some(since) = outage.take() {
@@ -81,5 +82,31 @@ where
             _ = monoio::time::sleep(backoff.next_delay()) => {}
             _ = bp.retry(role).woken() => {}
         }
+    }
+}
+
+/// `ringway:<node>:<shard>:<role>`, the name each link gives its connection; characters
+/// Redis refuses in a name become `_`.
+fn client_name(node: &str, shard: usize, role: Role) -> String {
+    format!("ringway:{node}:{shard}:{}", role.name())
+        .chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_are_named_after_node_shard_and_role() {
+        assert_eq!(
+            client_name("eu-1", 3, Role::Commands),
+            "ringway:eu-1:3:commands"
+        );
+        assert_eq!(
+            client_name("a b\nç", 0, Role::Subscriber),
+            "ringway:a_b__:0:subscriber"
+        );
     }
 }

@@ -181,8 +181,14 @@ impl Link {
     }
 
     /// Connects to the URL's Redis (through its Sentinels: to the master they name,
-    /// checked to be one), authenticates and selects the database.
-    pub async fn connect(url: &RedisUrl, timeout: Duration) -> Result<Self, LinkError> {
+    /// checked to be one), authenticates, selects the database and names the
+    /// connection (`CLIENT SETNAME`, so that `CLIENT LIST` tells which gateway link it
+    /// is; a refusal is ignored).
+    pub async fn connect(
+        url: &RedisUrl,
+        timeout: Duration,
+        name: Option<&str>,
+    ) -> Result<Self, LinkError> {
         let setup = async {
             let (addr, must_be_master) = match &url.target {
                 Target::Server(a) => (a.clone(), false),
@@ -205,6 +211,10 @@ impl Link {
                 encode(&mut out, &[b"SELECT", url.db.to_string().as_bytes()]);
                 expect.push("SELECT");
             }
+            if let Some(name) = name {
+                encode(&mut out, &[b"CLIENT", b"SETNAME", name.as_bytes()]);
+                expect.push("CLIENT SETNAME");
+            }
             if must_be_master {
                 // During a failover a Sentinel may still name the old master, which
                 // may already be a replica.
@@ -218,6 +228,7 @@ impl Link {
             link.write(out.freeze()).await?;
             for what in expect {
                 match link.next_frame().await? {
+                    BytesFrame::Error(_) if what == "CLIENT SETNAME" => {}
                     BytesFrame::Error(message) => {
                         return Err(LinkError::Refused {
                             what,

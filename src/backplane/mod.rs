@@ -117,6 +117,16 @@ pub enum Reply {
     /// older than this gateway's, or has none; left alone when a newer gateway loaded
     /// it.
     PublicVersion,
+    /// Presence entries added (`set`) or removed: written again if the connection is
+    /// lost before Redis answers (`presence::Pending::unanswered`).
+    Presence {
+        set: bool,
+        entries: Vec<presence::Entry>,
+    },
+    /// `INFO server` on a new command connection: the same Redis as before (its
+    /// `run_id`) keeps this shard's presence entries, and only changes are sent;
+    /// another registers every connection.
+    Server,
 }
 
 /// Where one of the shard's Redis links stands. This is the truth the shard acts on;
@@ -166,6 +176,10 @@ pub struct Backplane {
     cmd_wake: Wake,
     /// Presence entries to add or remove at the next write.
     presence: RefCell<presence::Pending>,
+    /// The `run_id` of the Redis the command connection last reached, and whether this
+    /// connection has learned it yet (presence changes wait for it).
+    redis_run: RefCell<Option<String>>,
+    presence_ready: Cell<bool>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
     sub_link: Cell<LinkState>,
@@ -248,6 +262,8 @@ impl Backplane {
             queue: RefCell::default(),
             cmd_wake: Wake::default(),
             presence: RefCell::default(),
+            redis_run: RefCell::default(),
+            presence_ready: Cell::new(false),
             stopping: Cell::new(false),
             finished: Cell::new(false),
             sub_link: Cell::new(LinkState::Down),
@@ -540,21 +556,19 @@ impl Backplane {
         self.cmd_wake.wake();
     }
 
-    /// A connection of `user` opened on this shard. While Redis is away nothing is
-    /// recorded: the reconnect registers every connection anyway.
+    /// A connection of `user` opened on this shard. Kept while Redis is away (up to a
+    /// bound), for a reconnect to the same Redis.
     pub fn user_online(&self, user: &Rc<str>, conn: u64) {
-        if self.cmd_up() {
-            self.presence.borrow_mut().opened(user, conn);
-            self.cmd_wake.wake();
-        }
+        self.presence.borrow_mut().opened(user, conn);
+        self.cmd_wake.wake();
     }
 
-    /// Registers every identified connection of the shard again (its node's heartbeat
-    /// lapsed). While Redis is away nothing is sent: the reconnect registers them.
-    pub fn register_all(&self, shard: &crate::shard::Shard) {
-        if self.cmd_up() {
-            presence::register_all(shard, self);
-        }
+    /// Registers every identified connection of the shard again, at the command
+    /// connection's next write (its node's heartbeat lapsed: others may have reaped
+    /// its entries).
+    pub fn register_all(&self) {
+        self.presence.borrow_mut().all_again();
+        self.cmd_wake.wake();
     }
 
     /// A connection of `user` closed. Kept while Redis is away (up to a bound), so
@@ -665,6 +679,32 @@ impl Backplane {
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
             }
+            Reply::Presence { set, .. } => {
+                let what = if set {
+                    schema::FN_PRESENCE_SET
+                } else {
+                    schema::FN_PRESENCE_DEL
+                };
+                self.complete(Reply::Ignore(what), result.map(|_| BytesFrame::Null));
+            }
+            Reply::Server => {
+                let run = match &result {
+                    Ok(BytesFrame::BulkString(info)) => run_id(info),
+                    _ => None,
+                };
+                let before = self.redis_run.replace(run.clone());
+                if run.is_none() || run != before {
+                    if before.is_some() {
+                        tracing::info!(
+                            shard = self.index,
+                            "reconnected to another redis (or one that restarted): registering every connection again"
+                        );
+                    }
+                    self.presence.borrow_mut().all_again();
+                }
+                self.presence_ready.set(true);
+                self.cmd_wake.wake();
+            }
             Reply::Heartbeat => match result {
                 Ok(BytesFrame::Integer(0)) if self.beaten.replace(true) => {
                     tracing::warn!(
@@ -740,6 +780,17 @@ impl Backplane {
             }
         }
     }
+}
+
+/// The `run_id` line of an `INFO server` reply: it changes when Redis restarts, and
+/// differs between a master and its replicas.
+fn run_id(info: &[u8]) -> Option<String> {
+    std::str::from_utf8(info)
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 5 s, each delay drawn from

@@ -6,9 +6,14 @@
 //! - An entry is never refreshed: shard 0's heartbeat, every second, keeps every entry
 //!   of this node process live, and also reaps a batch of the entries a dead process
 //!   left behind (`ringway_reap`).
-//! - After a (re)connect every entry is registered again (Redis may have restarted
-//!   empty); removals made while Redis was away are kept (`Pending`), so entries that
-//!   outlived a partition are deleted at the reconnect.
+//! - A reconnect to the Redis it last spoke to (the same `run_id`, so nothing was lost
+//!   but what was in flight) sends only what changed while it was away and what was
+//!   written but never answered (`Pending`). A reconnect to another Redis (a restart, a
+//!   failover) registers every entry again, since it may hold none. Removals made while
+//!   Redis was away are kept either way, so entries that outlived a partition are
+//!   deleted at the reconnect. Were a reconnect to register everything, a Redis too
+//!   slow to answer in time would get every node's whole presence again at each
+//!   timeout, which keeps it too slow: a reconnect storm.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -28,22 +33,50 @@ const REAP_BATCH: usize = 1000;
 /// Redis, counted as live, until this process stops (then the reaper removes every
 /// entry it left); a warning says so.
 const MAX_PENDING_REMOVALS: usize = 100_000;
+/// Registrations kept while Redis is away. Beyond it they are dropped, and the
+/// reconnect registers every connection instead.
+const MAX_PENDING_ADDITIONS: usize = 100_000;
 
 /// A connection of a user: (user, connection number).
-type Entry = (Rc<str>, u64);
+pub type Entry = (Rc<str>, u64);
 
-/// Connects and disconnects not yet written.
+/// Connects and disconnects not yet written, or written and not answered.
 #[derive(Default)]
 pub struct Pending {
     opened: Vec<Entry>,
     closed: Vec<Entry>,
     /// The bound was hit (warned once per outage).
     overflowed: bool,
+    /// Registrations were dropped (or never recorded): the next connection registers
+    /// every connection.
+    register_all: bool,
 }
 
 impl Pending {
     pub fn opened(&mut self, user: &Rc<str>, conn: u64) {
+        if self.register_all {
+            return;
+        }
+        if self.opened.len() >= MAX_PENDING_ADDITIONS {
+            self.opened = Vec::new();
+            self.register_all = true;
+            return;
+        }
         self.opened.push((user.clone(), conn));
+    }
+
+    /// Calls written and not answered (the connection was lost): Redis may or may not
+    /// have run them, and running them again is harmless, so they go out again.
+    pub fn unanswered(&mut self, set: bool, entries: Vec<Entry>) {
+        if set {
+            for (user, conn) in entries {
+                self.opened(&user, conn);
+            }
+        } else {
+            for (user, conn) in entries {
+                self.closed(&user, conn);
+            }
+        }
     }
 
     /// Kept up to `MAX_PENDING_REMOVALS`; false once that is full.
@@ -62,9 +95,17 @@ impl Pending {
         true
     }
 
-    /// A (re)connect registers every open connection anyway.
-    pub fn forget_opened(&mut self) {
-        self.opened.clear();
+    /// Redis may hold none of this shard's entries (another server, the first
+    /// connection, or a heartbeat that lapsed): every connection is registered at the
+    /// next write, which covers the registrations kept.
+    pub fn all_again(&mut self) {
+        self.opened = Vec::new();
+        self.register_all = true;
+    }
+
+    /// Whether every connection must be registered (true once per `all_again`).
+    fn needs_all(&mut self) -> bool {
+        std::mem::take(&mut self.register_all)
     }
 
     fn take(&mut self) -> (Vec<Entry>, Vec<Entry>) {
@@ -77,10 +118,10 @@ impl Pending {
 }
 
 /// Registers every identified connection of the shard, in calls of `PRESENCE_BATCH`.
-pub fn register_all(shard: &Shard, bp: &Backplane) {
+fn register_all(shard: &Shard, bp: &Backplane) {
     let entries = shard.identified_conns();
     for chunk in entries.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, schema::FN_PRESENCE_SET, chunk);
+        presence_call(shard, bp, true, chunk);
     }
 }
 
@@ -151,24 +192,29 @@ pub fn node_gone(shard: &Shard, bp: &Backplane) {
     bp.command(&args, Reply::Ignore(schema::FN_NODE_GONE));
 }
 
-/// Connects and disconnects since the last write, one call each per `PRESENCE_BATCH`.
+/// Connects and disconnects since the last write, one call each per `PRESENCE_BATCH`
+/// (or every connection, when registrations were dropped).
 pub fn queue_changes(shard: &Shard, bp: &Backplane) {
+    if bp.presence.borrow_mut().needs_all() {
+        register_all(shard, bp);
+    }
     let (added, removed) = bp.presence.borrow_mut().take();
     for chunk in added.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, schema::FN_PRESENCE_SET, chunk);
+        presence_call(shard, bp, true, chunk);
     }
     for chunk in removed.chunks(PRESENCE_BATCH) {
-        presence_call(shard, bp, schema::FN_PRESENCE_DEL, chunk);
+        presence_call(shard, bp, false, chunk);
     }
 }
 
-/// `FCALL <function> n+1 user-keys… index-key members…`
-fn presence_call(
-    shard: &Shard,
-    bp: &Backplane,
-    function: &'static str,
-    entries: &[(Rc<str>, u64)],
-) {
+/// `FCALL <function> n+1 user-keys… index-key members…`: `ringway_presence_set` when
+/// `set`, else `ringway_presence_del`.
+fn presence_call(shard: &Shard, bp: &Backplane, set: bool, entries: &[Entry]) {
+    let function = if set {
+        schema::FN_PRESENCE_SET
+    } else {
+        schema::FN_PRESENCE_DEL
+    };
     let boot = &shard.node.epoch;
     let mut keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
     keys.push(schema::conns_key(&shard.node.id, boot));
@@ -181,7 +227,13 @@ fn presence_call(
     args.extend([b"FCALL".as_slice(), function.as_bytes(), count.as_bytes()]);
     args.extend(keys.iter().map(|k| k.as_bytes()));
     args.extend(members.iter().map(|m| m.as_bytes()));
-    bp.command(&args, Reply::Ignore(function));
+    bp.command(
+        &args,
+        Reply::Presence {
+            set,
+            entries: entries.to_vec(),
+        },
+    );
 }
 
 #[cfg(test)]
@@ -189,11 +241,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn removals_are_kept_up_to_a_bound_and_registrations_can_be_forgotten() {
+    fn removals_are_kept_up_to_a_bound() {
         let mut p = Pending::default();
         let u: Rc<str> = Rc::from("u");
-        p.opened(&u, 1);
-        p.forget_opened();
         for i in 0..MAX_PENDING_REMOVALS as u64 {
             assert!(p.closed(&u, i));
         }
@@ -201,5 +251,45 @@ mod tests {
         let (opened, closed) = p.take();
         assert!(opened.is_empty() && closed.len() == MAX_PENDING_REMOVALS);
         assert!(p.closed(&u, 0));
+    }
+
+    #[test]
+    fn registrations_are_kept_until_everything_is_registered_again() {
+        let mut p = Pending::default();
+        let u: Rc<str> = Rc::from("u");
+        p.opened(&u, 1);
+        p.unanswered(true, vec![(u.clone(), 2)]);
+        p.unanswered(false, vec![(u.clone(), 3)]);
+        assert!(!p.needs_all());
+        assert_eq!(
+            p.take(),
+            (vec![(u.clone(), 1), (u.clone(), 2)], vec![(u.clone(), 3)])
+        );
+
+        p.opened(&u, 4);
+        p.closed(&u, 5);
+        p.all_again(); // another redis may hold nothing
+        p.opened(&u, 6);
+        assert!(p.needs_all());
+        assert_eq!(
+            p.take(),
+            (vec![], vec![(u.clone(), 5)]),
+            "removals are kept"
+        );
+    }
+
+    #[test]
+    fn too_many_registrations_become_one_registration_of_everything() {
+        let mut p = Pending::default();
+        let u: Rc<str> = Rc::from("u");
+        for i in 0..=MAX_PENDING_ADDITIONS as u64 {
+            p.opened(&u, i);
+        }
+        p.opened(&u, 0);
+        assert!(p.take().0.is_empty());
+        assert!(p.needs_all());
+        assert!(!p.needs_all(), "asked once");
+        p.opened(&u, 1);
+        assert_eq!(p.take().0, vec![(u.clone(), 1)]);
     }
 }

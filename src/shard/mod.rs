@@ -1021,7 +1021,7 @@ impl Shard {
             }
             Inbox::Reregister => {
                 if let Some(bp) = self.backplane() {
-                    bp.register_all(self);
+                    bp.register_all();
                 }
             }
             Inbox::Drain => return false,

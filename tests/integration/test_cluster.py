@@ -357,6 +357,87 @@ def test_a_node_paused_past_its_heartbeat_registers_its_users_again(redis_server
     arun(body())
 
 
+def test_a_dropped_command_connection_sends_the_same_redis_only_what_changed(redis_server, gateway):
+    """Redis drops a node's command connections (CLIENT KILL) three times while users
+    come and go. It is the same Redis (same run_id), so the node does not register the
+    users it already had again: only what changed goes out, and presence ends exact.
+    Registering everyone at each reconnect is what turns a Redis that answers late into
+    a reconnect storm."""
+    (n1,) = start_cluster(gateway, redis_server, n=1)
+    rc = redis_server.client()
+    steady = [f"steady{i}" for i in range(100)]
+
+    def kill_command_links() -> None:
+        ids = [c["id"] for c in rc.client_list(_type="normal") if c.get("name", "").endswith(":commands")]
+        assert len(ids) == 2, rc.client_list(_type="normal")  # one per shard, named by the node
+        before = n1.metric("ringway_redis_reconnects_total")
+        for i in ids:
+            rc.client_kill_filter(_id=i)
+        wait_until(lambda: n1.metric("ringway_redis_reconnects_total") >= before + 2
+                   and n1.metric("ringway_redis_commands_up") == 2, 10, what="the command links to come back")
+
+    registered = []  # every presence_set the node sent after the first drop
+    stop = threading.Event()
+    watching = threading.Event()
+
+    def watch():
+        with redis_server.client().monitor() as m:
+            watching.set()
+            while not stop.is_set():  # heartbeats come every second
+                command = m.next_command()["command"]
+                if "presence_set" in command:
+                    registered.append(command)
+
+    async def body():
+        held = [await Client(n1, **as_user(u)).__aenter__() for u in steady]
+        leaving = [await Client(n1, **as_user(f"leaving{i}")).__aenter__() for i in range(3)]
+        for u in steady + [f"leaving{i}" for i in range(3)]:
+            wait_presence(redis_server, u, "node1")
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert watching.wait(5)
+        came = []
+        for i in range(3):
+            kill_command_links()
+            # Right after the drop, while the node may still be reconnecting.
+            came.append(await Client(n1, **as_user(f"new{i}")).__aenter__())
+            await leaving[i].ws.close()
+        for i in range(3):
+            wait_presence(redis_server, f"new{i}", "node1")
+            wait_until(lambda: rc.exists(f"ringway:user:leaving{i}") == 0, 5, what=f"leaving{i} removed")
+        for u in steady:
+            assert len(presence(redis_server, u)) == 1, (u, presence(redis_server, u))
+        again = [c for c in registered if "ringway:user:steady" in c]
+        assert not again, f"{len(again)} registrations of users Redis already had, e.g. {again[0][:200]}"
+        assert any("ringway:user:new" in c for c in registered), registered
+        sent = send(n1, {"user": "steady7", "data": "still here"})
+        assert sent["online"] == 1, sent
+        for c in held + came:
+            await c.ws.close()
+
+    try:
+        arun(body())
+    finally:
+        stop.set()
+
+
+def test_a_restarted_redis_gets_every_connection_registered_again(redis_server, gateway):
+    """A Redis that restarted empty (a new run_id) gets every presence entry again."""
+    (n1,) = start_cluster(gateway, redis_server, n=1)
+
+    async def body():
+        async with Client(n1, **as_user("kim")) as c:
+            wait_presence(redis_server, "kim", "node1")
+            redis_server.restart()
+            wait_presence(redis_server, "kim", "node1")
+            sent = send(n1, {"user": "kim", "data": "after"})
+            assert sent["online"] == 1, sent
+            m = await c.recv()
+            assert m["data"] == "after", m
+
+    arun(body())
+
+
 def test_a_node_restarted_under_the_same_id_does_not_count_its_old_connections(redis_server, gateway):
     """The old process's entries carry its boot: the new process's heartbeat does not
     make them live, and they are reaped."""
