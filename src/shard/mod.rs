@@ -1253,11 +1253,11 @@ async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
             }
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 shard.metrics.accepted.inc();
                 // Counted before the task first runs, so a drain starting now waits for it.
                 shard.handshaking.set(shard.handshaking.get() + 1);
-                monoio::spawn(crate::ws::conn::serve(shard.clone(), stream));
+                monoio::spawn(crate::ws::conn::serve(shard.clone(), stream, peer));
             }
             Err(_) if stopping => break,
             Err(e) => {

@@ -14,7 +14,7 @@
 //! registered connection is unregistered exactly once, with its close reason.
 
 use std::io::ErrorKind;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::Duration;
@@ -42,8 +42,8 @@ use crate::{sys, tls};
 /// Upgrades one accepted socket and hands the connection to the shard's reactor. The
 /// caller has counted it in the shard's handshakes in progress; this lowers the count
 /// when the upgrade ends.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    let upgraded = upgrade(shard.clone(), stream).await;
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: SocketAddr) {
+    let upgraded = upgrade(shard.clone(), stream, peer).await;
     shard.handshake_ended();
     if let Some((key, handle, conn)) = upgraded {
         shard.reactor.adopt(&shard, key, &handle, conn);
@@ -55,6 +55,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
 async fn upgrade(
     shard: Rc<Shard>,
     mut stream: TcpStream,
+    peer: SocketAddr,
 ) -> Option<(ConnKey, Rc<ConnHandle>, Conn)> {
     let _ = stream.set_nodelay(true);
     // Declared after `stream` (a parameter), so dropped before it: the socket leaves the
@@ -65,7 +66,7 @@ async fn upgrade(
     };
     let limit = Duration::from_millis(shard.cfg().handshake_timeout_ms);
     let (upgrade, admitted, leftover, session) =
-        match monoio::time::timeout(limit, handshake(&shard, &mut stream)).await {
+        match monoio::time::timeout(limit, handshake(&shard, &mut stream, peer)).await {
             Ok(u) => u?,
             Err(_) => {
                 shard.metrics.handshake_timeouts.inc();
@@ -242,12 +243,13 @@ type Upgraded = (
 /// Reads the PROXY header, runs the TLS handshake, reads the upgrade request and admits
 /// the client, each when configured; answers a refusal itself. `None` when refused or
 /// abandoned.
-async fn handshake(shard: &Shard, stream: &mut TcpStream) -> Option<Upgraded> {
+/// `peer` is the address `accept` gave (no `getpeername` per connection).
+async fn handshake(shard: &Shard, stream: &mut TcpStream, peer: SocketAddr) -> Option<Upgraded> {
     let cfg = shard.cfg();
     let fd = stream.as_raw_fd();
     // An IPv4 client of a dual-stack listener shows as `::ffff:a.b.c.d`: counted and
     // matched against `proxy_trusted` as the IPv4 address it is.
-    let mut peer = stream.peer_addr().ok().map(|a| a.ip().to_canonical());
+    let mut peer = Some(peer.ip().to_canonical());
     // With the PROXY protocol its header comes first, and only from a trusted balancer;
     // `proxy` is set back to `Off` once the header is read.
     let mut proxy = cfg.proxy_protocol;
