@@ -53,9 +53,9 @@ fn fail_all(bp: &Backplane) {
 
 /// Serves one connection. `Ok` once the shard is stopping and everything is answered.
 async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), LinkError> {
-    // On every (re)connect: load this version's functions first, then register
-    // everything anew. Shard 0 also makes sure the public library (the names services
-    // call) is at least this version's.
+    // On every (re)connect: load this version's functions first, then learn which
+    // Redis this is (presence waits for that). Shard 0 also makes sure the public
+    // library (the names services call) is at least this version's.
     if shard.index == 0 {
         let mut public = BytesMut::new();
         link::encode(
@@ -84,7 +84,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
     // away (the same Redis), or every connection (another). Nothing is sent until then.
     bp.presence_ready.set(false);
     let mut info = BytesMut::new();
-    link::encode(&mut info, &[b"INFO", b"server"]);
+    link::encode(&mut info, &[b"INFO", b"server", b"replication"]);
     bp.queue
         .borrow_mut()
         .push_front(info.freeze(), Reply::Server);
@@ -111,10 +111,11 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
             tick += 1;
             next_heartbeat = now + Duration::from_secs(1);
         }
-        if bp.presence_ready.get() {
+        // A new connection's inbox is read behind its registration, so both wait.
+        if bp.presence_ready.get() && bp.presence_retry.get().is_none_or(|t| now >= t) {
             presence::queue_changes(shard, bp);
+            bp.queue_inbox_reads();
         }
-        bp.queue_inbox_reads();
         if bp.stopping.get() && !deregistered {
             deregistered = true;
             presence::node_gone(shard, bp);
@@ -150,7 +151,12 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
         if oldest.is_some_and(|t| t.elapsed() > REPLY_TIMEOUT) {
             return Err(LinkError::NoAnswer(REPLY_TIMEOUT));
         }
-        if deregistered && bp.queue.borrow().is_idle() {
+        // Done once everything is answered, the last presence removals included.
+        if deregistered
+            && bp.queue.borrow().is_idle()
+            && bp.presence_ready.get()
+            && bp.presence.borrow().is_empty()
+        {
             return Ok(());
         }
         if bp.queue.borrow().has_waiting() {

@@ -123,9 +123,9 @@ pub enum Reply {
         set: bool,
         entries: Vec<presence::Entry>,
     },
-    /// `INFO server` on a new command connection: the same Redis as before (its
-    /// `run_id`) keeps this shard's presence entries, and only changes are sent;
-    /// another registers every connection.
+    /// `INFO server replication` on a new command connection: the same Redis as
+    /// before (its `run_id` and replication id) kept this shard's presence entries, and
+    /// only changes are sent; another registers every connection.
     Server,
 }
 
@@ -176,10 +176,13 @@ pub struct Backplane {
     cmd_wake: Wake,
     /// Presence entries to add or remove at the next write.
     presence: RefCell<presence::Pending>,
-    /// The `run_id` of the Redis the command connection last reached, and whether this
-    /// connection has learned it yet (presence changes wait for it).
+    /// Which Redis the command connection last reached (`run_id` and replication id),
+    /// and whether this connection has learned it yet (presence changes wait for it).
     redis_run: RefCell<Option<String>>,
     presence_ready: Cell<bool>,
+    /// Presence calls Redis refused (or that found no room in the queue) are sent
+    /// again, but not before this.
+    presence_retry: Cell<Option<std::time::Instant>>,
     stopping: Cell<bool>,
     finished: Cell<bool>,
     sub_link: Cell<LinkState>,
@@ -264,6 +267,7 @@ impl Backplane {
             presence: RefCell::default(),
             redis_run: RefCell::default(),
             presence_ready: Cell::new(false),
+            presence_retry: Cell::new(None),
             stopping: Cell::new(false),
             finished: Cell::new(false),
             sub_link: Cell::new(LinkState::Down),
@@ -679,18 +683,30 @@ impl Backplane {
             Reply::Remote(tx) => {
                 let _ = tx.send(result);
             }
-            Reply::Presence { set, .. } => {
-                let what = if set {
-                    schema::FN_PRESENCE_SET
-                } else {
-                    schema::FN_PRESENCE_DEL
-                };
-                self.complete(Reply::Ignore(what), result.map(|_| BytesFrame::Null));
+            Reply::Presence { set, entries } => {
+                if let Err(e) = result {
+                    // Refused (an error reply, a full queue, Redis away): kept, and
+                    // sent again in a second.
+                    let what = if set {
+                        schema::FN_PRESENCE_SET
+                    } else {
+                        schema::FN_PRESENCE_DEL
+                    };
+                    self.complete(Reply::Ignore(what), Err(e));
+                    self.presence.borrow_mut().unanswered(set, entries);
+                    self.presence_retry
+                        .set(Some(std::time::Instant::now() + Duration::from_secs(1)));
+                }
             }
             Reply::Server => {
                 let run = match &result {
-                    Ok(BytesFrame::BulkString(info)) => run_id(info),
-                    _ => None,
+                    Ok(BytesFrame::BulkString(info)) => redis_identity(info),
+                    Ok(_) => None,
+                    Err(e) => {
+                        let what = "INFO (refused: every reconnect registers every connection again; an ACL user needs +info)";
+                        self.complete(Reply::Ignore(what), Err(e.clone()));
+                        None
+                    }
                 };
                 let before = self.redis_run.replace(run.clone());
                 if run.is_none() || run != before {
@@ -782,15 +798,23 @@ impl Backplane {
     }
 }
 
-/// The `run_id` line of an `INFO server` reply: it changes when Redis restarts, and
-/// differs between a master and its replicas.
-fn run_id(info: &[u8]) -> Option<String> {
-    std::str::from_utf8(info)
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .map(|id| id.trim().to_owned())
-        .filter(|id| !id.is_empty())
+/// `<run_id>/<master_replid>` from an `INFO server replication` reply. The run id
+/// changes when Redis restarts and differs between servers; the replication id changes
+/// when a replica is promoted, or a master resyncs from another, so a server that was
+/// demoted and promoted again while a shard was away does not pass for the same data.
+fn redis_identity(info: &[u8]) -> Option<String> {
+    let info = std::str::from_utf8(info).ok()?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+    };
+    Some(format!(
+        "{}/{}",
+        field("run_id:")?,
+        field("master_replid:")?
+    ))
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to 5 s, each delay drawn from
@@ -860,6 +884,14 @@ impl Wake {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redis_is_told_apart_by_run_id_and_replication_id() {
+        let info = b"# Server\r\nredis_version:7.0.15\r\nrun_id:abc123\r\n\r\n# Replication\r\nrole:master\r\nmaster_replid:r9\r\n";
+        assert_eq!(redis_identity(info).as_deref(), Some("abc123/r9"));
+        assert_eq!(redis_identity(b"# Server\r\nrun_id:abc123\r\n"), None);
+        assert_eq!(redis_identity(b"run_id:\r\nmaster_replid:r9\r\n"), None);
+    }
 
     #[test]
     fn backoff_grows_to_five_seconds_with_jitter() {

@@ -108,6 +108,11 @@ impl Pending {
         std::mem::take(&mut self.register_all)
     }
 
+    /// Nothing waits to be written.
+    pub fn is_empty(&self) -> bool {
+        self.opened.is_empty() && self.closed.is_empty() && !self.register_all
+    }
+
     fn take(&mut self) -> (Vec<Entry>, Vec<Entry>) {
         self.overflowed = false;
         (
@@ -195,7 +200,9 @@ pub fn node_gone(shard: &Shard, bp: &Backplane) {
 /// Connects and disconnects since the last write, one call each per `PRESENCE_BATCH`
 /// (or every connection, when registrations were dropped).
 pub fn queue_changes(shard: &Shard, bp: &Backplane) {
-    if bp.presence.borrow_mut().needs_all() {
+    // Not while stopping: the node has left the registry, and entries written now
+    // might outlive it.
+    if bp.presence.borrow_mut().needs_all() && !bp.stopping.get() {
         register_all(shard, bp);
     }
     let (added, removed) = bp.presence.borrow_mut().take();
