@@ -46,6 +46,8 @@ fn fail_all(bp: &Backplane) {
     for reply in replies {
         match reply {
             Reply::Presence { set, entries } => bp.presence.borrow_mut().unanswered(set, entries),
+            // The next connection asks again.
+            Reply::Server => {}
             reply => bp.complete(reply, Err("redis connection lost".into())),
         }
     }

@@ -12,12 +12,15 @@
 -- arguments or reply change.
 
 local PREFIX = 'ringway_'
-local VERSION = 1
+local VERSION = 2
 
 local USER_PREFIX = 'ringway:user:'
 local SHARD_PREFIX = 'ringway:shard:'
 local NODE_PREFIX = 'ringway:node:'
 local CONNS_PREFIX = 'ringway:conns:'
+local REAPED_PREFIX = 'ringway:reaped:'
+-- How long a reaped process's mark is kept for it to find at its next heartbeat.
+local REAPED_TTL_MS = 86400000
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -82,13 +85,17 @@ local function presence_del(keys, args)
 end
 
 -- KEYS: ringway:incarnations; ARGV: batch. Removes up to `batch` entries of one node
--- process whose heartbeat stopped, and forgets the process once none are left.
--- Returns how many entries it removed.
+-- process whose heartbeat stopped, and forgets the process once none are left; marks
+-- the process as reaped (`ringway:reaped:<node>@<boot>`), so that if it was only late
+-- its next heartbeat tells it to register again. Returns how many entries it removed.
 local function reap(keys, args)
   local dead = redis.call('ZRANGE', keys[1], '-inf', now_ms(), 'BYSCORE', 'LIMIT', 0, 1)[1]
   if not dead then return 0 end
   local index = CONNS_PREFIX .. dead
   local fv = redis.call('HSCAN', index, 0, 'COUNT', tonumber(args[1]) or 500)[2]
+  if #fv > 0 then
+    redis.call('SET', REAPED_PREFIX .. dead, '1', 'PX', REAPED_TTL_MS)
+  end
   for i = 1, #fv, 2 do
     redis.call('ZREM', USER_PREFIX .. fv[i + 1], fv[i])
     redis.call('HDEL', index, fv[i])
@@ -355,14 +362,16 @@ end
 
 -- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: ttl_ms, node
 -- id, info JSON (with the process's `boot`), <node>@<boot>. Returns 1, or 0 when the
--- node's heartbeat key had expired: past a process's first beat, that means it was
--- late (paused, starved or cut off) and other nodes may have reaped its entries; it
--- registers them again. Once this has run no reaper takes the process, so nothing it
--- registers after the answer is lost.
+-- node's heartbeat key had expired and a reaper removed entries of this process
+-- meanwhile: past a process's first beat, that means it was late (paused, starved or
+-- cut off) and looked dead; it registers them again. A late beat that nobody reaped
+-- is 1: its entries are all there. Once this has run no reaper takes the process, so
+-- nothing it registers after the answer is lost.
 local function node_alive(keys, args)
   local now = now_ms()
   local ttl = tonumber(args[1])
   local lapsed = redis.call('EXISTS', keys[2]) == 0
+    and redis.call('DEL', REAPED_PREFIX .. args[4]) == 1
   redis.call('ZADD', keys[1], now + ttl, args[2])
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
   redis.call('SET', keys[2], args[3], 'PX', ttl)

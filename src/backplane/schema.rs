@@ -14,9 +14,10 @@
 //! | `ringway:node:<node>` | string | the node's heartbeat: JSON about it (shards, listen address, version, `boot` = this process), expires 5 s after the last beat |
 //! | `ringway:incarnations` | sorted set | node processes: member `<node>@<boot>`, score = expiry (ms); dead ones are reaped |
 //! | `ringway:conns:<node>@<boot>` | hash | a node process's presence entries: field member, value user (for reaping) |
+//! | `ringway:reaped:<node>@<boot>` | string | set when a reaper removed entries of that process (kept a day): if it was only late, its next heartbeat finds this and registers its connections again |
 //!
 //! Functions, loaded twice from one text (`library`): as `ringway_v<LIBRARY_VERSION>`
-//! (`ringway_v1_send`, …), which this release's gateways call and each loads with
+//! (`ringway_v2_send`, …), which this release's gateways call and each loads with
 //! `FUNCTION LOAD REPLACE`, and as `ringway`, the names below for services, replaced
 //! only when the loaded one is older (`ringway_version`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
@@ -58,12 +59,12 @@ const LIBRARY: &str = include_str!("ringway.lua");
 /// The version of the functions' contract (their keys, arguments and replies); the
 /// library's own `VERSION`. The gateway calls the functions of `ringway_v<VERSION>`,
 /// so nodes of two versions can share a Redis while a cluster is upgraded node by node.
-pub const LIBRARY_VERSION: i64 = 1;
+pub const LIBRARY_VERSION: i64 = 2;
 
-/// The name of a function of this version's library (`ringway_v1_send`, …).
+/// The name of a function of this version's library (`ringway_v2_send`, …).
 macro_rules! gateway_fn {
     ($name:literal) => {
-        concat!("ringway_v1_", $name)
+        concat!("ringway_v2_", $name)
     };
 }
 pub const FN_SEND: &str = gateway_fn!("send");
