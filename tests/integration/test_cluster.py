@@ -50,6 +50,41 @@ def direct_received(gw, **labels) -> float:
     return gw.metric("ringway_direct_received_total", **labels)
 
 
+def paused_until(gw, pred, timeout: float, what: str) -> None:
+    """Stops node `gw` (SIGSTOP) until `pred` holds, then lets it run again."""
+    gw.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(pred, timeout, interval=0.1, what=what)
+    finally:
+        gw.proc.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def registrations(r):
+    """Every `presence_set` call Redis `r` runs while the block runs (MONITOR)."""
+    seen: list[str] = []
+    stop = threading.Event()
+    watching = threading.Event()
+
+    def watch():
+        try:
+            with r.client().monitor() as m:
+                watching.set()
+                while not stop.is_set():  # heartbeats come every second
+                    command = m.next_command()["command"]
+                    if "presence_set" in command:
+                        seen.append(command)
+        except redis.RedisError:
+            pass  # Redis stopped with the test
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert watching.wait(5), "MONITOR did not start"
+    try:
+        yield seen
+    finally:
+        stop.set()
+
+
 def test_a_topic_published_on_one_node_reaches_subscribers_on_the_others(redis_server, gateway):
     n1, n2, n3 = start_cluster(gateway, redis_server, client_publish=True)
     rc = redis_server.client()
@@ -344,12 +379,7 @@ def test_a_node_paused_past_its_heartbeat_registers_its_users_again(redis_server
     async def body():
         async with Client(n1, **as_user("erin")) as c:
             wait_presence(redis_server, "erin", "node1")
-            n1.proc.send_signal(signal.SIGSTOP)
-            try:
-                wait_until(lambda: rc.exists("ringway:user:erin") == 0, 12, interval=0.1,
-                           what="node 2 to reap erin's entry")
-            finally:
-                n1.proc.send_signal(signal.SIGCONT)
+            paused_until(n1, lambda: rc.exists("ringway:user:erin") == 0, 12, "node 2 to reap erin's entry")
             wait_presence(redis_server, "erin", "node1")
             sent = send(n2, {"user": "erin", "data": "back"})
             assert sent["online"] == 1, sent
@@ -378,38 +408,21 @@ def test_a_dropped_command_connection_sends_the_same_redis_only_what_changed(red
         wait_until(lambda: n1.metric("ringway_redis_reconnects_total") >= before + 2
                    and n1.metric("ringway_redis_commands_up") == 2, 10, what="the command links to come back")
 
-    registered = []  # every presence_set the node sent after the first drop
-    stop = threading.Event()
-    watching = threading.Event()
-
-    def watch():
-        try:
-            with redis_server.client().monitor() as m:
-                watching.set()
-                while not stop.is_set():  # heartbeats come every second
-                    command = m.next_command()["command"]
-                    if "presence_set" in command:
-                        registered.append(command)
-        except redis.RedisError:
-            pass  # Redis stopped with the test
-
     async def body():
         held = [await Client(n1, **as_user(u)).__aenter__() for u in steady]
         leaving = [await Client(n1, **as_user(f"leaving{i}")).__aenter__() for i in range(3)]
         for u in steady + [f"leaving{i}" for i in range(3)]:
             wait_presence(redis_server, u, "node1")
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        assert watching.wait(5)
         came = []
-        for i in range(3):
-            kill_command_links()
-            # Right after the drop, while the node may still be reconnecting.
-            came.append(await Client(n1, **as_user(f"new{i}")).__aenter__())
-            await leaving[i].ws.close()
-        for i in range(3):
-            wait_presence(redis_server, f"new{i}", "node1")
-            wait_until(lambda: rc.exists(f"ringway:user:leaving{i}") == 0, 5, what=f"leaving{i} removed")
+        with registrations(redis_server) as registered:
+            for i in range(3):
+                kill_command_links()
+                # Right after the drop, while the node may still be reconnecting.
+                came.append(await Client(n1, **as_user(f"new{i}")).__aenter__())
+                await leaving[i].ws.close()
+            for i in range(3):
+                wait_presence(redis_server, f"new{i}", "node1")
+                wait_until(lambda: rc.exists(f"ringway:user:leaving{i}") == 0, 5, what=f"leaving{i} removed")
         for u in steady:
             assert len(presence(redis_server, u)) == 1, (u, presence(redis_server, u))
         again = [c for c in registered if "ringway:user:steady" in c]
@@ -420,10 +433,7 @@ def test_a_dropped_command_connection_sends_the_same_redis_only_what_changed(red
         for c in held + came:
             await c.ws.close()
 
-    try:
-        arun(body())
-    finally:
-        stop.set()
+    arun(body())
 
 
 def test_a_restarted_redis_gets_every_connection_registered_again(redis_server, gateway):
@@ -451,32 +461,15 @@ def test_a_late_heartbeat_that_nobody_reaped_registers_nothing_again(redis_serve
     (n1,) = start_cluster(gateway, redis_server, n=1)
     rc = redis_server.client()
     users = [f"late{i}" for i in range(20)]
-    registered = []
-    stop = threading.Event()
-
-    def watch():
-        try:
-            with redis_server.client().monitor() as m:
-                while not stop.is_set():
-                    command = m.next_command()["command"]
-                    if "presence_set" in command:
-                        registered.append(command)
-        except redis.RedisError:
-            pass
 
     async def body():
         held = [await Client(n1, **as_user(u)).__aenter__() for u in users]
         for u in users:
             wait_presence(redis_server, u, "node1")
-        threading.Thread(target=watch, daemon=True).start()
-        n1.proc.send_signal(signal.SIGSTOP)
-        try:
-            wait_until(lambda: rc.exists("ringway:node:node1") == 0, 10, interval=0.1,
-                       what="node 1's heartbeat key to expire")
-        finally:
-            n1.proc.send_signal(signal.SIGCONT)
-        wait_until(lambda: rc.exists("ringway:node:node1") == 1, 5, what="node 1's heartbeat to come back")
-        time.sleep(1.5)  # the late beat's answer, and anything it would have set off
+        with registrations(redis_server) as registered:
+            paused_until(n1, lambda: rc.exists("ringway:node:node1") == 0, 10, "node 1's heartbeat key to expire")
+            wait_until(lambda: rc.exists("ringway:node:node1") == 1, 5, what="node 1's heartbeat to come back")
+            time.sleep(1.5)  # the late beat's answer, and anything it would have set off
         assert not registered, f"registered again: {registered[0][:200]}"
         assert n1.metric("ringway_redis_reconnects_total") == 0
         sent = send(n1, {"user": "late3", "data": "still here"})
@@ -485,10 +478,7 @@ def test_a_late_heartbeat_that_nobody_reaped_registers_nothing_again(redis_serve
         for c in held:
             await c.ws.close()
 
-    try:
-        arun(body())
-    finally:
-        stop.set()
+    arun(body())
 
 
 def test_a_node_restarted_under_the_same_id_does_not_count_its_old_connections(redis_server, gateway):
