@@ -687,12 +687,7 @@ impl Backplane {
                 if let Err(e) = result {
                     // Refused (an error reply, a full queue, Redis away): kept, and
                     // sent again in a second.
-                    let what = if set {
-                        schema::FN_PRESENCE_SET
-                    } else {
-                        schema::FN_PRESENCE_DEL
-                    };
-                    self.complete(Reply::Ignore(what), Err(e));
+                    self.complete(Reply::Ignore(presence::function(set)), Err(e));
                     self.presence.borrow_mut().unanswered(set, entries);
                     self.presence_retry
                         .set(Some(std::time::Instant::now() + Duration::from_secs(1)));
@@ -724,7 +719,7 @@ impl Backplane {
             Reply::Heartbeat => match result {
                 Ok(BytesFrame::Integer(0)) if self.beaten.replace(true) => {
                     tracing::warn!(
-                        "this node's heartbeat came after it had expired (the process was paused, starved or cut off from redis); every shard registers its connections again"
+                        "this node's heartbeat came after it had expired and other nodes reaped some of its entries (the process was paused, starved or cut off from redis); every shard registers its connections again"
                     );
                     for shard in 0..self.node.shards.len() {
                         self.send_to(shard, crate::shard::Inbox::Reregister);

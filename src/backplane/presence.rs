@@ -214,14 +214,19 @@ pub fn queue_changes(shard: &Shard, bp: &Backplane) {
     }
 }
 
-/// `FCALL <function> n+1 user-keys… index-key members…`: `ringway_presence_set` when
-/// `set`, else `ringway_presence_del`.
-fn presence_call(shard: &Shard, bp: &Backplane, set: bool, entries: &[Entry]) {
-    let function = if set {
+/// The function that adds (`set`) or removes presence entries.
+pub fn function(set: bool) -> &'static str {
+    if set {
         schema::FN_PRESENCE_SET
     } else {
         schema::FN_PRESENCE_DEL
-    };
+    }
+}
+
+/// `FCALL <function> n+1 user-keys… index-key members…`: `ringway_presence_set` when
+/// `set`, else `ringway_presence_del`.
+fn presence_call(shard: &Shard, bp: &Backplane, set: bool, entries: &[Entry]) {
+    let function = function(set);
     let boot = &shard.node.epoch;
     let mut keys: Vec<String> = entries.iter().map(|(u, _)| schema::user_key(u)).collect();
     keys.push(schema::conns_key(&shard.node.id, boot));
