@@ -51,6 +51,7 @@ fn fail_all(bp: &Backplane) {
             reply => bp.complete(reply, Err("redis connection lost".into())),
         }
     }
+    bp.presence_in_flight.set(0);
 }
 
 /// Serves one connection. `Ok` once the shard is stopping and everything is answered.

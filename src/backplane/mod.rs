@@ -180,6 +180,9 @@ pub struct Backplane {
     /// and whether this connection has learned it yet (presence changes wait for it).
     redis_run: RefCell<Option<String>>,
     presence_ready: Cell<bool>,
+    /// Presence calls written and not yet answered (`presence::queue_changes` keeps
+    /// them few).
+    presence_in_flight: Cell<usize>,
     /// Presence calls Redis refused (or that found no room in the queue) are sent
     /// again, but not before this.
     presence_retry: Cell<Option<std::time::Instant>>,
@@ -267,6 +270,7 @@ impl Backplane {
             presence: RefCell::default(),
             redis_run: RefCell::default(),
             presence_ready: Cell::new(false),
+            presence_in_flight: Cell::new(0),
             presence_retry: Cell::new(None),
             stopping: Cell::new(false),
             finished: Cell::new(false),
@@ -504,7 +508,9 @@ impl Backplane {
     /// Queues the inbox reads asked for since the last write, behind the presence
     /// changes (`commands`).
     fn queue_inbox_reads(&self) {
-        let reads = self.inboxes.borrow_mut().take_unsent();
+        let presence = self.presence.borrow();
+        let reads = (self.inboxes.borrow_mut()).take_unsent(|conn| !presence.registering(conn));
+        drop(presence);
         for (key, conn, user) in reads {
             let inbox = schema::inbox_key(&user);
             let args: [&[u8]; 4] = [b"XRANGE", inbox.as_bytes(), b"-", b"+"];
@@ -684,6 +690,9 @@ impl Backplane {
                 let _ = tx.send(result);
             }
             Reply::Presence { set, entries } => {
+                self.presence_in_flight
+                    .set(self.presence_in_flight.get().saturating_sub(1));
+                self.cmd_wake.wake(); // room for the next call
                 if let Err(e) = result {
                     // Refused (an error reply, a full queue, Redis away): kept, and
                     // sent again in a second.

@@ -790,6 +790,15 @@ impl Shard {
             .collect()
     }
 
+    /// Whether `user`'s connection number `conn` is open on this shard.
+    pub fn holds(&self, user: &str, conn: u64) -> bool {
+        let conns = self.conns.borrow();
+        self.users.borrow().get(user).is_some_and(|keys| {
+            keys.iter()
+                .any(|k| conns.get(*k).is_some_and(|c| c.id == conn))
+        })
+    }
+
     /// Connections with a user id on this shard.
     pub fn identified_count(&self) -> usize {
         self.users.borrow().values().map(Vec::len).sum()

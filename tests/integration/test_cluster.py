@@ -60,9 +60,10 @@ def paused_until(gw, pred, timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def registrations(r):
-    """Every `presence_set` call Redis `r` runs while the block runs (MONITOR)."""
-    seen: list[str] = []
+def watched(r, *words: str):
+    """Every command Redis `r` runs while the block runs (MONITOR) that names one of
+    `words`, in the order Redis ran them, as (time, client address, command)."""
+    seen: list[tuple[float, str, str]] = []
     stop = threading.Event()
     watching = threading.Event()
 
@@ -71,9 +72,9 @@ def registrations(r):
             with r.client().monitor() as m:
                 watching.set()
                 while not stop.is_set():  # heartbeats come every second
-                    command = m.next_command()["command"]
-                    if "presence_set" in command:
-                        seen.append(command)
+                    c = m.next_command()
+                    if any(w in c["command"] for w in words):
+                        seen.append((c["time"], f"{c['client_address']}:{c['client_port']}", c["command"]))
         except redis.RedisError:
             pass  # Redis stopped with the test
 
@@ -83,6 +84,12 @@ def registrations(r):
         yield seen
     finally:
         stop.set()
+
+
+def registrations(r):
+    """Every `presence_set` call Redis `r` runs while the block runs, as (time, client,
+    command)."""
+    return watched(r, "presence_set")
 
 
 def test_a_topic_published_on_one_node_reaches_subscribers_on_the_others(redis_server, gateway):
@@ -425,12 +432,52 @@ def test_a_dropped_command_connection_sends_the_same_redis_only_what_changed(red
                 wait_until(lambda: rc.exists(f"ringway:user:leaving{i}") == 0, 5, what=f"leaving{i} removed")
         for u in steady:
             assert len(presence(redis_server, u)) == 1, (u, presence(redis_server, u))
-        again = [c for c in registered if "ringway:user:steady" in c]
+        again = [c for _, _, c in registered if "ringway:user:steady" in c]
         assert not again, f"{len(again)} registrations of users Redis already had, e.g. {again[0][:200]}"
-        assert any("ringway:user:new" in c for c in registered), registered
+        assert any("ringway:user:new" in c for _, _, c in registered), registered
         sent = send(n1, {"user": "steady7", "data": "still here"})
         assert sent["online"] == 1, sent
         for c in held + came:
+            await c.ws.close()
+
+    arun(body())
+
+
+def test_a_heartbeat_waits_behind_a_few_registrations_only(redis_server, gateway):
+    """Users connect while Redis is stalled (CLIENT PAUSE WRITE, as a starved Redis
+    looks to its clients). The node writes their registrations a few calls at a time,
+    so the heartbeats it writes meanwhile, on the same connection, run right after
+    those few. Written all at once, a heartbeat would wait behind every registration;
+    with a million users a node looked dead that way, was reaped, and registered
+    everyone again, behind which its next heartbeat waited."""
+    (n1,) = start_cluster(gateway, redis_server, n=1, shards=1)
+    rc = redis_server.client()
+    users = [f"crowd{i}" for i in range(400)]
+
+    async def body():
+        with watched(redis_server, "node_alive", "presence_set", "paused") as ran:
+            wait_until(lambda: any("node_alive" in c for _, _, c in ran), 5, what="a heartbeat")
+            rc.echo("paused")  # MONITOR leaves CLIENT PAUSE out: this marks its start
+            rc.client_pause(4000, all=False)
+            opened = time.monotonic()
+            clients = await asyncio.gather(*(Client(n1, **as_user(u)).__aenter__() for u in users))
+            took = time.monotonic() - opened
+            wait_until(lambda: all(presence(redis_server, u) for u in users), 15, what="every user registered")
+        assert took < 2.5, f"connecting took {took:.1f} s: the heartbeat checked came before the crowd"
+        start = next(t for t, _, c in ran if "paused" in c)
+        link = next(a for _, a, c in ran if "node_alive" in c)
+        after = [(t, c) for t, a, c in ran if a == link and t > start]
+        # The heartbeats written during the pause ran when it ended; the last of them
+        # was written after every user had come.
+        ended = after[0][0]
+        assert ended > start + 3, after[:3]
+        beats = [i for i, (t, c) in enumerate(after) if "node_alive" in c and t < ended + 0.5]
+        assert len(beats) >= 3, after
+        ahead = [c for _, c in after[:beats[-1]] if "presence_set" in c]
+        assert len(ahead) <= 4, f"the heartbeat ran behind {len(ahead)} registration calls"
+        calls = [c for _, _, c in ran if "presence_set" in c]
+        assert sum(c.count("ringway:user:crowd") for c in calls) == len(users), "each user registered once"
+        for c in clients:
             await c.ws.close()
 
     arun(body())
@@ -470,7 +517,7 @@ def test_a_late_heartbeat_that_nobody_reaped_registers_nothing_again(redis_serve
             paused_until(n1, lambda: rc.exists("ringway:node:node1") == 0, 10, "node 1's heartbeat key to expire")
             wait_until(lambda: rc.exists("ringway:node:node1") == 1, 5, what="node 1's heartbeat to come back")
             time.sleep(1.5)  # the late beat's answer, and anything it would have set off
-        assert not registered, f"registered again: {registered[0][:200]}"
+        assert not registered, f"registered again: {registered[0][2][:200]}"
         assert n1.metric("ringway_redis_reconnects_total") == 0
         sent = send(n1, {"user": "late3", "data": "still here"})
         assert sent["online"] == 1, sent
