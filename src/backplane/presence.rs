@@ -5,8 +5,8 @@
 //!   `ringway_presence_del` call per `PRESENCE_BATCH`, a few calls unanswered at a time
 //!   (`PRESENCE_IN_FLIGHT`), so the heartbeat never queues behind thousands in Redis.
 //! - An entry is never refreshed: shard 0's heartbeat, every second, keeps every entry
-//!   of this node process live, and also reaps a batch of the entries a dead process
-//!   left behind (`ringway_reap`).
+//!   of this node process live, and in the same call reaps a batch of the entries a
+//!   dead process left behind (`ringway_node_alive`).
 //! - A reconnect to the Redis it last spoke to (the same `run_id`, so nothing was lost
 //!   but what was in flight) sends only what changed while it was away and what was
 //!   written but never answered (`Pending`). A reconnect to another Redis (a restart, a
@@ -158,7 +158,9 @@ impl Pending {
 }
 
 /// On shard 0: keeps the node's registry entry, and so every presence entry of this
-/// process, alive; and reaps a batch of entries left by a node process that died.
+/// process, alive; and reaps a batch of entries left by a node process whose heartbeat
+/// stopped over `NODE_TTL` ago, unless this node's own beat was late within
+/// `NODE_TTL` (then Redis, or this host, is the slow one: see `ringway.lua`).
 pub fn heartbeat(shard: &Shard, bp: &Backplane) {
     if shard.index != 0 {
         return;
@@ -173,7 +175,8 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
         "boot": shard.node.epoch,
     })
     .to_string();
-    let args: [&[u8]; 10] = [
+    let batch = REAP_BATCH.to_string();
+    let args: [&[u8]; 11] = [
         b"FCALL",
         schema::FN_NODE_ALIVE.as_bytes(),
         b"3",
@@ -184,17 +187,9 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
         node.as_bytes(),
         info.as_bytes(),
         incarnation.as_bytes(),
-    ];
-    bp.command(&args, Reply::Heartbeat);
-    let batch = REAP_BATCH.to_string();
-    let args: [&[u8]; 5] = [
-        b"FCALL",
-        schema::FN_REAP.as_bytes(),
-        b"1",
-        schema::INCARNATIONS_KEY.as_bytes(),
         batch.as_bytes(),
     ];
-    bp.command(&args, Reply::Ignore(schema::FN_REAP));
+    bp.command(&args, Reply::Heartbeat);
 }
 
 /// The node's id, its heartbeat key and this process's `<node>@<boot>`.

@@ -12,13 +12,14 @@
 -- arguments or reply change.
 
 local PREFIX = 'ringway_'
-local VERSION = 2
+local VERSION = 3
 
 local USER_PREFIX = 'ringway:user:'
 local SHARD_PREFIX = 'ringway:shard:'
 local NODE_PREFIX = 'ringway:node:'
 local CONNS_PREFIX = 'ringway:conns:'
 local REAPED_PREFIX = 'ringway:reaped:'
+local LATE_PREFIX = 'ringway:late:'
 -- How long a reaped process's mark is kept for it to find at its next heartbeat.
 local REAPED_TTL_MS = 86400000
 
@@ -56,7 +57,7 @@ end
 -- (ringway:node:<node>, whose JSON names the process's `boot`), checked at lookup.
 -- Member: <node>/<shard>/<shard>-<conn>@<boot>. Each node process also indexes its
 -- entries (ringway:conns:<node>@<boot>, field member, value user), so the entries of
--- a process that died without removing them can be reaped (ringway_reap).
+-- a process that died without removing them can be reaped (by the heartbeats).
 
 -- KEYS: ringway:user:<U>..., then ringway:conns:<node>@<boot>; ARGV: member for each
 -- user key (same order).
@@ -84,15 +85,15 @@ local function presence_del(keys, args)
   return n
 end
 
--- KEYS: ringway:incarnations; ARGV: batch. Removes up to `batch` entries of one node
--- process whose heartbeat stopped, and forgets the process once none are left; marks
--- the process as reaped (`ringway:reaped:<node>@<boot>`), so that if it was only late
--- its next heartbeat tells it to register again. Returns how many entries it removed.
-local function reap(keys, args)
-  local dead = redis.call('ZRANGE', keys[1], '-inf', now_ms(), 'BYSCORE', 'LIMIT', 0, 1)[1]
+-- Removes up to `batch` entries of one node process whose heartbeat stopped before
+-- `before` (ms), and forgets the process once none are left; marks the process as
+-- reaped (`ringway:reaped:<node>@<boot>`), so that if it was only late its next
+-- heartbeat tells it to register again. Returns how many entries it removed.
+local function reap(incarnations, before, batch)
+  local dead = redis.call('ZRANGE', incarnations, '-inf', before, 'BYSCORE', 'LIMIT', 0, 1)[1]
   if not dead then return 0 end
   local index = CONNS_PREFIX .. dead
-  local fv = redis.call('HSCAN', index, 0, 'COUNT', tonumber(args[1]) or 500)[2]
+  local fv = redis.call('HSCAN', index, 0, 'COUNT', batch)[2]
   if #fv > 0 then
     redis.call('SET', REAPED_PREFIX .. dead, '1', 'PX', REAPED_TTL_MS)
   end
@@ -101,7 +102,7 @@ local function reap(keys, args)
     redis.call('HDEL', index, fv[i])
   end
   if redis.call('EXISTS', index) == 0 then
-    redis.call('ZREM', keys[1], dead)
+    redis.call('ZREM', incarnations, dead)
   end
   return #fv / 2
 end
@@ -178,7 +179,7 @@ local function send(keys, args)
     id = args[1]
   end
   -- A connection is live while its node process's heartbeat is: the node key exists
-  -- and names the boot in the member. A dead process's entries wait for ringway_reap.
+  -- and names the boot in the member. A dead process's entries wait for the reaper (node_alive).
   local boots = {}
   local function member_alive(member)
     local node, boot = string.match(member, '^([^/]*)/[^@]*@(.*)$')
@@ -361,22 +362,33 @@ local function history(keys, args)
 end
 
 -- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: ttl_ms, node
--- id, info JSON (with the process's `boot`), <node>@<boot>. Returns 1, or 0 when the
--- node's heartbeat key had expired and a reaper removed entries of this process
--- meanwhile: past a process's first beat, that means it was late (paused, starved or
--- cut off) and looked dead; it registers them again. A late beat that nobody reaped
--- is 1: its entries are all there. Once this has run no reaper takes the process, so
--- nothing it registers after the answer is lost.
+-- id, info JSON (with the process's `boot`), <node>@<boot>, reap batch. Returns 1, or 0
+-- when the node's heartbeat key had expired and a reaper removed entries of this
+-- process meanwhile: past a process's first beat, that means it was late (paused,
+-- starved or cut off) and looked dead; it registers them again. A late beat that
+-- nobody reaped is 1: its entries are all there. Once this has run no reaper takes the
+-- process, so nothing it registers after the answer is lost.
+--
+-- Then it reaps a batch of a process whose heartbeat stopped over ttl_ms ago, but only
+-- if this node has itself been on time for ttl_ms (`ringway:late:<node>@<boot>`).
+-- When Redis is too slow for everyone (starved, or stalled), every node's beat is
+-- late at once; a node that reaped then would take the entries of nodes whose beats
+-- merely wait behind its own, and they would all register everything again.
 local function node_alive(keys, args)
   local now = now_ms()
   local ttl = tonumber(args[1])
-  local lapsed = redis.call('EXISTS', keys[2]) == 0
-    and redis.call('DEL', REAPED_PREFIX .. args[4]) == 1
+  local late = redis.call('EXISTS', keys[2]) == 0
+  local reaped = late and redis.call('DEL', REAPED_PREFIX .. args[4]) == 1
   redis.call('ZADD', keys[1], now + ttl, args[2])
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
   redis.call('SET', keys[2], args[3], 'PX', ttl)
   redis.call('ZADD', keys[3], now + ttl, args[4])
-  if lapsed then return 0 end
+  if late then
+    redis.call('SET', LATE_PREFIX .. args[4], '1', 'PX', ttl)
+  elseif redis.call('EXISTS', LATE_PREFIX .. args[4]) == 0 then
+    reap(keys[3], now - ttl, tonumber(args[5]) or 500)
+  end
+  if reaped then return 0 end
   return 1
 end
 
@@ -398,5 +410,4 @@ redis.register_function(PREFIX .. 'publish', publish)
 redis.register_function{function_name = PREFIX .. 'history', callback = history, flags = {'no-writes'}}
 redis.register_function(PREFIX .. 'node_alive', node_alive)
 redis.register_function(PREFIX .. 'node_gone', node_gone)
-redis.register_function(PREFIX .. 'reap', reap)
 redis.register_function{function_name = PREFIX .. 'version', callback = function() return VERSION end, flags = {'no-writes'}}

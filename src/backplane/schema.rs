@@ -15,9 +15,10 @@
 //! | `ringway:incarnations` | sorted set | node processes: member `<node>@<boot>`, score = expiry (ms); dead ones are reaped |
 //! | `ringway:conns:<node>@<boot>` | hash | a node process's presence entries: field member, value user (for reaping) |
 //! | `ringway:reaped:<node>@<boot>` | string | set when a reaper removed entries of that process (kept a day): if it was only late, its next heartbeat finds this and registers its connections again |
+//! | `ringway:late:<node>@<boot>` | string | set for 5 s when that process's heartbeat came after its key expired: it reaps nobody meanwhile |
 //!
 //! Functions, loaded twice from one text (`library`): as `ringway_v<LIBRARY_VERSION>`
-//! (`ringway_v2_send`, …), which this release's gateways call and each loads with
+//! (`ringway_v3_send`, …), which this release's gateways call and each loads with
 //! `FUNCTION LOAD REPLACE`, and as `ringway`, the names below for services, replaced
 //! only when the loaded one is older (`ringway_version`):
 //! - `FCALL ringway_send <n> ringway:user:<U1> … <id or ""> <data JSON>`: looks every
@@ -36,8 +37,8 @@
 //! - `FCALL_RO ringway_history 2 ringway:history:<T> ringway:epoch:<T> <start> <count>`:
 //!   the epoch, the last id given out, the highest id trimmed away and up to `count`
 //!   entries from `start` (`-`, or `(<id>` for after an id).
-//! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive`,
-//!   `ringway_node_gone`, `ringway_reap`: used by the gateway itself.
+//! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive` (the
+//!   heartbeat, which also reaps), `ringway_node_gone`: used by the gateway itself.
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -59,12 +60,12 @@ const LIBRARY: &str = include_str!("ringway.lua");
 /// The version of the functions' contract (their keys, arguments and replies); the
 /// library's own `VERSION`. The gateway calls the functions of `ringway_v<VERSION>`,
 /// so nodes of two versions can share a Redis while a cluster is upgraded node by node.
-pub const LIBRARY_VERSION: i64 = 2;
+pub const LIBRARY_VERSION: i64 = 3;
 
-/// The name of a function of this version's library (`ringway_v2_send`, …).
+/// The name of a function of this version's library (`ringway_v3_send`, …).
 macro_rules! gateway_fn {
     ($name:literal) => {
-        concat!("ringway_v2_", $name)
+        concat!("ringway_v3_", $name)
     };
 }
 pub const FN_SEND: &str = gateway_fn!("send");
@@ -75,7 +76,6 @@ pub const FN_PRESENCE_SET: &str = gateway_fn!("presence_set");
 pub const FN_PRESENCE_DEL: &str = gateway_fn!("presence_del");
 pub const FN_NODE_ALIVE: &str = gateway_fn!("node_alive");
 pub const FN_NODE_GONE: &str = gateway_fn!("node_gone");
-pub const FN_REAP: &str = gateway_fn!("reap");
 /// The public library's version, as services see it (`FCALL ringway_version 0`).
 pub const FN_PUBLIC_VERSION: &str = "ringway_version";
 
@@ -211,7 +211,6 @@ mod tests {
             FN_PRESENCE_DEL,
             FN_NODE_ALIVE,
             FN_NODE_GONE,
-            FN_REAP,
         ] {
             let name = f.strip_prefix(&prefix).expect("this version's prefix");
             // Every name the gateway calls is registered by the library.
