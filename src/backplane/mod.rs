@@ -23,6 +23,7 @@
 //! the shard acts on; the `ringway_redis_*_up` gauges mirror it. The schema is in
 //! `schema`.
 
+pub mod cluster;
 mod commands;
 pub mod inbox;
 mod keep;
