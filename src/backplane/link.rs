@@ -280,6 +280,12 @@ impl Link {
 
     /// Waits for something to read, at most `wait` or until `wake` is ready, and moves
     /// what arrived into the read buffer.
+    ///
+    /// The socket is read whichever way the wait ends. A wake that is ready before the
+    /// socket's readiness comes back (with io_uring that takes a trip through the ring)
+    /// would otherwise win every time while wakes keep coming: a burst of connections
+    /// closing wakes the command task over and over, and its replies stayed unread
+    /// until the reply timeout broke a connection to a Redis that had answered.
     pub async fn fill_within(
         &mut self,
         wait: Duration,
@@ -292,9 +298,8 @@ impl Link {
         };
         if let Some(r) = readable {
             r?;
-            self.fill()?;
         }
-        Ok(())
+        self.fill()
     }
 
     /// Waits until the socket has something to read (or is closed).

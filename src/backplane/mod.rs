@@ -509,9 +509,11 @@ impl Backplane {
     /// Queues the inbox reads asked for since the last write, behind the presence
     /// changes (`commands`).
     fn queue_inbox_reads(&self) {
-        let presence = self.presence.borrow();
-        let reads = (self.inboxes.borrow_mut()).take_unsent(|conn| !presence.registering(conn));
-        drop(presence);
+        let reads = {
+            let presence = self.presence.borrow();
+            let ready = |conn| !presence.registering(conn);
+            self.inboxes.borrow_mut().take_unsent(ready)
+        };
         for (key, conn, user) in reads {
             let inbox = schema::inbox_key(&user);
             let args: [&[u8]; 4] = [b"XRANGE", inbox.as_bytes(), b"-", b"+"];
