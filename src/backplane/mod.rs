@@ -729,13 +729,19 @@ impl Backplane {
                 self.cmd_wake.wake();
             }
             Reply::Heartbeat => match result {
-                Ok(BytesFrame::Integer(0)) if self.beaten.replace(true) => {
+                Ok(BytesFrame::Integer(0)) => {
+                    self.beaten.set(true);
                     tracing::warn!(
                         "this node's heartbeat came after it had expired and other nodes reaped some of its entries (the process was paused, starved or cut off from redis); every shard registers its connections again"
                     );
                     for shard in 0..self.node.shards.len() {
                         self.send_to(shard, crate::shard::Inbox::Reregister);
                     }
+                    // The mark goes once the shards are asked: were this answer lost
+                    // with the connection, the next heartbeat would say it again.
+                    let mark =
+                        schema::reaped_key(&schema::incarnation(&self.node.id, &self.node.epoch));
+                    self.command(&[b"DEL", mark.as_bytes()], Reply::Ignore("DEL"));
                 }
                 Ok(_) => self.beaten.set(true),
                 Err(e) => self.complete(Reply::Ignore(schema::FN_NODE_ALIVE), Err(e)),

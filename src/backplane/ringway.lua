@@ -363,10 +363,9 @@ end
 
 -- KEYS: ringway:nodes, ringway:node:<id>, ringway:incarnations; ARGV: ttl_ms, node
 -- id, info JSON (with the process's `boot`), <node>@<boot>, reap batch. Returns 1, or 0
--- when the node's heartbeat key had expired and a reaper removed entries of this
--- process meanwhile: past a process's first beat, that means it was late (paused,
--- starved or cut off) and looked dead; it registers them again. A late beat that
--- nobody reaped is 1: its entries are all there. Once this has run no reaper takes the
+-- while a reaper's mark says it removed entries of this process: the process was late
+-- (paused, starved or cut off) and looked dead; it registers them again and deletes
+-- the mark. A late beat that nobody reaped is 1: its entries are all there. Once this has run no reaper takes the
 -- process, so nothing it registers after the answer is lost.
 --
 -- Then it reaps a batch of a process whose heartbeat stopped over ttl_ms ago, but only
@@ -378,7 +377,9 @@ local function node_alive(keys, args)
   local now = now_ms()
   local ttl = tonumber(args[1])
   local late = redis.call('EXISTS', keys[2]) == 0
-  local reaped = late and redis.call('DEL', REAPED_PREFIX .. args[4]) == 1
+  -- Kept until the node deletes it, having asked its shards to register again: were
+  -- this answer lost with the connection, the next beat says it again.
+  local reaped = redis.call('EXISTS', REAPED_PREFIX .. args[4]) == 1
   redis.call('ZADD', keys[1], now + ttl, args[2])
   redis.call('ZREMRANGEBYSCORE', keys[1], '-inf', now)
   redis.call('SET', keys[2], args[3], 'PX', ttl)

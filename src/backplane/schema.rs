@@ -14,7 +14,7 @@
 //! | `ringway:node:<node>` | string | the node's heartbeat: JSON about it (shards, listen address, version, `boot` = this process), expires 5 s after the last beat |
 //! | `ringway:incarnations` | sorted set | node processes: member `<node>@<boot>`, score = expiry (ms); dead ones are reaped |
 //! | `ringway:conns:<node>@<boot>` | hash | a node process's presence entries: field member, value user (for reaping) |
-//! | `ringway:reaped:<node>@<boot>` | string | set when a reaper removed entries of that process (kept a day): if it was only late, its next heartbeat finds this and registers its connections again |
+//! | `ringway:reaped:<node>@<boot>` | string | set when a reaper removed entries of that process (kept a day): if it was only late, its heartbeats find this until it has registered its connections again and deleted it |
 //! | `ringway:late:<node>@<boot>` | string | set for 5 s when that process's heartbeat came after its key expired: it reaps nobody meanwhile |
 //!
 //! Functions, loaded twice from one text (`library`): as `ringway_v<LIBRARY_VERSION>`
@@ -130,6 +130,11 @@ pub fn presence_member(node: &str, shard: usize, conn: u64, boot: &str) -> Strin
 }
 
 /// A node process: `<node>@<boot>`.
+/// The mark a reaper leaves on a process whose entries it removed.
+pub fn reaped_key(incarnation: &str) -> String {
+    format!("ringway:reaped:{incarnation}")
+}
+
 pub fn incarnation(node: &str, boot: &str) -> String {
     format!("{node}@{boot}")
 }

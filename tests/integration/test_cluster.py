@@ -390,6 +390,8 @@ def test_a_node_paused_past_its_heartbeat_registers_its_users_again(redis_server
             wait_presence(redis_server, "erin", "node1")
             paused_until(n1, lambda: rc.exists("ringway:user:erin") == 0, 20, "node 2 to reap erin's entry")
             wait_presence(redis_server, "erin", "node1")
+            # Its heartbeats say so until the node, having asked its shards, deletes the mark.
+            wait_until(lambda: not list(rc.scan_iter("ringway:reaped:*")), 5, what="the reaper's mark to go")
             sent = send(n2, {"user": "erin", "data": "back"})
             assert sent["online"] == 1, sent
             m = await c.recv()
