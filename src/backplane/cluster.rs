@@ -154,8 +154,7 @@ impl SlotMap {
 
     /// The master serving `slot`, if one does.
     pub fn master_of(&self, slot: u16) -> Option<&Master> {
-        let index = *self.owner.get(usize::from(slot))?;
-        self.masters.get(usize::from(index))
+        self.master_index(slot).map(|i| &self.masters[i])
     }
 
     /// Index into `masters` of the master serving `slot`.

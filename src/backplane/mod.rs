@@ -166,8 +166,6 @@ pub struct Backplane {
     owned: RefCell<owners::Owned>,
     /// This shard's index, and the node (its other shards' inboxes).
     index: usize,
-    /// Shard 0 has had an answer to a heartbeat from this process.
-    beaten: Cell<bool>,
     node: Arc<Node>,
     /// The command connection's queue: waiting (bounded; beyond it new commands fail
     /// at once with `unavailable` rather than pile up behind a stalled Redis) and
@@ -255,7 +253,6 @@ impl Backplane {
             via_wake: Wake::default(),
             owned: RefCell::default(),
             index: shard,
-            beaten: Cell::new(false),
             reply_limit: Cell::new(cfg.outbound_queue_bytes),
             metrics,
             replays: RefCell::default(),
@@ -730,7 +727,6 @@ impl Backplane {
             }
             Reply::Heartbeat => match result {
                 Ok(BytesFrame::Integer(0)) => {
-                    self.beaten.set(true);
                     tracing::warn!(
                         "this node's heartbeat came after it had expired and other nodes reaped some of its entries (the process was paused, starved or cut off from redis); every shard registers its connections again"
                     );
@@ -743,7 +739,7 @@ impl Backplane {
                         schema::reaped_key(&schema::incarnation(&self.node.id, &self.node.epoch));
                     self.command(&[b"DEL", mark.as_bytes()], Reply::Ignore("DEL"));
                 }
-                Ok(_) => self.beaten.set(true),
+                Ok(_) => {}
                 Err(e) => self.complete(Reply::Ignore(schema::FN_NODE_ALIVE), Err(e)),
             },
             Reply::PublicLibrary => match result {

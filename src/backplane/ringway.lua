@@ -20,7 +20,7 @@ local NODE_PREFIX = 'ringway:node:'
 local CONNS_PREFIX = 'ringway:conns:'
 local REAPED_PREFIX = 'ringway:reaped:'
 local LATE_PREFIX = 'ringway:late:'
--- How long a reaped process's mark is kept for it to find at its next heartbeat.
+-- How long a reaped process's mark is kept for its heartbeats to find.
 local REAPED_TTL_MS = 86400000
 
 local function now_ms()
@@ -87,8 +87,8 @@ end
 
 -- Removes up to `batch` entries of one node process whose heartbeat stopped before
 -- `before` (ms), and forgets the process once none are left; marks the process as
--- reaped (`ringway:reaped:<node>@<boot>`), so that if it was only late its next
--- heartbeat tells it to register again. Returns how many entries it removed.
+-- reaped (`ringway:reaped:<node>@<boot>`), so that if it was only late its heartbeats
+-- tell it to register again. Returns how many entries it removed.
 local function reap(incarnations, before, batch)
   local dead = redis.call('ZRANGE', incarnations, '-inf', before, 'BYSCORE', 'LIMIT', 0, 1)[1]
   if not dead then return 0 end
@@ -179,7 +179,8 @@ local function send(keys, args)
     id = args[1]
   end
   -- A connection is live while its node process's heartbeat is: the node key exists
-  -- and names the boot in the member. A dead process's entries wait for the reaper (node_alive).
+  -- and names the boot in the member. A dead process's entries wait for the reaper
+  -- (in node_alive).
   local boots = {}
   local function member_alive(member)
     local node, boot = string.match(member, '^([^/]*)/[^@]*@(.*)$')
@@ -365,8 +366,9 @@ end
 -- id, info JSON (with the process's `boot`), <node>@<boot>, reap batch. Returns 1, or 0
 -- while a reaper's mark says it removed entries of this process: the process was late
 -- (paused, starved or cut off) and looked dead; it registers them again and deletes
--- the mark. A late beat that nobody reaped is 1: its entries are all there. Once this has run no reaper takes the
--- process, so nothing it registers after the answer is lost.
+-- the mark. A late beat that nobody reaped is 1: its entries are all there. Once this
+-- has run no reaper takes the process, so nothing it registers after the answer is
+-- lost.
 --
 -- Then it reaps a batch of a process whose heartbeat stopped over ttl_ms ago, but only
 -- if this node has itself been on time for ttl_ms (`ringway:late:<node>@<boot>`).

@@ -53,6 +53,7 @@ pub const EPOCH_PREFIX: &str = "ringway:epoch:";
 pub const INBOX_PREFIX: &str = "ringway:inbox:";
 pub const INCARNATIONS_KEY: &str = "ringway:incarnations";
 pub const CONNS_PREFIX: &str = "ringway:conns:";
+pub const REAPED_PREFIX: &str = "ringway:reaped:";
 
 /// The Lua library's text (Redis ≥ 7.0 functions), as the public library `ringway`.
 const LIBRARY: &str = include_str!("ringway.lua");
@@ -130,13 +131,13 @@ pub fn presence_member(node: &str, shard: usize, conn: u64, boot: &str) -> Strin
 }
 
 /// A node process: `<node>@<boot>`.
-/// The mark a reaper leaves on a process whose entries it removed.
-pub fn reaped_key(incarnation: &str) -> String {
-    format!("ringway:reaped:{incarnation}")
-}
-
 pub fn incarnation(node: &str, boot: &str) -> String {
     format!("{node}@{boot}")
+}
+
+/// The mark a reaper leaves on a process whose entries it removed.
+pub fn reaped_key(incarnation: &str) -> String {
+    format!("{REAPED_PREFIX}{incarnation}")
 }
 
 /// The index of a node process's presence entries.
@@ -234,5 +235,9 @@ mod tests {
         assert_eq!(shard_channel("n1", 2), "ringway:shard:n1/2");
         assert_eq!(presence_member("n1", 2, 9, "k3x"), "n1/2/2-9@k3x");
         assert_eq!(conns_key("n1", "k3x"), "ringway:conns:n1@k3x");
+        assert_eq!(
+            reaped_key(&incarnation("n1", "k3x")),
+            "ringway:reaped:n1@k3x"
+        );
     }
 }
