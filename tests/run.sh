@@ -42,9 +42,11 @@ if grep -rIl --exclude-dir=target --exclude-dir=.venv --exclude-dir=.git -e '\.\
   exit 1
 fi
 
-step "system packages: redis-server, haproxy, systemd-analyze (Debian packages)"
+step "system packages: redis-server, redis-cli, haproxy, systemd-analyze (Debian packages)"
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+# redis-cli makes the Redis Cluster of the cluster tests (`--cluster create`).
+command -v redis-cli >/dev/null || need+=(redis-tools)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 # systemd-analyze expands the unit's system-call filter groups for the seccomp test.
 command -v systemd-analyze >/dev/null || need+=(systemd)

@@ -152,6 +152,18 @@ impl SlotMap {
         Ok(map)
     }
 
+    /// One server serving every slot: a Redis that is not a cluster.
+    pub fn single(addr: Addr) -> Self {
+        Self {
+            masters: vec![Master {
+                id: String::new(),
+                addr,
+                replicas: Vec::new(),
+            }],
+            owner: vec![0; SLOTS].into_boxed_slice(),
+        }
+    }
+
     /// The master serving `slot`, if one does.
     pub fn master_of(&self, slot: u16) -> Option<&Master> {
         self.master_index(slot).map(|i| &self.masters[i])

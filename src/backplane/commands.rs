@@ -13,7 +13,8 @@ use bytes::BytesMut;
 use redis_protocol::resp2::types::BytesFrame;
 
 use super::keep::{keep_connected, Role};
-use super::link::{self, Link, LinkError};
+use super::link::{self, LinkError};
+use super::masters::{Masters, Route};
 use super::presence;
 use super::schema;
 use super::{Backplane, LinkState, Reply, REPLY_TIMEOUT};
@@ -55,7 +56,7 @@ fn fail_all(bp: &Backplane) {
 }
 
 /// Serves one connection. `Ok` once the shard is stopping and everything is answered.
-async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), LinkError> {
+async fn serve(shard: &Shard, bp: &Backplane, mut link: Masters) -> Result<(), LinkError> {
     // On every (re)connect: load this version's functions first, then learn which
     // Redis this is (presence waits for that). Shard 0 also makes sure the public
     // library (the names services call) is at least this version's.
@@ -65,9 +66,10 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
             &mut public,
             &[b"FUNCTION", b"LOAD", schema::library(true).as_bytes()],
         );
+        // Every master: a cluster's functions are loaded on each.
         bp.queue
             .borrow_mut()
-            .push_front(public.freeze(), Reply::PublicLibrary);
+            .push_front(public.freeze(), Route::All, Reply::PublicLibrary);
     }
     let mut load = BytesMut::new();
     link::encode(
@@ -81,6 +83,7 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
     );
     bp.queue.borrow_mut().push_front(
         load.freeze(),
+        Route::All,
         Reply::Ignore("FUNCTION LOAD (needs Redis >= 7.0)"),
     );
     // Which Redis this is decides what presence sends: only what changed while it was
@@ -88,16 +91,19 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
     bp.presence_ready.set(false);
     let mut info = BytesMut::new();
     link::encode(&mut info, &[b"INFO", b"server", b"replication"]);
-    bp.queue
-        .borrow_mut()
-        .push_front(info.freeze(), Reply::Server);
+    // The master that holds presence (in a cluster, the one serving its slot).
+    bp.queue.borrow_mut().push_front(
+        info.freeze(),
+        Route::Slot(schema::home_slot()),
+        Reply::Server,
+    );
     // Stream reads that waited for this connection.
     bp.start_reads();
     let mut next_heartbeat = Instant::now();
     let mut tick: usize = 0;
     let mut deregistered = false;
     loop {
-        if let Some(to) = bp.moved_from(&link.addr) {
+        if let Some(to) = bp.moved_from(link.addr()) {
             return Err(LinkError::MasterMoved(to));
         }
         let now = Instant::now();
@@ -124,11 +130,14 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
             presence::node_gone(shard, bp);
         }
         let batch = bp.queue.borrow_mut().take_for_write(Instant::now());
-        if let Some((out, count)) = batch {
-            shard.metrics.redis_commands.add(count as u64);
-            link.write(out).await?;
+        if let Some(commands) = batch {
+            shard.metrics.redis_commands.add(commands.len() as u64);
+            link.write_commands(commands).await?;
         }
-        while let Some(frame) = link.next_buffered()? {
+        if link.must_flush() {
+            link.flush().await?;
+        }
+        while let Some(frame) = link.next_reply()? {
             let reply = bp.queue.borrow_mut().answered();
             let Some(reply) = reply else {
                 return Err(LinkError::Protocol("reply without a command".into()));
@@ -162,10 +171,13 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> Result<(), Link
         {
             return Ok(());
         }
-        if bp.queue.borrow().has_waiting() {
+        if bp.queue.borrow().has_waiting() || link.must_flush() {
             continue;
         }
         let mut sleep = next_heartbeat.saturating_duration_since(Instant::now());
+        if let Some(retry) = link.next_retry() {
+            sleep = sleep.min(retry);
+        }
         if deregistered {
             sleep = Duration::from_millis(50);
         }

@@ -1,5 +1,5 @@
 //! The connect-and-backoff loop both of a shard's Redis links run: connect (through the
-//! Sentinels when configured), serve until the connection fails, then retry with
+//! Sentinels when configured, to every master of a cluster: `masters`), serve until the connection fails, then retry with
 //! exponential backoff and jitter, or at once when the master is known to have moved.
 //! The link's state (and so its gauge), the reconnect counter and the outage log lines
 //! are kept here, once for both links.
@@ -7,7 +7,8 @@
 use std::future::Future;
 use std::time::Instant;
 
-use super::link::{Link, LinkError};
+use super::link::LinkError;
+use super::masters::Masters;
 use super::{Backoff, Backplane, LinkState, CONNECT_TIMEOUT};
 use crate::shard::Shard;
 
@@ -31,7 +32,7 @@ impl Role {
 /// it returns `Ok` (the command link, once the shard is stopping and all is answered).
 pub async fn keep_connected<F, Fut>(shard: &Shard, bp: &Backplane, role: Role, mut serve: F)
 where
-    F: FnMut(Link) -> Fut,
+    F: FnMut(Masters) -> Fut,
     Fut: Future<Output = Result<(), LinkError>>,
 {
     let seed = shard.index as u64 * 2 + if role == Role::Subscriber { 1 } else { 2 };
@@ -42,7 +43,7 @@ where
         if role == Role::Commands && bp.stopping.get() {
             return;
         }
-        match Link::connect(&bp.url, CONNECT_TIMEOUT, Some(&name)).await {
+        match Masters::connect(&bp.url, CONNECT_TIMEOUT, &name).await {
             Ok(link) => {
                 backoff.reset();
                 if let Some(since) = outage.take() {
@@ -59,7 +60,7 @@ where
                     Role::Commands => LinkState::Up,
                 };
                 bp.set_link(role, state);
-                bp.connected_to(&link.addr);
+                bp.connected_to(link.addr());
                 let end = serve(link).await;
                 bp.set_link(role, LinkState::Down);
                 match end {

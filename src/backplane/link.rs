@@ -48,6 +48,10 @@ pub enum LinkError {
     NoMaster(String),
     #[error("the master moved to {0}")]
     MasterMoved(Addr),
+    #[error("the cluster's slots moved ({0}); reading its topology again")]
+    SlotsMoved(String),
+    #[error("cluster topology: {0}")]
+    Topology(String),
 }
 
 /// Appends one command (an array of bulk strings) to `buf`.
@@ -193,6 +197,9 @@ impl Link {
             let (addr, must_be_master) = match &url.target {
                 Target::Server(a) => (a.clone(), false),
                 Target::Sentinel { .. } => (super::sentinel::master(url).await?, true),
+                // A cluster's links go to each master (`masters`); this is its first
+                // seed, for a look at the server (`ringway doctor`).
+                Target::Cluster { seeds } => (seeds[0].clone(), false),
             };
             let tls_host = url.tls.then_some(addr.host.as_str());
             let mut link = Link::open(&addr, tls_host).await?;

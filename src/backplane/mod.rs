@@ -28,6 +28,7 @@ mod commands;
 pub mod inbox;
 mod keep;
 pub mod link;
+mod masters;
 mod owners;
 mod presence;
 mod queue;
@@ -247,6 +248,8 @@ impl Backplane {
         cfg: &Config,
         metrics: Arc<ShardMetrics>,
     ) -> Self {
+        // Before any key is named: a cluster's keys carry hash tags.
+        schema::set_cluster(url.is_cluster());
         Self {
             url,
             via: RefCell::default(),
@@ -477,8 +480,10 @@ impl Backplane {
         };
         let mut buf = BytesMut::new();
         replay::encode_request(&mut buf, topic, &req);
+        let route = masters::Route::Slot(cluster::slot(schema::history_key(topic).as_bytes()));
         self.queue.borrow_mut().push(
             buf.freeze(),
+            route,
             Reply::History {
                 topic: Rc::from(topic),
                 serial: req.serial,
@@ -562,7 +567,9 @@ impl Backplane {
         }
         let mut buf = BytesMut::with_capacity(size);
         link::encode(&mut buf, args);
-        self.queue.borrow_mut().push(buf.freeze(), reply);
+        self.queue
+            .borrow_mut()
+            .push(buf.freeze(), masters::Route::of(args), reply);
         self.cmd_wake.wake();
     }
 

@@ -176,13 +176,14 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
     })
     .to_string();
     let batch = REAP_BATCH.to_string();
+    let (nodes, incarnations) = (schema::nodes_key(), schema::incarnations_key());
     let args: [&[u8]; 11] = [
         b"FCALL",
         schema::FN_NODE_ALIVE.as_bytes(),
         b"3",
-        schema::NODES_KEY.as_bytes(),
+        nodes.as_bytes(),
         node_key.as_bytes(),
-        schema::INCARNATIONS_KEY.as_bytes(),
+        incarnations.as_bytes(),
         ttl_ms.as_bytes(),
         node.as_bytes(),
         info.as_bytes(),
@@ -195,7 +196,7 @@ pub fn heartbeat(shard: &Shard, bp: &Backplane) {
 /// The node's id, its heartbeat key and this process's `<node>@<boot>`.
 fn registry(shard: &Shard) -> (&str, String, String) {
     let node = shard.node.id.as_str();
-    let key = format!("{}{node}", schema::NODE_PREFIX);
+    let key = schema::node_key(node);
     (node, key, schema::incarnation(node, &shard.node.epoch))
 }
 
@@ -206,13 +207,14 @@ pub fn node_gone(shard: &Shard, bp: &Backplane) {
         return;
     }
     let (node, node_key, incarnation) = registry(shard);
+    let (nodes, incarnations) = (schema::nodes_key(), schema::incarnations_key());
     let args: [&[u8]; 8] = [
         b"FCALL",
         schema::FN_NODE_GONE.as_bytes(),
         b"3",
-        schema::NODES_KEY.as_bytes(),
+        nodes.as_bytes(),
         node_key.as_bytes(),
-        schema::INCARNATIONS_KEY.as_bytes(),
+        incarnations.as_bytes(),
         node.as_bytes(),
         incarnation.as_bytes(),
     ];

@@ -157,7 +157,7 @@ pub async fn live_nodes(node: &Node) -> Result<Vec<String>, RemoteError> {
         .map_or(0, |d| d.as_millis());
     let args = vec![
         Bytes::from_static(b"ZRANGE"),
-        Bytes::from_static(schema::NODES_KEY.as_bytes()),
+        Bytes::from(schema::nodes_key()),
         Bytes::from(format!("({now_ms}")),
         Bytes::from_static(b"+inf"),
         Bytes::from_static(b"BYSCORE"),

@@ -14,12 +14,22 @@
 local PREFIX = 'ringway_'
 local VERSION = 3
 
-local USER_PREFIX = 'ringway:user:'
-local SHARD_PREFIX = 'ringway:shard:'
-local NODE_PREFIX = 'ringway:node:'
-local CONNS_PREFIX = 'ringway:conns:'
-local REAPED_PREFIX = 'ringway:reaped:'
-local LATE_PREFIX = 'ringway:late:'
+-- In a Redis Cluster (src/backplane/schema.rs rewrites these two lines) every key but a
+-- topic's is under '{ringway}:', one slot, so these functions never cross slots; and
+-- messages go by sharded pub/sub, in the slot of the channel.
+local NS = 'ringway:'
+local SHARDED = false
+local USER_PREFIX = NS .. 'user:'
+local SHARD_PREFIX = NS .. 'shard:'
+local NODE_PREFIX = NS .. 'node:'
+local CONNS_PREFIX = NS .. 'conns:'
+local REAPED_PREFIX = NS .. 'reaped:'
+local LATE_PREFIX = NS .. 'late:'
+
+local function publish_to(channel, message)
+  if SHARDED then return redis.call('SPUBLISH', channel, message) end
+  return redis.call('PUBLISH', channel, message)
+end
 -- How long a reaped process's mark is kept for its heartbeats to find.
 local REAPED_TTL_MS = 86400000
 
@@ -226,7 +236,7 @@ local function send(keys, args)
     end
   end
   for _, route in ipairs(order) do
-    redis.call('PUBLISH', SHARD_PREFIX .. route, '{"users":' .. cjson.encode(routes[route])
+    publish_to(SHARD_PREFIX .. route, '{"users":' .. cjson.encode(routes[route])
       .. ',"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
   end
   return {online, #order, id, stored and 1 or 0, connections}
@@ -276,7 +286,7 @@ local function publish(keys, args)
   if keys[2] == nil then
     local id, bad = id_and_data(args)
     if not id then return bad end
-    local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
+    local n = publish_to(keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
     return {id, n}
   end
   if #keys ~= 3 then
@@ -292,7 +302,7 @@ local function publish(keys, args)
   if size == 0 or ttl == 0 then
     local id = args[1]
     if id == nil or id == '' then id = new_id() end
-    local n = redis.call('PUBLISH', keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
+    local n = publish_to(keys[1], '{"id":' .. cjson.encode(id) .. ',"data":' .. args[2] .. '}')
     return {id, n}
   end
   if args[1] ~= nil and args[1] ~= '' then
@@ -334,7 +344,7 @@ local function publish(keys, args)
   end
   redis.call('PEXPIRE', keys[2], ttl + KEEP_MS)
   redis.call('PEXPIRE', keys[3], ttl + KEEP_MS)
-  local n = redis.call('PUBLISH', keys[1], '{"id":"' .. id .. '","epoch":"' .. epoch
+  local n = publish_to(keys[1], '{"id":"' .. id .. '","epoch":"' .. epoch
     .. '","data":' .. args[2] .. '}')
   return {id, n, epoch}
 end

@@ -40,20 +40,79 @@
 //! - `ringway_presence_set`, `ringway_presence_del`, `ringway_node_alive` (the
 //!   heartbeat, which also reaps), `ringway_node_gone`: used by the gateway itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 pub const TOPIC_PREFIX: &str = "ringway:topic:";
-pub const SHARD_PREFIX: &str = "ringway:shard:";
-pub const USER_PREFIX: &str = "ringway:user:";
-pub const NODES_KEY: &str = "ringway:nodes";
-pub const NODE_PREFIX: &str = "ringway:node:";
-pub const HISTORY_PREFIX: &str = "ringway:history:";
-pub const EPOCH_PREFIX: &str = "ringway:epoch:";
-pub const INBOX_PREFIX: &str = "ringway:inbox:";
-pub const INCARNATIONS_KEY: &str = "ringway:incarnations";
-pub const CONNS_PREFIX: &str = "ringway:conns:";
-pub const REAPED_PREFIX: &str = "ringway:reaped:";
+const HISTORY_PREFIX: &str = "ringway:history:";
+const EPOCH_PREFIX: &str = "ringway:epoch:";
+
+/// Redis Cluster mode (`redis+cluster://`), set once at startup: every key but a
+/// topic's lives under `{ringway}:` instead of `ringway:`, so the user directory, the
+/// inboxes, the node registry and the shards' channels share one slot and every
+/// function call stays in it (never a CROSSSLOT error); a topic's channel, stream and
+/// epoch carry the topic as their hash tag (`ringway:topic:{<topic>}`), so a topic's
+/// three keys share a slot and topics spread over the masters; and messages go by
+/// sharded pub/sub (`SPUBLISH`, `SSUBSCRIBE`).
+static CLUSTER: AtomicBool = AtomicBool::new(false);
+
+/// Switches the schema to Redis Cluster's (see `CLUSTER`); before any key is named.
+pub fn set_cluster(on: bool) {
+    CLUSTER.store(on, Ordering::Relaxed);
+}
+
+/// Whether the schema is Redis Cluster's.
+pub fn cluster() -> bool {
+    CLUSTER.load(Ordering::Relaxed)
+}
+
+/// The namespace of every key but a topic's.
+fn ns() -> &'static str {
+    if cluster() {
+        "{ringway}:"
+    } else {
+        "ringway:"
+    }
+}
+
+/// A topic's key: `<prefix><topic>`, or `<prefix>{<topic>}` in a cluster.
+fn topic_key(prefix: &str, topic: &str) -> String {
+    if cluster() {
+        format!("{prefix}{{{topic}}}")
+    } else {
+        format!("{prefix}{topic}")
+    }
+}
+
+/// The topic of a topic channel, `None` for any other channel.
+pub fn channel_topic(channel: &str) -> Option<&str> {
+    let rest = channel.strip_prefix(TOPIC_PREFIX)?;
+    if cluster() {
+        rest.strip_prefix('{')?.strip_suffix('}')
+    } else {
+        Some(rest)
+    }
+}
+
+/// The slot every key but a topic's is in, in a cluster.
+pub fn home_slot() -> u16 {
+    super::cluster::slot(b"{ringway}")
+}
+
+pub fn nodes_key() -> String {
+    format!("{}nodes", ns())
+}
+
+pub fn incarnations_key() -> String {
+    format!("{}incarnations", ns())
+}
+
+/// A node's heartbeat key.
+pub fn node_key(node: &str) -> String {
+    format!("{}node:{node}", ns())
+}
 
 /// The Lua library's text (Redis ≥ 7.0 functions), as the public library `ringway`.
 const LIBRARY: &str = include_str!("ringway.lua");
@@ -82,46 +141,55 @@ pub const FN_PUBLIC_VERSION: &str = "ringway_version";
 
 /// The library text: the public `ringway` (the names services call), or this
 /// version's `ringway_v<VERSION>` (the names the gateway calls).
+///
+/// In a cluster (`set_cluster`) its keys are under `{ringway}:` and it publishes with
+/// `SPUBLISH`.
 pub fn library(public: bool) -> String {
+    let text = if cluster() {
+        LIBRARY
+            .replacen("local NS = 'ringway:'", "local NS = '{ringway}:'", 1)
+            .replacen("local SHARDED = false", "local SHARDED = true", 1)
+    } else {
+        LIBRARY.to_owned()
+    };
     if public {
-        return LIBRARY.to_owned();
+        return text;
     }
     let v = LIBRARY_VERSION;
-    LIBRARY
-        .replacen(
-            "#!lua name=ringway\n",
-            &format!("#!lua name=ringway_v{v}\n"),
-            1,
-        )
-        .replacen(
-            "local PREFIX = 'ringway_'",
-            &format!("local PREFIX = 'ringway_v{v}_'"),
-            1,
-        )
+    text.replacen(
+        "#!lua name=ringway\n",
+        &format!("#!lua name=ringway_v{v}\n"),
+        1,
+    )
+    .replacen(
+        "local PREFIX = 'ringway_'",
+        &format!("local PREFIX = 'ringway_v{v}_'"),
+        1,
+    )
 }
 
 pub fn topic_channel(topic: &str) -> String {
-    format!("{TOPIC_PREFIX}{topic}")
+    topic_key(TOPIC_PREFIX, topic)
 }
 
 pub fn history_key(topic: &str) -> String {
-    format!("{HISTORY_PREFIX}{topic}")
+    topic_key(HISTORY_PREFIX, topic)
 }
 
 pub fn epoch_key(topic: &str) -> String {
-    format!("{EPOCH_PREFIX}{topic}")
+    topic_key(EPOCH_PREFIX, topic)
 }
 
 pub fn inbox_key(user: &str) -> String {
-    format!("{INBOX_PREFIX}{user}")
+    format!("{}inbox:{user}", ns())
 }
 
 pub fn shard_channel(node: &str, shard: usize) -> String {
-    format!("{SHARD_PREFIX}{node}/{shard}")
+    format!("{}shard:{node}/{shard}", ns())
 }
 
 pub fn user_key(user: &str) -> String {
-    format!("{USER_PREFIX}{user}")
+    format!("{}user:{user}", ns())
 }
 
 /// A presence member: where one connection of a user is, and in which process of the
@@ -137,12 +205,12 @@ pub fn incarnation(node: &str, boot: &str) -> String {
 
 /// The mark a reaper leaves on a process whose entries it removed.
 pub fn reaped_key(incarnation: &str) -> String {
-    format!("{REAPED_PREFIX}{incarnation}")
+    format!("{}reaped:{incarnation}", ns())
 }
 
 /// The index of a node process's presence entries.
 pub fn conns_key(node: &str, boot: &str) -> String {
-    format!("{CONNS_PREFIX}{node}@{boot}")
+    format!("{}conns:{node}@{boot}", ns())
 }
 
 /// The payload of a topic message on its channel. `id` is set by ringway; a service may

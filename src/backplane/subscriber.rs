@@ -5,15 +5,25 @@
 //! Changes are batched: subscribes and unsubscribes made since the last write leave
 //! together, as one SUBSCRIBE and one UNSUBSCRIBE of up to `BATCH` channels each. After
 //! a reconnect the whole set is subscribed again from the topic table.
+//!
+//! In a Redis Cluster the link holds one connection per master (`masters`) and uses
+//! sharded pub/sub: each topic is SSUBSCRIBEd on the master serving its slot (one
+//! command per slot). A master that gives a slot away unsubscribes its channels; the
+//! link then reconnects, reading the topology again, and what was published meanwhile
+//! is read from the topics' streams as after any reconnect.
 
 use std::rc::Rc;
 
-use bytes::BytesMut;
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 
+use super::cluster;
 use super::keep::{keep_connected, Role};
-use super::link::{self, Keepalive, Link, LinkError};
-use super::schema::{self, DirectEnvelope, TopicEnvelope, TOPIC_PREFIX};
+use super::link::{self, LinkError};
+use super::masters::{Masters, Route};
+use super::schema::{self, DirectEnvelope, TopicEnvelope};
 use super::{Backplane, LinkState, BATCH, PING_EVERY, REPLY_TIMEOUT};
 use crate::protocol::{self, MessageId};
 use crate::shard::Shard;
@@ -31,7 +41,7 @@ pub async fn run(shard: Rc<Shard>) {
 }
 
 /// Serves one connection until it fails.
-async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
+async fn serve(shard: &Shard, bp: &Backplane, mut link: Masters) -> LinkError {
     // Everything this shard wants, from scratch: the topics it owns that its own
     // connections or its siblings want. Replies waiting for topics nobody holds any
     // more (their clients left during the outage) are dropped, not kept for a
@@ -58,17 +68,20 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
     bp.replays
         .borrow_mut()
         .reconnected(&local, shard.history_on(), |t| bp.mine(t));
-    let mut out = BytesMut::new();
-    link::encode(&mut out, &[b"SUBSCRIBE", bp.direct_channel.as_bytes()]);
-    encode_channels(&mut out, b"SUBSCRIBE", &topics);
-    // Redis answers in order: its PONG says every SUBSCRIBE above is in place.
-    link::encode(&mut out, &[b"PING"]);
-    if let Err(e) = link.write(out.freeze()).await {
+    let mut out = vec![command(
+        &[subscribe_command(true), bp.direct_channel.as_bytes()],
+        Route::Slot(cluster::slot(bp.direct_channel.as_bytes())),
+    )];
+    out.extend(channel_commands(true, &topics));
+    // Redis answers in order: each master's PONG says every SUBSCRIBE above is in place.
+    out.push(command(&[b"PING"], Route::All));
+    if let Err(e) = link.send(out).await {
         return e;
     }
-    let mut keepalive = Keepalive::new(PING_EVERY, REPLY_TIMEOUT, true);
+    link.keep_alive(PING_EVERY, REPLY_TIMEOUT);
+    let mut pongs = 0;
     loop {
-        if let Some(to) = bp.moved_from(&link.addr) {
+        if let Some(to) = bp.moved_from(link.addr()) {
             return LinkError::MasterMoved(to);
         }
         let (subscribe, unsubscribe) = bp
@@ -77,20 +90,22 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             .take_changes(|t| shard.has_subscribers(t) || bp.owned.borrow().wanted(t));
         if !subscribe.is_empty() || !unsubscribe.is_empty() {
             note_changes(shard, bp, &subscribe, &unsubscribe);
-            let mut out = BytesMut::new();
-            encode_channels(&mut out, b"SUBSCRIBE", &subscribe);
-            encode_channels(&mut out, b"UNSUBSCRIBE", &unsubscribe);
-            if let Err(e) = link.write(out.freeze()).await {
+            let mut out = channel_commands(true, &subscribe);
+            out.extend(channel_commands(false, &unsubscribe));
+            if let Err(e) = link.send(out).await {
                 return e;
             }
         }
         let mut handled = 0;
         loop {
-            match link.next_buffered() {
+            match link.next_push() {
                 Ok(Some(frame)) => match on_frame(shard, bp, frame) {
                     Err(e) => return e,
                     Ok(Pushed::Pong) if bp.sub_link.get() == LinkState::Syncing => {
-                        bp.set_link(Role::Subscriber, LinkState::Up);
+                        pongs += 1;
+                        if pongs == link.count() {
+                            bp.set_link(Role::Subscriber, LinkState::Up);
+                        }
                     }
                     Ok(_) => {}
                 },
@@ -100,11 +115,10 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Link) -> LinkError {
             handled += 1;
         }
         if handled > 0 {
-            keepalive.heard();
             // Let connection tasks write what the deliveries queued.
             crate::shard::yield_now().await;
         }
-        let wait = match keepalive.check(&mut link).await {
+        let wait = match link.check_alive().await {
             Ok(wait) => wait,
             Err(e) => return e,
         };
@@ -133,14 +147,47 @@ pub(super) fn note_changes(
     }
 }
 
-fn encode_channels(out: &mut BytesMut, command: &[u8], topics: &[Rc<str>]) {
-    for chunk in topics.chunks(BATCH) {
-        let channels: Vec<String> = chunk.iter().map(|t| schema::topic_channel(t)).collect();
-        let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
-        args.push(command);
-        args.extend(channels.iter().map(|c| c.as_bytes()));
-        link::encode(out, &args);
+/// SUBSCRIBE or UNSUBSCRIBE; their sharded forms in a cluster.
+fn subscribe_command(on: bool) -> &'static [u8] {
+    match (on, schema::cluster()) {
+        (true, false) => b"SUBSCRIBE",
+        (false, false) => b"UNSUBSCRIBE",
+        (true, true) => b"SSUBSCRIBE",
+        (false, true) => b"SUNSUBSCRIBE",
     }
+}
+
+/// One command, encoded, with its route.
+fn command(args: &[&[u8]], route: Route) -> (Bytes, Route) {
+    let mut out = BytesMut::new();
+    link::encode(&mut out, args);
+    (out.freeze(), route)
+}
+
+/// (Un)subscribes `topics`, up to `BATCH` channels a command; in a cluster, one
+/// command per slot, sent to the master serving it.
+fn channel_commands(on: bool, topics: &[Rc<str>]) -> Vec<(Bytes, Route)> {
+    let name = subscribe_command(on);
+    let mut by_slot: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    for t in topics {
+        let channel = schema::topic_channel(t);
+        let slot = if schema::cluster() {
+            cluster::slot(channel.as_bytes())
+        } else {
+            0
+        };
+        by_slot.entry(slot).or_default().push(channel);
+    }
+    let mut out = Vec::new();
+    for (slot, channels) in by_slot {
+        for chunk in channels.chunks(BATCH) {
+            let mut args: Vec<&[u8]> = Vec::with_capacity(chunk.len() + 1);
+            args.push(name);
+            args.extend(chunk.iter().map(|c| c.as_bytes()));
+            out.push(command(&args, Route::Slot(slot)));
+        }
+    }
+    out
 }
 
 /// What a push from Redis was, as far as the connection's loop cares.
@@ -154,6 +201,9 @@ enum Pushed {
 fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<Pushed, LinkError> {
     let parts = match frame {
         BytesFrame::Array(parts) => parts,
+        // A connection with no subscription (a master serving none of this shard's
+        // channels) answers PING as any connection does.
+        BytesFrame::SimpleString(s) if &s[..] == b"PONG" => return Ok(Pushed::Pong),
         BytesFrame::Error(e) => {
             return Err(LinkError::Refused {
                 what: "SUBSCRIBE",
@@ -170,18 +220,34 @@ fn on_frame(shard: &Shard, bp: &Backplane, frame: BytesFrame) -> Result<Pushed, 
         return Ok(Pushed::Other);
     };
     match (&kind[..], third) {
-        (b"message", BytesFrame::BulkString(payload)) => dispatch(shard, bp, channel, payload),
-        (b"subscribe", _) if channel == bp.direct_channel.as_bytes() => {
+        (b"message" | b"smessage", BytesFrame::BulkString(payload)) => {
+            dispatch(shard, bp, channel, payload)
+        }
+        (b"subscribe" | b"ssubscribe", _) if channel == bp.direct_channel.as_bytes() => {
             // Direct messages published while the channel was not subscribed wait in
             // the users' inboxes: read them now that nothing more can slip past.
             shard.reread_inboxes();
         }
-        (b"subscribe", _) => {
+        (b"subscribe" | b"ssubscribe", _) => {
             if let Some(topic) = std::str::from_utf8(channel)
                 .ok()
-                .and_then(|c| c.strip_prefix(TOPIC_PREFIX))
+                .and_then(schema::channel_topic)
             {
                 bp.confirm(topic);
+            }
+        }
+        // A master gave the slot of a channel this link still holds away (resharding
+        // or a failover): read the topology again. Answers to this link's own
+        // SUNSUBSCRIBEs find their topic no longer confirmed.
+        (b"sunsubscribe", _) => {
+            let channel = String::from_utf8_lossy(channel);
+            let held = channel == bp.direct_channel
+                || schema::channel_topic(&channel)
+                    .is_some_and(|t| bp.subs.borrow().is_confirmed(t));
+            if held {
+                return Err(LinkError::SlotsMoved(format!(
+                    "{channel} was unsubscribed by its master"
+                )));
             }
         }
         _ => {}
@@ -209,7 +275,7 @@ fn dispatch(shard: &Shard, bp: &Backplane, channel: &[u8], payload: &[u8]) {
     }
     let Some(topic) = std::str::from_utf8(channel)
         .ok()
-        .and_then(|c| c.strip_prefix(TOPIC_PREFIX))
+        .and_then(schema::channel_topic)
     else {
         return;
     };

@@ -5,6 +5,10 @@
 //!   [?sentinel_password=…]`: the master named `master`, found through the listed
 //!   Sentinels (port 26379 by default); the credentials are the master's, and
 //!   `sentinel_password` is sent to the Sentinels when they require one.
+//! - `redis+cluster://[[user]:password@]host[:port][,host[:port]…][/]`, and
+//!   `rediss+cluster://` over TLS: a Redis Cluster, whose topology is read from the
+//!   first of the listed nodes (seeds) that answers; port 6379 by default. A cluster
+//!   has only database 0.
 //!
 //! Unix sockets are refused with a clear error.
 
@@ -32,6 +36,8 @@ pub enum Target {
         master: String,
         password: Option<String>,
     },
+    /// A Redis Cluster, found through any of these nodes.
+    Cluster { seeds: Vec<Addr> },
 }
 
 /// A host and port.
@@ -54,7 +60,7 @@ impl fmt::Display for Addr {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UrlError {
-    #[error("expected redis://[[user]:password@]host[:port][/db], rediss:// for TLS, or redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master[/db]")]
+    #[error("expected redis://[[user]:password@]host[:port][/db], rediss:// for TLS, redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master[/db] or redis+cluster://[[user]:password@]host[:port][,host[:port]…]")]
     Form,
     #[error("bad port {0:?}")]
     Port(String),
@@ -66,6 +72,10 @@ pub enum UrlError {
     Param(String),
     #[error("TLS through Sentinel (rediss+sentinel://) is not supported")]
     SentinelTls,
+    #[error(
+        "a Redis Cluster has only database 0: redis+cluster:// takes no database or parameters"
+    )]
+    ClusterPath,
 }
 
 impl RedisUrl {
@@ -75,6 +85,12 @@ impl RedisUrl {
         }
         if let Some(rest) = url.strip_prefix("redis+sentinel://") {
             return Self::parse_sentinel(rest);
+        }
+        if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            return Self::parse_cluster(rest, false);
+        }
+        if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+            return Self::parse_cluster(rest, true);
         }
         let (tls, rest) = match url.strip_prefix("rediss://") {
             Some(rest) => (true, rest),
@@ -133,6 +149,39 @@ impl RedisUrl {
         })
     }
 
+    fn parse_cluster(rest: &str, tls: bool) -> Result<Self, UrlError> {
+        let (auth, rest) = split_auth(rest);
+        let hosts = rest.strip_suffix('/').unwrap_or(rest);
+        if hosts.contains(['/', '?']) {
+            return Err(UrlError::ClusterPath);
+        }
+        let seeds = hosts
+            .split(',')
+            .map(|h| parse_addr(h, 6379))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (username, password) = credentials(auth);
+        Ok(Self {
+            target: Target::Cluster { seeds },
+            username,
+            password,
+            db: 0,
+            tls,
+        })
+    }
+
+    /// The same credentials and TLS, for one server (a cluster's node).
+    pub fn at(&self, addr: &Addr) -> Self {
+        Self {
+            target: Target::Server(addr.clone()),
+            ..self.clone()
+        }
+    }
+
+    /// A Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.target, Target::Cluster { .. })
+    }
+
     /// What the URL points at, for messages: the server, or the master's name and its
     /// Sentinels.
     pub fn describe(&self) -> String {
@@ -143,6 +192,10 @@ impl RedisUrl {
             } => {
                 let list: Vec<String> = sentinels.iter().map(ToString::to_string).collect();
                 format!("master {master:?} via Sentinel {}", list.join(","))
+            }
+            Target::Cluster { seeds } => {
+                let list: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+                format!("the cluster of {}", list.join(","))
             }
         }
     }
@@ -229,7 +282,7 @@ mod tests {
     fn server(u: &RedisUrl) -> (&str, u16) {
         match &u.target {
             Target::Server(a) => (a.host.as_str(), a.port),
-            Target::Sentinel { .. } => panic!("not a server: {u:?}"),
+            _ => panic!("not a server: {u:?}"),
         }
     }
 
@@ -296,5 +349,33 @@ mod tests {
             RedisUrl::parse("rediss+sentinel://s1/m"),
             Err(UrlError::SentinelTls)
         );
+    }
+
+    #[test]
+    fn cluster_forms() {
+        let u = RedisUrl::parse("redis+cluster://:pw@h1:7000,10.0.0.2,[::1]:7002/").unwrap();
+        let Target::Cluster { seeds } = &u.target else {
+            panic!("{u:?}");
+        };
+        let shown: Vec<String> = seeds.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["h1:7000", "10.0.0.2:6379", "[::1]:7002"]);
+        assert_eq!((u.password.as_deref(), u.db, u.tls), (Some("pw"), 0, false));
+        assert!(u.is_cluster());
+        assert_eq!(
+            u.describe(),
+            "the cluster of h1:7000,10.0.0.2:6379,[::1]:7002"
+        );
+        let node = u.at(&seeds[1]);
+        assert_eq!(server(&node), ("10.0.0.2", 6379));
+        assert_eq!(node.password.as_deref(), Some("pw"));
+        assert!(RedisUrl::parse("rediss+cluster://h1:7000").unwrap().tls);
+        assert_eq!(
+            RedisUrl::parse("redis+cluster://h1:7000/2"),
+            Err(UrlError::ClusterPath)
+        );
+        assert!(matches!(
+            RedisUrl::parse("redis+cluster://h1:x"),
+            Err(UrlError::Port(_))
+        ));
     }
 }

@@ -49,13 +49,16 @@ class RedisServer:
     `aof` (append-only file, fsync every second)."""
 
     def __init__(self, aof: bool = False, tls: Any = None, ca_file: str | None = None,
-                 password: str | None = None, replica_of: "RedisServer | None" = None):
+                 password: str | None = None, replica_of: "RedisServer | None" = None,
+                 cluster: bool = False):
         # `tls`: a trustme leaf certificate, and `ca_file` its CA: the server speaks TLS
         # only (`rediss://`), without asking clients for certificates. `password`: AUTH
         # required (and used towards its master); `replica_of`: start as its replica.
         self.aof = aof
         self.tls, self.ca_file = tls, ca_file
         self.password, self.replica_of = password, replica_of
+        # `cluster`: cluster mode, joined into one by `RedisCluster`.
+        self.cluster = cluster
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self.dir = tempfile.mkdtemp(prefix="ringway-redis-")
@@ -80,6 +83,11 @@ class RedisServer:
             cmd += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replica_of:
             cmd += ["--replicaof", HOST, str(self.replica_of.port)]
+        if self.cluster:
+            # A master unreachable for one second is failed over to its replica.
+            # The bus port is given: port + 10000 (the default) may be taken, or past 65535.
+            cmd += ["--cluster-enabled", "yes", "--cluster-config-file", f"{self.dir}/nodes.conf",
+                    "--cluster-node-timeout", "1000", "--cluster-port", str(free_port())]
         # Replicas sync at once (Redis 7 waits 5 s for more replicas by default).
         cmd += ["--repl-diskless-sync-delay", "0"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -132,6 +140,76 @@ class RedisServer:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A Redis Cluster of `masters` masters with one replica each, on free ports, made
+    with `redis-cli --cluster create`; a master unreachable for a second fails over."""
+
+    def __init__(self, masters: int = 3):
+        self.servers = [RedisServer(cluster=True) for _ in range(2 * masters)]
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        """The gateway's `redis` option: two of the nodes as seeds."""
+        return "redis+cluster://" + ",".join(f"{HOST}:{s.port}" for s in self.servers[:2])
+
+    def start(self) -> "RedisCluster":
+        for s in self.servers:
+            s.start()
+        subprocess.run([_find("redis-cli"), "--cluster", "create",
+                        *(f"{HOST}:{s.port}" for s in self.servers),
+                        "--cluster-replicas", "1", "--cluster-yes"],
+                       check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, timeout=60)
+        wait_until(self._settled, 30, interval=0.2, what="every cluster node to see all slots served")
+        return self
+
+    def _settled(self) -> bool:
+        try:
+            for s in self.servers:
+                info = s.client().execute_command("CLUSTER", "INFO")
+                if "cluster_state:ok" not in info:
+                    return False
+                if s.client().info("replication")["role"] == "slave" and \
+                        s.client().info("replication").get("master_link_status") != "up":
+                    return False
+            return True
+        except redis.RedisError:
+            return False
+
+    def client(self) -> "redis.RedisCluster":
+        return redis.RedisCluster(host=HOST, port=self.servers[0].port, decode_responses=True,
+                                  socket_timeout=5)
+
+    def master_of(self, key: str) -> RedisServer:
+        """The server that serves `key`'s slot now."""
+        slot = int(self.servers[0].client().execute_command("CLUSTER", "KEYSLOT", key))
+        for s in self.servers:
+            if s.proc and s.proc.poll() is None:
+                try:
+                    for start, end, *nodes in s.client().execute_command("CLUSTER", "SLOTS"):
+                        if start <= slot <= end:
+                            port = int(nodes[0][1])
+                            return next(x for x in self.servers if x.port == port)
+                except redis.RedisError:
+                    continue
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def live_masters(self) -> list[RedisServer]:
+        out = []
+        for s in self.servers:
+            try:
+                if s.proc and s.proc.poll() is None and s.client().info("replication")["role"] == "master":
+                    out.append(s)
+            except redis.RedisError:
+                pass
+        return out
+
+    def stop(self) -> None:
+        for s in self.servers:
+            s.stop()
 
 
 class Sentinels:

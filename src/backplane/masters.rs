@@ -1,0 +1,482 @@
+//! One role's connections (a shard's command or subscriber link) to every master: one
+//! for a single Redis or a Sentinel's master, one per master of a Redis Cluster. Each
+//! command goes to the master serving its slot (`Route`); the command link gets its
+//! replies back in the order it wrote the commands, whichever masters answer first;
+//! the subscriber link gets pushes as they come.
+//!
+//! A cluster's topology is read from its seeds (`CLUSTER SHARDS`) at every connect.
+//! A `MOVED` or `ASK` answer naming a master this link holds is followed in place (the
+//! command is sent there again, after `ASKING` for an `ASK`); one naming a master it
+//! does not hold fails the link, whose reconnect reads the topology again. A `TRYAGAIN`
+//! (a multi-key command while its slot migrates) is sent again from the start shortly. A master
+//! lost fails the whole link the same way: every master is connected again, and the
+//! shard restores its state as after any reconnect.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame;
+
+use super::cluster::{self, Redirect, SlotMap};
+use super::link::{self, Keepalive, Link, LinkError};
+use super::url::{Addr, Target};
+use super::RedisUrl;
+
+/// Where a command goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// To the master serving this slot.
+    Slot(u16),
+    /// To every master, answered once: the first error, else the first master's reply
+    /// (`FUNCTION LOAD`, `PING`).
+    All,
+}
+
+impl Route {
+    /// The route of a command by its first key: `FCALL`'s first declared key, the
+    /// argument after the command name for the rest; `All` for `FUNCTION`, and for
+    /// what has no key.
+    pub fn of(args: &[&[u8]]) -> Self {
+        let name = args.first().copied().unwrap_or_default();
+        let key = if name.eq_ignore_ascii_case(b"FCALL") || name.eq_ignore_ascii_case(b"FCALL_RO") {
+            let keys = args.get(2).and_then(|n| std::str::from_utf8(n).ok());
+            match keys.and_then(|n| n.parse::<usize>().ok()) {
+                Some(n) if n > 0 => args.get(3),
+                _ => None,
+            }
+        } else if name.eq_ignore_ascii_case(b"FUNCTION") || name.eq_ignore_ascii_case(b"PING") {
+            None
+        } else {
+            args.get(1)
+        };
+        match key {
+            Some(k) => Route::Slot(cluster::slot(k)),
+            None => Route::All,
+        }
+    }
+}
+
+/// One connection's wait for something to read.
+type Readable<'a> = Pin<Box<dyn Future<Output = Result<(), LinkError>> + 'a>>;
+
+/// Redirects one command may follow before the link gives up on it and reconnects.
+const MAX_REDIRECTS: u8 = 5;
+/// A command answered `TRYAGAIN` (a multi-key command while its slot migrates) is
+/// sent again after this, up to `MAX_TRIES` times (10 s) before its error is the answer.
+const TRY_AGAIN_AFTER: Duration = Duration::from_millis(100);
+const MAX_TRIES: u8 = 100;
+
+/// A command written and not yet answered.
+struct Ticket {
+    bytes: Bytes,
+    slot: Option<u16>,
+    /// Replies still to come (one per master for `All`).
+    left: usize,
+    reply: Option<BytesFrame>,
+    redirects: u8,
+    tries: u8,
+}
+
+/// What one of a link's next replies answers.
+#[derive(Clone, Copy)]
+enum Expect {
+    /// The command with this sequence number.
+    Reply(u64),
+    /// An `ASKING` written before a redirected command: its `OK` is dropped.
+    Asking,
+}
+
+pub struct Masters {
+    links: Vec<Link>,
+    map: SlotMap,
+    /// Commands in the order written; `tickets[0]` has sequence number `base`.
+    tickets: VecDeque<Ticket>,
+    base: u64,
+    /// Per link, what its next replies answer, in order.
+    expect: Vec<VecDeque<Expect>>,
+    /// Per link, commands to send again (redirected), written at the next `flush`.
+    resend: Vec<BytesMut>,
+    /// Commands (by sequence number) to send again from the start, once due.
+    retry: VecDeque<(Instant, u64)>,
+    /// Per link, the keepalive of a subscriber link.
+    keepalive: Vec<Keepalive>,
+    /// The next link `next_push` reads first, so that one busy master cannot starve
+    /// the others.
+    turn: usize,
+}
+
+impl Masters {
+    /// Connects to the URL's Redis: to its one server (or the master its Sentinels
+    /// name), or to every master of its cluster, whose topology is read from the first
+    /// seed that answers. `name` names each connection (`CLIENT SETNAME`).
+    pub async fn connect(url: &RedisUrl, timeout: Duration, name: &str) -> Result<Self, LinkError> {
+        let (links, map) = match &url.target {
+            Target::Cluster { seeds } => {
+                let map = topology(url, seeds, timeout).await?;
+                let mut links = Vec::with_capacity(map.masters.len());
+                for m in &map.masters {
+                    links.push(Link::connect(&url.at(&m.addr), timeout, Some(name)).await?);
+                }
+                (links, map)
+            }
+            _ => {
+                let link = Link::connect(url, timeout, Some(name)).await?;
+                let map = SlotMap::single(link.addr.clone());
+                (vec![link], map)
+            }
+        };
+        let n = links.len();
+        Ok(Self {
+            links,
+            map,
+            tickets: VecDeque::new(),
+            base: 0,
+            expect: vec![VecDeque::new(); n],
+            resend: vec![BytesMut::new(); n],
+            retry: VecDeque::new(),
+            keepalive: Vec::new(),
+            turn: 0,
+        })
+    }
+
+    /// How many masters this link holds.
+    pub fn count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// The server the first connection reached (with Sentinel: the master).
+    pub fn addr(&self) -> &Addr {
+        &self.links[0].addr
+    }
+
+    /// Which links a route takes.
+    fn targets(&self, route: Route) -> Result<Vec<usize>, LinkError> {
+        match route {
+            Route::All => Ok((0..self.links.len()).collect()),
+            Route::Slot(s) => match self.map.master_index(s) {
+                Some(i) if i < self.links.len() => Ok(vec![i]),
+                _ => Err(LinkError::SlotsMoved(format!(
+                    "slot {s} has no master here"
+                ))),
+            },
+        }
+    }
+
+    /// Writes commands whose replies come back in order (`next_reply`).
+    pub async fn write_commands(&mut self, commands: Vec<(Bytes, Route)>) -> Result<(), LinkError> {
+        if self.links.len() == 1 {
+            // One server: one write of everything, in order.
+            let mut out = BytesMut::with_capacity(commands.iter().map(|(b, _)| b.len()).sum());
+            for (bytes, route) in commands {
+                out.extend_from_slice(&bytes);
+                self.issue(bytes, route, &[0]);
+            }
+            return self.links[0].write(out.freeze()).await;
+        }
+        let mut out = vec![BytesMut::new(); self.links.len()];
+        for (bytes, route) in commands {
+            let targets = self.targets(route)?;
+            for &t in &targets {
+                out[t].extend_from_slice(&bytes);
+            }
+            self.issue(bytes, route, &targets);
+        }
+        for (i, buf) in out.into_iter().enumerate() {
+            if !buf.is_empty() {
+                self.links[i].write(buf.freeze()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a command written to `targets`.
+    fn issue(&mut self, bytes: Bytes, route: Route, targets: &[usize]) {
+        let seq = self.base + self.tickets.len() as u64;
+        for &t in targets {
+            self.expect[t].push_back(Expect::Reply(seq));
+        }
+        self.tickets.push_back(Ticket {
+            bytes,
+            slot: match route {
+                Route::Slot(s) => Some(s),
+                Route::All => None,
+            },
+            left: targets.len(),
+            reply: None,
+            redirects: 0,
+            tries: 0,
+        });
+    }
+
+    /// Writes what redirections sent again, and the retries that are due.
+    pub async fn flush(&mut self) -> Result<(), LinkError> {
+        let now = Instant::now();
+        while let Some(&(at, seq)) = self.retry.front() {
+            if at > now {
+                break;
+            }
+            self.retry.pop_front();
+            let Some(t) = seq
+                .checked_sub(self.base)
+                .and_then(|at| self.tickets.get(at as usize))
+            else {
+                continue;
+            };
+            let route = t.slot.map_or(Route::All, Route::Slot);
+            let bytes = t.bytes.clone();
+            for to in self.targets(route)? {
+                self.resend[to].extend_from_slice(&bytes);
+                self.expect[to].push_back(Expect::Reply(seq));
+            }
+        }
+        for i in 0..self.links.len() {
+            if !self.resend[i].is_empty() {
+                let buf = std::mem::take(&mut self.resend[i]).freeze();
+                self.links[i].write(buf).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether redirected commands wait for `flush`.
+    pub fn must_flush(&self) -> bool {
+        self.resend.iter().any(|b| !b.is_empty())
+            || self
+                .retry
+                .front()
+                .is_some_and(|(at, _)| *at <= Instant::now())
+    }
+
+    /// How long until the next retry is due, if one waits.
+    pub fn next_retry(&self) -> Option<Duration> {
+        self.retry
+            .front()
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+    }
+
+    /// The reply to the oldest command not yet handed out, once it has come (and every
+    /// master it went to has answered).
+    pub fn next_reply(&mut self) -> Result<Option<BytesFrame>, LinkError> {
+        for i in 0..self.links.len() {
+            while let Some(frame) = self.links[i].next_buffered()? {
+                self.answered(i, frame)?;
+            }
+        }
+        match self.tickets.front() {
+            Some(t) if t.left == 0 => {
+                self.base += 1;
+                Ok(self.tickets.pop_front().and_then(|t| t.reply))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A reply from link `i`: to its command, or a redirection to follow.
+    fn answered(&mut self, i: usize, frame: BytesFrame) -> Result<(), LinkError> {
+        let seq = match self.expect[i].pop_front() {
+            Some(Expect::Reply(seq)) => seq,
+            Some(Expect::Asking) => return Ok(()),
+            None => return Err(LinkError::Protocol("reply without a command".into())),
+        };
+        let Some(ticket) = seq
+            .checked_sub(self.base)
+            .and_then(|at| self.tickets.get_mut(at as usize))
+        else {
+            return Err(LinkError::Protocol(
+                "reply to a command already answered".into(),
+            ));
+        };
+        if let (BytesFrame::Error(e), Some(_)) = (&frame, ticket.slot) {
+            if e.starts_with("TRYAGAIN") && ticket.tries < MAX_TRIES {
+                ticket.tries += 1;
+                ticket.redirects = 0;
+                self.retry
+                    .push_back((Instant::now() + TRY_AGAIN_AFTER, seq));
+                return Ok(());
+            }
+            if let Some(redirect) = Redirect::parse(e) {
+                if ticket.redirects >= MAX_REDIRECTS {
+                    return Err(LinkError::SlotsMoved(format!(
+                        "redirected {MAX_REDIRECTS} times: {e}"
+                    )));
+                }
+                ticket.redirects += 1;
+                let bytes = ticket.bytes.clone();
+                let (addr, ask) = match &redirect {
+                    Redirect::Moved { slot, addr } => {
+                        self.map.moved(*slot, addr);
+                        (addr, false)
+                    }
+                    Redirect::Ask { addr, .. } => (addr, true),
+                };
+                let Some(to) = self.links.iter().position(|l| &l.addr == addr) else {
+                    return Err(LinkError::SlotsMoved(e.to_string()));
+                };
+                if ask {
+                    link::encode(&mut self.resend[to], &[b"ASKING"]);
+                    self.expect[to].push_back(Expect::Asking);
+                }
+                self.resend[to].extend_from_slice(&bytes);
+                self.expect[to].push_back(Expect::Reply(seq));
+                return Ok(());
+            }
+        }
+        ticket.left = ticket.left.saturating_sub(1);
+        let keep_error = matches!(ticket.reply, Some(BytesFrame::Error(_)));
+        if ticket.reply.is_none() || (!keep_error && matches!(frame, BytesFrame::Error(_))) {
+            ticket.reply = Some(frame);
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` where `route` says, for a subscriber link (no replies are
+    /// matched: everything comes back as a push).
+    pub async fn send(&mut self, commands: Vec<(Bytes, Route)>) -> Result<(), LinkError> {
+        let mut out = vec![BytesMut::new(); self.links.len()];
+        for (bytes, route) in commands {
+            for t in self.targets(route)? {
+                out[t].extend_from_slice(&bytes);
+            }
+        }
+        for (i, buf) in out.into_iter().enumerate() {
+            if !buf.is_empty() {
+                self.links[i].write(buf.freeze()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next push any master sent (a subscriber link), each master in turn.
+    pub fn next_push(&mut self) -> Result<Option<BytesFrame>, LinkError> {
+        let n = self.links.len();
+        for k in 0..n {
+            let i = (self.turn + k) % n;
+            if let Some(frame) = self.links[i].next_buffered()? {
+                if let Some(k) = self.keepalive.get_mut(i) {
+                    k.heard();
+                }
+                self.turn = (i + 1) % n;
+                return Ok(Some(frame));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Starts keeping every connection of a subscriber link honest (`Keepalive`); a
+    /// PING was just written to each.
+    pub fn keep_alive(&mut self, every: Duration, timeout: Duration) {
+        self.keepalive = (0..self.links.len())
+            .map(|_| Keepalive::new(every, timeout, true))
+            .collect();
+    }
+
+    /// PINGs the quiet connections, fails on an overdue answer; how long until asked
+    /// again.
+    pub async fn check_alive(&mut self) -> Result<Duration, LinkError> {
+        let mut wait = Duration::MAX;
+        for (k, l) in self.keepalive.iter_mut().zip(self.links.iter_mut()) {
+            wait = wait.min(k.check(l).await?);
+        }
+        Ok(wait)
+    }
+
+    /// Waits for something to read on any connection, at most `wait` or until `wake`,
+    /// and moves what arrived into the read buffers (every connection is read without
+    /// waiting, whichever way the wait ends: see `Link::fill_within`).
+    pub async fn fill_within(
+        &mut self,
+        wait: Duration,
+        wake: impl Future<Output = ()>,
+    ) -> Result<(), LinkError> {
+        if self.links.len() == 1 {
+            return self.links[0].fill_within(wait, wake).await;
+        }
+        {
+            let mut readable: Vec<Readable<'_>> = self
+                .links
+                .iter()
+                .map(|l| Box::pin(l.readable()) as _)
+                .collect();
+            let any = std::future::poll_fn(|cx| {
+                for r in readable.iter_mut() {
+                    if let Poll::Ready(res) = r.as_mut().poll(cx) {
+                        return Poll::Ready(res);
+                    }
+                }
+                Poll::Pending
+            });
+            let readable = monoio::select! {
+                r = any => Some(r),
+                _ = wake => None,
+                _ = monoio::time::sleep(wait) => None,
+            };
+            if let Some(r) = readable {
+                r?;
+            }
+        }
+        for l in &mut self.links {
+            l.fill()?;
+        }
+        Ok(())
+    }
+}
+
+/// The slot map, from the first seed that answers `CLUSTER SHARDS` with every slot
+/// served.
+async fn topology(url: &RedisUrl, seeds: &[Addr], timeout: Duration) -> Result<SlotMap, LinkError> {
+    let mut last = LinkError::Topology("no seed".into());
+    for seed in seeds {
+        let asked = async {
+            let mut l = Link::connect(&url.at(seed), timeout, None).await?;
+            let mut out = BytesMut::new();
+            link::encode(&mut out, &[b"CLUSTER", b"SHARDS"]);
+            l.write(out.freeze()).await?;
+            match monoio::time::timeout(timeout, l.next_frame()).await {
+                Ok(Ok(BytesFrame::Error(e))) => Err(LinkError::Refused {
+                    what: "CLUSTER SHARDS (is this a Redis Cluster node, Redis >= 7.0?)",
+                    message: e.to_string(),
+                }),
+                Ok(Ok(frame)) => {
+                    let map = SlotMap::from_shards(&frame)
+                        .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
+                    map.check_covered()
+                        .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
+                    Ok(map)
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(LinkError::Timeout),
+            }
+        };
+        match asked.await {
+            Ok(map) => return Ok(map),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_go_by_their_first_key() {
+        let slot = |k: &str| Route::Slot(cluster::slot(k.as_bytes()));
+        assert_eq!(
+            Route::of(&[b"FCALL", b"f", b"2", b"ringway:history:{a}", b"x"]),
+            slot("a")
+        );
+        assert_eq!(Route::of(&[b"FCALL", b"ringway_version", b"0"]), Route::All);
+        assert_eq!(Route::of(&[b"fcall_ro", b"f", b"1", b"{u}k"]), slot("u"));
+        assert_eq!(
+            Route::of(&[b"XRANGE", b"{ringway}:inbox:u", b"-", b"+"]),
+            slot("ringway")
+        );
+        assert_eq!(Route::of(&[b"FUNCTION", b"LOAD", b"x"]), Route::All);
+        assert_eq!(Route::of(&[b"PING"]), Route::All);
+    }
+}

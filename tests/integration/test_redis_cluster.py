@@ -1,0 +1,311 @@
+"""Redis Cluster (`redis+cluster://`), against a real cluster of three masters with a
+replica each: topics spread over the masters by sharded pub/sub, each node holds one
+subscriber connection per shard and master, the user directory and direct sends never
+cross slots, and delivery goes on through a slot migrated away (MOVED, ASK) and a
+master failed over."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+
+from cluster import SECRET, RedisCluster, auth_headers, cluster_opts, token
+from harness import Client, arun, http_request, id_key, run_cli, wait_until
+
+
+@pytest.fixture
+def rcluster():
+    c = RedisCluster().start()
+    yield c
+    c.stop()
+
+
+def nodes(gateway, c: RedisCluster, n: int = 2, **opts):
+    opts.setdefault("allow_anonymous", True)
+    opts.setdefault("history_size", 10_000)
+    return [gateway(**cluster_opts(c, i, **opts), env={"RINGWAY_JWT_SECRET": SECRET})
+            for i in range(1, n + 1)]
+
+
+def topics_over_every_master(c: RedisCluster, per_master: int = 2) -> list[str]:
+    """Topics whose slots are served by every master, `per_master` each."""
+    by_master: dict[int, list[str]] = {}
+    i = 0
+    while min((len(v) for v in by_master.values()), default=0) < per_master or len(by_master) < c.masters:
+        t = f"spread/{i}"
+        port = c.master_of("{" + t + "}").port
+        if len(by_master.setdefault(port, [])) < per_master:
+            by_master[port].append(t)
+        i += 1
+    return [t for ts in by_master.values() for t in ts]
+
+
+def shard_channels(server) -> set[str]:
+    return set(server.client().execute_command("PUBSUB", "SHARDCHANNELS"))
+
+
+def links(server, node: str, role: str) -> int:
+    """Connections named by `node`'s links of `role` on `server`."""
+    return sum(1 for cl in server.client().client_list()
+               if cl["name"].startswith(f"ringway:{node}:") and cl["name"].endswith(f":{role}"))
+
+
+def publish(gw, topic: str, data) -> str | None:
+    r = http_request(gw.admin_port, "POST", "/v1/publish", json.dumps({"topic": topic, "data": data}))
+    return r.json()["id"] if r.status == 200 else None
+
+
+def test_topics_spread_over_the_masters_and_reach_every_node(rcluster, gateway):
+    """Six topics, two on each master: subscribers on both nodes get what either
+    node publishes; each topic's sharded channel is subscribed on its own master only;
+    each node holds one subscriber and one command connection per shard and master."""
+    n1, n2 = nodes(gateway, rcluster)
+    topics = topics_over_every_master(rcluster)
+
+    async def body():
+        async with Client(n1) as a, Client(n2) as b:
+            for t in topics:
+                await a.subscribe(t)
+                await b.subscribe(t)
+            for i, t in enumerate(topics):
+                assert publish((n1, n2)[i % 2], t, {"n": i})
+            for c in (a, b):
+                got = sorted([(m["topic"], m["data"]["n"]) for m in [await c.recv() for _ in topics]])
+                assert got == sorted((t, i) for i, t in enumerate(topics))
+                await c.silent()
+            masters = rcluster.live_masters()
+            assert len(masters) == 3
+            for m in masters:
+                mine = {f"ringway:topic:{{{t}}}" for t in topics
+                        if rcluster.master_of("{" + t + "}").port == m.port}
+                assert mine and shard_channels(m) >= mine, (m.port, shard_channels(m), mine)
+                assert not any(c.startswith("ringway:topic:") for c in shard_channels(m) - mine)
+                for node in ("node1", "node2"):
+                    assert links(m, node, "subscriber") == 2
+                    assert links(m, node, "commands") == 2
+
+    arun(body(), timeout=30)
+    # History went to each topic's master, keys in its slot.
+    for t in topics:
+        assert rcluster.master_of("{" + t + "}").client().xlen(f"ringway:history:{{{t}}}") == 1
+    assert "CROSSSLOT" not in n1.stderr() + n2.stderr()
+
+
+def test_a_subscriber_resumes_from_history_in_a_cluster(rcluster, gateway):
+    (n1,) = nodes(gateway, rcluster, n=1)
+    t = "cluster/history"
+    ids = [publish(n1, t, i) for i in range(5)]
+    assert all(ids)
+
+    async def body():
+        async with Client(n1) as c:
+            answer = await c.request({"op": "subscribe", "topic": t, "ref": "r",
+                                      "since": {"offset": ids[1], "epoch": n1_epoch(rcluster, t)}})
+            assert answer["recovered"] is True, answer
+            assert [(await c.recv())["data"] for _ in range(3)] == [2, 3, 4]
+            await c.silent()
+
+    arun(body(), timeout=20)
+
+
+def n1_epoch(c: RedisCluster, t: str) -> str:
+    return c.master_of("{" + t + "}").client().get(f"ringway:epoch:{{{t}}}")
+
+
+def test_direct_messages_and_presence_stay_in_one_slot(rcluster, gateway):
+    """Users on both nodes: one send to all of them (stored in their inboxes) reaches
+    every one, once, without a CROSSSLOT error; presence lives under `{ringway}:`."""
+    n1, n2 = nodes(gateway, rcluster, allow_anonymous=False)
+    users = [f"u{i}" for i in range(6)]
+    home = rcluster.master_of("{ringway}")
+
+    async def body():
+        clients = [await Client((n1, n2)[i % 2], additional_headers=auth_headers(token(u))).__aenter__()
+                   for i, u in enumerate(users)]
+        try:
+            await asyncio.to_thread(
+                wait_until, lambda: all(home.client().zcard(f"{{ringway}}:user:{u}") == 1 for u in users),
+                10, 0.05, "every user registered")
+            r = n2.http("POST", "/v1/send", json.dumps({"users": users, "data": {"hi": 1}}),
+                        {"Content-Type": "application/json"})
+            assert r.status == 200, (r.status, r.body)
+            sent = r.json()
+            assert sent["online"] == len(users) and sent["stored"] is True, sent
+            for c in clients:
+                m = await c.recv()
+                assert m["user"] in users and m["data"] == {"hi": 1}, m
+                await c.silent()
+            assert home.client().xlen("{ringway}:inbox:u0") == 1
+        finally:
+            for c in clients:
+                await c.__aexit__(None, None, None)
+
+    arun(body(), timeout=30)
+    assert "CROSSSLOT" not in n1.stderr() + n2.stderr()
+
+
+def migrate_slot(c: RedisCluster, key: str, to) -> None:
+    """Moves `key`'s slot (and its keys) to master `to`, as `redis-cli --cluster
+    reshard` does: IMPORTING, MIGRATING, MIGRATE, then NODE on every master."""
+    source = c.master_of(key)
+    assert source.port != to.port
+    slot = int(source.client().execute_command("CLUSTER", "KEYSLOT", key))
+    src, dst = source.client(), to.client()
+    dst_id, src_id = dst.execute_command("CLUSTER", "MYID"), src.execute_command("CLUSTER", "MYID")
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+    for m in c.live_masters():
+        m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+def test_a_topic_whose_slot_moves_to_another_master_loses_nothing(rcluster, gateway):
+    """Publishing all along while the topic's slot is resharded to another master: the
+    subscribers on both nodes get every accepted message once and in order, and the
+    subscription ends up on the new master."""
+    n1, n2 = nodes(gateway, rcluster)
+    t = "cluster/moving"
+    key = "{" + t + "}"
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def publish_loop():
+        i = 0
+        while not stop.is_set():
+            mid = publish((n1, n2)[i % 2], t, i)
+            if mid:
+                accepted.append(mid)
+            i += 1
+            time.sleep(0.005)
+
+    async def body():
+        async with Client(n1) as a, Client(n2) as b:
+            await a.subscribe(t)
+            await b.subscribe(t)
+            got: dict[int, list[str]] = {1: [], 2: []}
+
+            async def reader(c: Client, k: int):
+                while True:
+                    m = await c.recv(timeout=60)
+                    assert m["type"] == "message", m
+                    got[k].append(m["id"])
+
+            readers = [asyncio.create_task(reader(a, 1)), asyncio.create_task(reader(b, 2))]
+            th = threading.Thread(target=publish_loop)
+            th.start()
+            try:
+                await asyncio.sleep(1)
+                source = rcluster.master_of(key)
+                target = next(m for m in rcluster.live_masters() if m.port != source.port)
+                await asyncio.to_thread(migrate_slot, rcluster, key, target)
+                await asyncio.to_thread(wait_until, lambda: f"ringway:topic:{key}" in shard_channels(target)
+                                        and f"ringway:topic:{key}" not in shard_channels(source),
+                                        15, 0.05, "the subscriptions to follow the slot")
+                await asyncio.sleep(1)
+            finally:
+                stop.set()
+                await asyncio.to_thread(th.join)
+            deadline = time.monotonic() + 15
+            while any(not g or id_key(g[-1]) < id_key(accepted[-1]) for g in got.values()) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            for task in readers:
+                task.cancel()
+            for k, seen in got.items():
+                assert len(seen) == len(set(seen)), f"subscriber {k}: a message came twice"
+                assert [id_key(i) for i in seen] == sorted(id_key(i) for i in seen), f"subscriber {k}: out of order"
+                missing = set(accepted) - set(seen)
+                assert not missing, f"subscriber {k}: {len(missing)} of {len(accepted)} accepted messages never arrived"
+            assert len(accepted) > 100
+            assert target.client().xlen(f"ringway:history:{key}") == len(accepted)
+
+    arun(body(), timeout=90)
+
+
+def test_a_publish_to_a_slot_being_migrated_follows_ask(rcluster, gateway):
+    """Mid-migration (the slot MIGRATING on its master, its keys already on the
+    importing one), the old master answers ASK and the new one TRYAGAIN until the
+    migration ends: the publish follows both and succeeds, on the new master."""
+    (n1,) = nodes(gateway, rcluster, n=1)
+    t = "cluster/ask"
+    key = "{" + t + "}"
+    assert publish(n1, t, "before")
+    source = rcluster.master_of(key)
+    target = next(m for m in rcluster.live_masters() if m.port != source.port)
+    slot = int(source.client().execute_command("CLUSTER", "KEYSLOT", key))
+    src, dst = source.client(), target.client()
+    dst_id = dst.execute_command("CLUSTER", "MYID")
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER", "MYID"))
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    asks_before = int(dst.info("commandstats").get("cmdstat_asking", {}).get("calls", 0))
+
+    def finish():
+        time.sleep(0.5)
+        for m in rcluster.live_masters():
+            m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    th = threading.Thread(target=finish)
+    th.start()
+    started = time.monotonic()
+    r = http_request(n1.admin_port, "POST", "/v1/publish", json.dumps({"topic": t, "data": "during"}))
+    th.join()
+    assert r.status == 200, (r.status, r.body)
+    # It waited for the migration to end rather than fail.
+    assert time.monotonic() - started >= 0.4
+    assert int(dst.info("commandstats")["cmdstat_asking"]["calls"]) > asks_before
+    assert dst.xlen(f"ringway:history:{key}") == 2
+    assert publish(n1, t, "after")
+    assert dst.xlen(f"ringway:history:{key}") == 3
+
+
+def test_killing_a_master_fails_over_and_delivery_resumes(rcluster, gateway):
+    """SIGKILL the master of a topic's slot: /readyz goes 503 and back to 200 once the
+    replica is promoted, publishing works again, and a subscriber that resumes with
+    `since` gets everything accepted."""
+    n1, n2 = nodes(gateway, rcluster)
+    t = "cluster/failover"
+    key = "{" + t + "}"
+
+    async def body():
+        async with Client(n1) as c:
+            await c.subscribe(t)
+            first = publish(n2, t, "before")
+            m = await c.recv()
+            assert m["data"] == "before"
+            victim = rcluster.master_of(key)
+            killed = time.monotonic()
+            await asyncio.to_thread(victim.kill)
+            await asyncio.to_thread(wait_until, lambda: n1.http("GET", "/readyz").status == 503, 10, 0.05,
+                                    "/readyz 503 after the master died")
+            mid = await asyncio.to_thread(wait_until, lambda: publish(n2, t, "after"), 30, 0.1,
+                                          "a publish through the promoted replica")
+            resumed = time.monotonic() - killed
+            await asyncio.to_thread(wait_until, lambda: all(n.http("GET", "/readyz").status == 200
+                                                            for n in (n1, n2)), 30, 0.05,
+                                    "/readyz 200 on both nodes after the failover")
+            assert rcluster.master_of(key).port != victim.port
+            # Live, or read from the stream after the subscriber's reconnect.
+            while (m := await c.recv(timeout=10))["data"] != "after":
+                pass
+            assert m["id"] == mid
+            assert resumed < 20, f"publishing resumed {resumed:.1f} s after the kill"
+            async with Client(n2) as back:
+                answer = await back.request({"op": "subscribe", "topic": t, "ref": "r",
+                                             "since": {"offset": first, "epoch": m["epoch"]}}, timeout=10)
+                assert answer["recovered"] is True, answer
+                assert (await back.recv(timeout=10))["id"] == mid
+
+    arun(body(), timeout=90)
+
+
+def test_doctor_reads_a_cluster_seed(rcluster):
+    ok = run_cli("doctor", "--redis", rcluster.url)
+    line = next(l for l in ok.stdout.splitlines() if " redis " in f" {l} ")
+    assert "the cluster of" in line and "Redis 7" in line, ok.stdout
