@@ -25,6 +25,7 @@ APORT=${APORT:-19680}
 REDIS_PORT=${REDIS_PORT:-16490}
 CPUS=$(nproc)
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # redis-server opens its log after moving to --dir
 [ -x "$GW_BIN" ] && [ -x "$B" ] || { echo "build first: cargo build --release --workspace" >&2; exit 2; }
 command -v redis-server >/dev/null || { echo "redis-server not found (apt-get install redis-server)" >&2; exit 2; }
 
