@@ -12,7 +12,6 @@
 //! lost fails the whole link the same way: every master is connected again, and the
 //! shard restores its state as after any reconnect.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
@@ -21,8 +20,9 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::BytesFrame;
 
-use super::cluster::{self, Redirect, SlotMap};
+use super::cluster::{self, SlotMap};
 use super::link::{self, Keepalive, Link, LinkError};
+use super::order::Order;
 use super::url::{Addr, Target};
 use super::RedisUrl;
 
@@ -63,45 +63,10 @@ impl Route {
 /// One connection's wait for something to read.
 type Readable<'a> = Pin<Box<dyn Future<Output = Result<(), LinkError>> + 'a>>;
 
-/// Redirects one command may follow before the link gives up on it and reconnects.
-const MAX_REDIRECTS: u8 = 5;
-/// A command answered `TRYAGAIN` (a multi-key command while its slot migrates) is
-/// sent again after this, up to `MAX_TRIES` times (10 s) before its error is the answer.
-const TRY_AGAIN_AFTER: Duration = Duration::from_millis(100);
-const MAX_TRIES: u8 = 100;
-
-/// A command written and not yet answered.
-struct Ticket {
-    bytes: Bytes,
-    slot: Option<u16>,
-    /// Replies still to come (one per master for `All`).
-    left: usize,
-    reply: Option<BytesFrame>,
-    redirects: u8,
-    tries: u8,
-}
-
-/// What one of a link's next replies answers.
-#[derive(Clone, Copy)]
-enum Expect {
-    /// The command with this sequence number.
-    Reply(u64),
-    /// An `ASKING` written before a redirected command: its `OK` is dropped.
-    Asking,
-}
-
 pub struct Masters {
     links: Vec<Link>,
-    map: SlotMap,
-    /// Commands in the order written; `tickets[0]` has sequence number `base`.
-    tickets: VecDeque<Ticket>,
-    base: u64,
-    /// Per link, what its next replies answer, in order.
-    expect: Vec<VecDeque<Expect>>,
-    /// Per link, commands to send again (redirected), written at the next `flush`.
-    resend: Vec<BytesMut>,
-    /// Commands (by sequence number) to send again from the start, once due.
-    retry: VecDeque<(Instant, u64)>,
+    /// Where each command goes, and its reply's place in the order written.
+    order: Order,
     /// Per link, the keepalive of a subscriber link.
     keepalive: Vec<Keepalive>,
     /// The next link `next_push` reads first, so that one busy master cannot starve
@@ -129,15 +94,10 @@ impl Masters {
                 (vec![link], map)
             }
         };
-        let n = links.len();
+        let addrs = links.iter().map(|l| l.addr.clone()).collect();
         Ok(Self {
             links,
-            map,
-            tickets: VecDeque::new(),
-            base: 0,
-            expect: vec![VecDeque::new(); n],
-            resend: vec![BytesMut::new(); n],
-            retry: VecDeque::new(),
+            order: Order::new(map, addrs),
             keepalive: Vec::new(),
             turn: 0,
         })
@@ -153,38 +113,21 @@ impl Masters {
         &self.links[0].addr
     }
 
-    /// Which links a route takes.
-    fn targets(&self, route: Route) -> Result<Vec<usize>, LinkError> {
-        match route {
-            Route::All => Ok((0..self.links.len()).collect()),
-            Route::Slot(s) => match self.map.master_index(s) {
-                Some(i) if i < self.links.len() => Ok(vec![i]),
-                _ => Err(LinkError::SlotsMoved(format!(
-                    "slot {s} has no master here"
-                ))),
-            },
-        }
-    }
-
     /// Writes commands whose replies come back in order (`next_reply`).
     pub async fn write_commands(&mut self, commands: Vec<(Bytes, Route)>) -> Result<(), LinkError> {
-        if self.links.len() == 1 {
-            // One server: one write of everything, in order.
-            let mut out = BytesMut::with_capacity(commands.iter().map(|(b, _)| b.len()).sum());
-            for (bytes, route) in commands {
-                out.extend_from_slice(&bytes);
-                self.issue(bytes, route, &[0]);
-            }
-            return self.links[0].write(out.freeze()).await;
-        }
         let mut out = vec![BytesMut::new(); self.links.len()];
         for (bytes, route) in commands {
-            let targets = self.targets(route)?;
+            let targets = self.order.targets(route)?;
             for &t in &targets {
                 out[t].extend_from_slice(&bytes);
             }
-            self.issue(bytes, route, &targets);
+            self.order.issue(bytes, route, &targets);
         }
+        self.write_each(out).await
+    }
+
+    /// Writes each link's buffer (one write per link).
+    async fn write_each(&mut self, out: Vec<BytesMut>) -> Result<(), LinkError> {
         for (i, buf) in out.into_iter().enumerate() {
             if !buf.is_empty() {
                 self.links[i].write(buf.freeze()).await?;
@@ -193,69 +136,20 @@ impl Masters {
         Ok(())
     }
 
-    /// Records a command written to `targets`.
-    fn issue(&mut self, bytes: Bytes, route: Route, targets: &[usize]) {
-        let seq = self.base + self.tickets.len() as u64;
-        for &t in targets {
-            self.expect[t].push_back(Expect::Reply(seq));
-        }
-        self.tickets.push_back(Ticket {
-            bytes,
-            slot: match route {
-                Route::Slot(s) => Some(s),
-                Route::All => None,
-            },
-            left: targets.len(),
-            reply: None,
-            redirects: 0,
-            tries: 0,
-        });
-    }
-
     /// Writes what redirections sent again, and the retries that are due.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
-        let now = Instant::now();
-        while let Some(&(at, seq)) = self.retry.front() {
-            if at > now {
-                break;
-            }
-            self.retry.pop_front();
-            let Some(t) = seq
-                .checked_sub(self.base)
-                .and_then(|at| self.tickets.get(at as usize))
-            else {
-                continue;
-            };
-            let route = t.slot.map_or(Route::All, Route::Slot);
-            let bytes = t.bytes.clone();
-            for to in self.targets(route)? {
-                self.resend[to].extend_from_slice(&bytes);
-                self.expect[to].push_back(Expect::Reply(seq));
-            }
-        }
-        for i in 0..self.links.len() {
-            if !self.resend[i].is_empty() {
-                let buf = std::mem::take(&mut self.resend[i]).freeze();
-                self.links[i].write(buf).await?;
-            }
-        }
-        Ok(())
+        let out = self.order.take_resends(Instant::now())?;
+        self.write_each(out).await
     }
 
-    /// Whether redirected commands wait for `flush`.
+    /// Whether redirected commands or due retries wait for `flush`.
     pub fn must_flush(&self) -> bool {
-        self.resend.iter().any(|b| !b.is_empty())
-            || self
-                .retry
-                .front()
-                .is_some_and(|(at, _)| *at <= Instant::now())
+        self.order.must_flush(Instant::now())
     }
 
     /// How long until the next retry is due, if one waits.
     pub fn next_retry(&self) -> Option<Duration> {
-        self.retry
-            .front()
-            .map(|(at, _)| at.saturating_duration_since(Instant::now()))
+        self.order.next_retry(Instant::now())
     }
 
     /// The reply to the oldest command not yet handed out, once it has come (and every
@@ -263,74 +157,10 @@ impl Masters {
     pub fn next_reply(&mut self) -> Result<Option<BytesFrame>, LinkError> {
         for i in 0..self.links.len() {
             while let Some(frame) = self.links[i].next_buffered()? {
-                self.answered(i, frame)?;
+                self.order.answered(i, frame)?;
             }
         }
-        match self.tickets.front() {
-            Some(t) if t.left == 0 => {
-                self.base += 1;
-                Ok(self.tickets.pop_front().and_then(|t| t.reply))
-            }
-            _ => Ok(None),
-        }
-    }
-
-    /// A reply from link `i`: to its command, or a redirection to follow.
-    fn answered(&mut self, i: usize, frame: BytesFrame) -> Result<(), LinkError> {
-        let seq = match self.expect[i].pop_front() {
-            Some(Expect::Reply(seq)) => seq,
-            Some(Expect::Asking) => return Ok(()),
-            None => return Err(LinkError::Protocol("reply without a command".into())),
-        };
-        let Some(ticket) = seq
-            .checked_sub(self.base)
-            .and_then(|at| self.tickets.get_mut(at as usize))
-        else {
-            return Err(LinkError::Protocol(
-                "reply to a command already answered".into(),
-            ));
-        };
-        if let (BytesFrame::Error(e), Some(_)) = (&frame, ticket.slot) {
-            if e.starts_with("TRYAGAIN") && ticket.tries < MAX_TRIES {
-                ticket.tries += 1;
-                ticket.redirects = 0;
-                self.retry
-                    .push_back((Instant::now() + TRY_AGAIN_AFTER, seq));
-                return Ok(());
-            }
-            if let Some(redirect) = Redirect::parse(e) {
-                if ticket.redirects >= MAX_REDIRECTS {
-                    return Err(LinkError::SlotsMoved(format!(
-                        "redirected {MAX_REDIRECTS} times: {e}"
-                    )));
-                }
-                ticket.redirects += 1;
-                let bytes = ticket.bytes.clone();
-                let (addr, ask) = match &redirect {
-                    Redirect::Moved { slot, addr } => {
-                        self.map.moved(*slot, addr);
-                        (addr, false)
-                    }
-                    Redirect::Ask { addr, .. } => (addr, true),
-                };
-                let Some(to) = self.links.iter().position(|l| &l.addr == addr) else {
-                    return Err(LinkError::SlotsMoved(e.to_string()));
-                };
-                if ask {
-                    link::encode(&mut self.resend[to], &[b"ASKING"]);
-                    self.expect[to].push_back(Expect::Asking);
-                }
-                self.resend[to].extend_from_slice(&bytes);
-                self.expect[to].push_back(Expect::Reply(seq));
-                return Ok(());
-            }
-        }
-        ticket.left = ticket.left.saturating_sub(1);
-        let keep_error = matches!(ticket.reply, Some(BytesFrame::Error(_)));
-        if ticket.reply.is_none() || (!keep_error && matches!(frame, BytesFrame::Error(_))) {
-            ticket.reply = Some(frame);
-        }
-        Ok(())
+        Ok(self.order.next_reply())
     }
 
     /// Writes `bytes` where `route` says, for a subscriber link (no replies are
@@ -338,16 +168,11 @@ impl Masters {
     pub async fn send(&mut self, commands: Vec<(Bytes, Route)>) -> Result<(), LinkError> {
         let mut out = vec![BytesMut::new(); self.links.len()];
         for (bytes, route) in commands {
-            for t in self.targets(route)? {
+            for t in self.order.targets(route)? {
                 out[t].extend_from_slice(&bytes);
             }
         }
-        for (i, buf) in out.into_iter().enumerate() {
-            if !buf.is_empty() {
-                self.links[i].write(buf.freeze()).await?;
-            }
-        }
-        Ok(())
+        self.write_each(out).await
     }
 
     /// The next push any master sent (a subscriber link), each master in turn.

@@ -29,6 +29,7 @@ pub mod inbox;
 mod keep;
 pub mod link;
 mod masters;
+mod order;
 mod owners;
 mod presence;
 mod queue;
