@@ -85,6 +85,7 @@ pub fn run(cfg: &Config) -> Vec<Check> {
     out.push(cpus(cfg));
     out.extend(redis(cfg));
     out.extend(sentinels(cfg));
+    out.extend(redis_cluster(cfg));
     out
 }
 
@@ -173,6 +174,54 @@ fn sentinels(cfg: &Config) -> Option<Check> {
         "sentinel",
         format!("{answered} of {total} Sentinels answer; {}", problems.join("; ")),
         Some("start or fix the Sentinels named, or list the right ones in the `redis` URL (a failover needs a quorum of them)".into()),
+    ))
+}
+
+/// With `redis+cluster://`: whether the seeds answer with a map that serves every slot,
+/// and whether every master the map names answers (the gateway connects to each).
+fn redis_cluster(cfg: &Config) -> Option<Check> {
+    let url = crate::backplane::RedisUrl::parse(cfg.redis.as_deref()?).ok()?;
+    if !url.is_cluster() {
+        return None;
+    }
+    let mut rt = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .ok()?;
+    let timeout = std::time::Duration::from_secs(3);
+    let report = rt.block_on(crate::backplane::masters::ask_seeds(&url, timeout));
+    let mut problems = Vec::new();
+    let mut answered = 0;
+    for (seed, answer) in &report.seeds {
+        match answer {
+            Ok(_) => answered += 1,
+            Err(e) => problems.push(format!("seed {seed}: {e}")),
+        }
+    }
+    let reached = report.masters.iter().filter(|(_, a)| a.is_ok()).count();
+    for (master, answer) in &report.masters {
+        if let Err(e) = answer {
+            problems.push(format!("master {master}: {e}"));
+        }
+    }
+    let total = report.seeds.len();
+    let summary = format!(
+        "{answered} of {total} seeds answer; {reached} of {} masters serving every slot answer",
+        report.masters.len()
+    );
+    if problems.is_empty() {
+        return Some(check(Level::Pass, "cluster", summary, None));
+    }
+    let level = if answered == 0 || reached < report.masters.len() {
+        Level::Fail
+    } else {
+        Level::Warn
+    };
+    Some(check(
+        level,
+        "cluster",
+        format!("{summary}: {}", problems.join("; ")),
+        Some("list reachable cluster nodes in the `redis` URL, and check that every master is up and reachable from this host (ringway connects to each)".into()),
     ))
 }
 

@@ -132,7 +132,9 @@ impl SlotMap {
                     _ => {}
                 }
             }
-            let Some(mut master) = master else {
+            // A master serving no slot (a node that is joining, or one about to become
+            // a replica) has nothing to be asked.
+            let Some(mut master) = master.filter(|_| !ranges.is_empty()) else {
                 continue;
             };
             master.replicas = replicas;
@@ -383,6 +385,8 @@ mod tests {
                 &[10923, 16000, 16001, 16383],
                 vec![node("c", 7002, "master", "online")],
             ),
+            // A node that has just joined serves nothing yet: no link goes to it.
+            shard(&[], vec![node("f", 7005, "master", "online")]),
         ]);
         let map = SlotMap::from_shards(&reply).unwrap();
         assert_eq!(map.masters.len(), 3);

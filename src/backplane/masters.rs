@@ -255,33 +255,70 @@ impl Masters {
 async fn topology(url: &RedisUrl, seeds: &[Addr], timeout: Duration) -> Result<SlotMap, LinkError> {
     let mut last = LinkError::Topology("no seed".into());
     for seed in seeds {
-        let asked = async {
-            let mut l = Link::connect(&url.at(seed), timeout, None).await?;
-            let mut out = BytesMut::new();
-            link::encode(&mut out, &[b"CLUSTER", b"SHARDS"]);
-            l.write(out.freeze()).await?;
-            match monoio::time::timeout(timeout, l.next_frame()).await {
-                Ok(Ok(BytesFrame::Error(e))) => Err(LinkError::Refused {
-                    what: "CLUSTER SHARDS (is this a Redis Cluster node, Redis >= 7.0?)",
-                    message: e.to_string(),
-                }),
-                Ok(Ok(frame)) => {
-                    let map = SlotMap::from_shards(&frame)
-                        .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
-                    map.check_covered()
-                        .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
-                    Ok(map)
-                }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(LinkError::Timeout),
-            }
-        };
-        match asked.await {
+        match ask_seed(url, seed, timeout).await {
             Ok(map) => return Ok(map),
             Err(e) => last = e,
         }
     }
     Err(last)
+}
+
+/// One seed's slot map, checked to serve every slot.
+async fn ask_seed(url: &RedisUrl, seed: &Addr, timeout: Duration) -> Result<SlotMap, LinkError> {
+    let mut l = Link::connect(&url.at(seed), timeout, None).await?;
+    let mut out = BytesMut::new();
+    link::encode(&mut out, &[b"CLUSTER", b"SHARDS"]);
+    l.write(out.freeze()).await?;
+    match monoio::time::timeout(timeout, l.next_frame()).await {
+        Ok(Ok(BytesFrame::Error(e))) => Err(LinkError::Refused {
+            what: "CLUSTER SHARDS (is this a Redis Cluster node, Redis >= 7.0?)",
+            message: e.to_string(),
+        }),
+        Ok(Ok(frame)) => {
+            let map = SlotMap::from_shards(&frame)
+                .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
+            map.check_covered()
+                .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
+            Ok(map)
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(LinkError::Timeout),
+    }
+}
+
+/// For `ringway doctor`: each seed's answer (the masters it names, every slot
+/// served), and for the first map, whether each master answers as the gateway would
+/// connect to it.
+pub async fn ask_seeds(url: &RedisUrl, timeout: Duration) -> SeedReport {
+    let Target::Cluster { seeds } = &url.target else {
+        return SeedReport::default();
+    };
+    let mut report = SeedReport::default();
+    for seed in seeds {
+        let answer = ask_seed(url, seed, timeout)
+            .await
+            .map(|m| m.masters.iter().map(|m| m.addr.clone()).collect::<Vec<_>>());
+        report.seeds.push((seed.clone(), answer));
+    }
+    let first = report
+        .seeds
+        .iter()
+        .find_map(|(_, a)| a.as_ref().ok())
+        .cloned();
+    for master in first.unwrap_or_default() {
+        let answer = Link::connect(&url.at(&master), timeout, None)
+            .await
+            .map(|_| ());
+        report.masters.push((master, answer));
+    }
+    report
+}
+
+/// What `ask_seeds` found.
+#[derive(Default)]
+pub struct SeedReport {
+    pub seeds: Vec<(Addr, Result<Vec<Addr>, LinkError>)>,
+    pub masters: Vec<(Addr, Result<(), LinkError>)>,
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ mod commands;
 pub mod inbox;
 mod keep;
 pub mod link;
-mod masters;
+pub mod masters;
 mod order;
 mod owners;
 mod presence;

@@ -366,7 +366,32 @@ def test_killing_a_master_while_publishing_loses_nothing(rcluster, gateway):
     arun(body(), timeout=120)
 
 
-def test_doctor_reads_a_cluster_seed(rcluster):
+def check_line(out: str, name: str) -> str:
+    """`ringway doctor`'s line for check `name`."""
+    return next(l for l in out.splitlines() if l.split()[1:2] == [name])
+
+
+def test_doctor_checks_the_seeds_and_every_master(rcluster):
     ok = run_cli("doctor", "--redis", rcluster.url)
-    line = next(l for l in ok.stdout.splitlines() if " redis " in f" {l} ")
+    line = check_line(ok.stdout, "redis")
     assert "the cluster of" in line and "Redis 7" in line, ok.stdout
+    line = check_line(ok.stdout, "cluster")
+    assert "2 of 2 seeds answer; 3 of 3 masters serving every slot answer" in line, ok.stdout
+    # A seed that is down is a warning; a master that is down fails the check.
+    dead = f"redis+cluster://127.0.0.1:1,127.0.0.1:{rcluster.servers[0].port}"
+    warn = run_cli("doctor", "--redis", dead)
+    line = check_line(warn.stdout, "cluster")
+    assert "1 of 2 seeds answer" in line and "seed 127.0.0.1:1" in line, warn.stdout
+    # A master and its replica both gone: slots nobody serves (or, before the cluster
+    # notices, a master that does not answer).
+    victim = next(m for m in rcluster.live_masters() if m.port not in
+                  (rcluster.servers[0].port, rcluster.servers[1].port))
+    for s in rcluster.servers:
+        if s.proc and s.proc.poll() is None and s is not victim and \
+                int(s.client().info("replication").get("master_port", 0)) == victim.port:
+            s.kill()
+    victim.kill()
+    down = run_cli("doctor", "--redis", rcluster.url)
+    line = check_line(down.stdout, "cluster")
+    assert f"master 127.0.0.1:{victim.port}" in line or "served by no master" in line, down.stdout
+    assert down.returncode == 2, down.stdout
