@@ -15,7 +15,7 @@
 //! | `bad_json` | the frame is not a JSON object |
 //! | `unknown_op` | `op` missing or not one of the above |
 //! | `bad_request` | a required field is missing, or a field has the wrong type |
-//! | `bad_topic` | topic empty, too long, or holding control characters |
+//! | `bad_topic` | topic empty, too long, or holding control characters (with a Redis Cluster, also starting with `}`) |
 //! | `too_many_subscriptions` | the per-connection subscription limit is reached |
 //! | `publish_forbidden` | client publishing is disabled by configuration |
 //! | `overloaded` | the gateway could not accept the publish right now; retry |
@@ -333,6 +333,11 @@ pub fn validate_topic(topic: &str, max: usize) -> Result<(), String> {
     }
     if topic.chars().any(char::is_control) {
         return Err("topic must not contain control characters".into());
+    }
+    // Its keys would carry an empty hash tag (`ringway:topic:{}…}`) and land in
+    // different slots.
+    if topic.starts_with('}') && crate::backplane::schema::cluster() {
+        return Err("with a Redis Cluster a topic must not start with '}'".into());
     }
     Ok(())
 }

@@ -94,7 +94,9 @@ impl SlotMap {
     /// Reads the answer to `CLUSTER SHARDS` (Redis 7.0 and later): each shard's slot
     /// ranges and nodes, of which the online master serves the slots. A shard with no
     /// online master (mid-failover) leaves its slots unserved; `check_covered` says so.
-    pub fn from_shards(reply: &BytesFrame) -> Result<Self, ClusterError> {
+    ///
+    /// With `tls`, each node's `tls-port` is the one to reach it at, else its `port`.
+    pub fn from_shards(reply: &BytesFrame, tls: bool) -> Result<Self, ClusterError> {
         let BytesFrame::Array(shards) = reply else {
             return Err(ClusterError::Shape("not an array of shards"));
         };
@@ -115,7 +117,7 @@ impl SlotMap {
             let mut replicas = Vec::new();
             for node in nodes {
                 let node = pairs(node).ok_or(ClusterError::Shape("a node is not a map"))?;
-                let Some(addr) = node_addr(&node) else {
+                let Some(addr) = node_addr(&node, tls) else {
                     continue; // no address to reach it at (yet)
                 };
                 let online = text(field(&node, "health")) == Some("online");
@@ -269,14 +271,13 @@ fn text(frame: Option<&BytesFrame>) -> Option<&str> {
 }
 
 /// Where to reach a node: its `endpoint` (what `cluster-preferred-endpoint-type` says
-/// clients should use), else its `ip`; and its `port` (the TLS port is the caller's
-/// choice, not read here).
-fn node_addr(node: &[(&[u8], &BytesFrame)]) -> Option<Addr> {
+/// clients should use), else its `ip`; and its `port`, or its `tls-port` for TLS.
+fn node_addr(node: &[(&[u8], &BytesFrame)], tls: bool) -> Option<Addr> {
     let host = [text(field(node, "endpoint")), text(field(node, "ip"))]
         .into_iter()
         .flatten()
         .find(|h| !h.is_empty() && *h != "?")?;
-    let port = match field(node, "port")? {
+    let port = match field(node, if tls { "tls-port" } else { "port" })? {
         BytesFrame::Integer(p) => u16::try_from(*p).ok()?,
         _ => return None,
     };
@@ -335,6 +336,8 @@ mod tests {
             bulk(id),
             bulk("port"),
             BytesFrame::Integer(port),
+            bulk("tls-port"),
+            BytesFrame::Integer(port + 1000),
             bulk("ip"),
             bulk("127.0.0.1"),
             bulk("endpoint"),
@@ -388,13 +391,16 @@ mod tests {
             // A node that has just joined serves nothing yet: no link goes to it.
             shard(&[], vec![node("f", 7005, "master", "online")]),
         ]);
-        let map = SlotMap::from_shards(&reply).unwrap();
+        let map = SlotMap::from_shards(&reply, false).unwrap();
         assert_eq!(map.masters.len(), 3);
         assert_eq!(map.master_of(0).unwrap().addr, addr(7000));
         assert_eq!(map.master_of(0).unwrap().replicas, vec![addr(7003)]);
         assert_eq!(map.master_of(5461).unwrap().id, "b");
         assert_eq!(map.master_of(16383).unwrap().addr, addr(7002));
         assert!(map.check_covered().is_ok());
+        // Over TLS, each node is reached at its TLS port.
+        let tls = SlotMap::from_shards(&reply, true).unwrap();
+        assert_eq!(tls.master_of(0).unwrap().addr, addr(8000));
     }
 
     #[test]
@@ -409,24 +415,24 @@ mod tests {
                 ],
             ),
         ]);
-        let map = SlotMap::from_shards(&reply).unwrap();
+        let map = SlotMap::from_shards(&reply, false).unwrap();
         assert_eq!(map.master_index(8192), None);
         assert_eq!(map.check_covered(), Err(ClusterError::Uncovered(8192)));
     }
 
     #[test]
     fn a_bad_reply_is_an_error_not_a_panic() {
-        assert!(SlotMap::from_shards(&bulk("no")).is_err());
+        assert!(SlotMap::from_shards(&bulk("no"), false).is_err());
         let reply = BytesFrame::Array(vec![shard(
             &[0, 16384],
             vec![node("a", 7000, "master", "online")],
         )]);
         assert!(matches!(
-            SlotMap::from_shards(&reply),
+            SlotMap::from_shards(&reply, false),
             Err(ClusterError::SlotRange { .. })
         ));
         let odd = BytesFrame::Array(vec![BytesFrame::Array(vec![bulk("slots")])]);
-        assert!(SlotMap::from_shards(&odd).is_err());
+        assert!(SlotMap::from_shards(&odd, false).is_err());
     }
 
     #[test]
@@ -435,7 +441,7 @@ mod tests {
             &[0, 16383],
             vec![node("a", 7000, "master", "online")],
         )]);
-        let mut map = SlotMap::from_shards(&reply).unwrap();
+        let mut map = SlotMap::from_shards(&reply, false).unwrap();
         map.moved(42, &addr(7001));
         assert_eq!(map.master_of(42).unwrap().addr, addr(7001));
         assert_eq!(map.master_of(43).unwrap().addr, addr(7000));

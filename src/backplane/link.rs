@@ -193,13 +193,26 @@ impl Link {
         timeout: Duration,
         name: Option<&str>,
     ) -> Result<Self, LinkError> {
+        // A cluster's links go to each master (`masters`); this is the first seed that
+        // answers, for a look at the server (`ringway doctor`).
+        if let Target::Cluster { seeds } = &url.target {
+            let mut last = LinkError::Topology("no seed".into());
+            for seed in seeds {
+                match Box::pin(Link::connect(&url.at(seed), timeout, name)).await {
+                    Ok(link) => return Ok(link),
+                    Err(e) => last = e,
+                }
+            }
+            return Err(last);
+        }
         let setup = async {
             let (addr, must_be_master) = match &url.target {
                 Target::Server(a) => (a.clone(), false),
                 Target::Sentinel { .. } => (super::sentinel::master(url).await?, true),
-                // A cluster's links go to each master (`masters`); this is its first
-                // seed, for a look at the server (`ringway doctor`).
-                Target::Cluster { seeds } => (seeds[0].clone(), false),
+                // Connected through a seed above.
+                Target::Cluster { .. } => {
+                    return Err(LinkError::Topology("no seed to connect to".into()))
+                }
             };
             let tls_host = url.tls.then_some(addr.host.as_str());
             let mut link = Link::open(&addr, tls_host).await?;

@@ -113,17 +113,13 @@ impl Masters {
         &self.links[0].addr
     }
 
-    /// Writes commands whose replies come back in order (`next_reply`).
+    /// Writes commands whose replies come back in order (`next_reply`), after
+    /// anything sent again that waited.
     pub async fn write_commands(&mut self, commands: Vec<(Bytes, Route)>) -> Result<(), LinkError> {
-        let mut out = vec![BytesMut::new(); self.links.len()];
         for (bytes, route) in commands {
-            let targets = self.order.targets(route)?;
-            for &t in &targets {
-                out[t].extend_from_slice(&bytes);
-            }
-            self.order.issue(bytes, route, &targets);
+            self.order.issue(bytes, route)?;
         }
-        self.write_each(out).await
+        self.flush().await
     }
 
     /// Writes each link's buffer (one write per link).
@@ -136,9 +132,9 @@ impl Masters {
         Ok(())
     }
 
-    /// Writes what redirections sent again, and the retries that are due.
+    /// Writes what waits: commands sent again, and the retries that are due.
     pub async fn flush(&mut self) -> Result<(), LinkError> {
-        let out = self.order.take_resends(Instant::now())?;
+        let out = self.order.take_writes(Instant::now())?;
         self.write_each(out).await
     }
 
@@ -175,8 +171,9 @@ impl Masters {
         self.write_each(out).await
     }
 
-    /// The next push any master sent (a subscriber link), each master in turn.
-    pub fn next_push(&mut self) -> Result<Option<BytesFrame>, LinkError> {
+    /// The next push any master sent (a subscriber link), each master in turn, with
+    /// the index of the connection it came on.
+    pub fn next_push(&mut self) -> Result<Option<(usize, BytesFrame)>, LinkError> {
         let n = self.links.len();
         for k in 0..n {
             let i = (self.turn + k) % n;
@@ -185,7 +182,7 @@ impl Masters {
                     k.heard();
                 }
                 self.turn = (i + 1) % n;
-                return Ok(Some(frame));
+                return Ok(Some((i, frame)));
             }
         }
         Ok(None)
@@ -275,7 +272,7 @@ async fn ask_seed(url: &RedisUrl, seed: &Addr, timeout: Duration) -> Result<Slot
             message: e.to_string(),
         }),
         Ok(Ok(frame)) => {
-            let map = SlotMap::from_shards(&frame)
+            let map = SlotMap::from_shards(&frame, url.tls)
                 .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;
             map.check_covered()
                 .map_err(|e| LinkError::Topology(format!("{seed}: {e}")))?;

@@ -88,6 +88,8 @@ pub enum Reply {
     Publish {
         conn: Weak<ConnHandle>,
         topic: Rc<str>,
+        /// The id it was published with (the stream gives one when kept in history).
+        id: String,
         reference: Option<Box<RawValue>>,
     },
     /// A read of a topic's stream for `replay` (`count` entries asked for).
@@ -215,7 +217,19 @@ pub type ReadDone = (Rc<str>, u64, Result<replay::Page, NotRecovered>);
 /// `FCALL ringway_publish 3 <channel> <stream> <epoch key> <id> <data> <size> <ttl ms>`.
 /// With history on, `id` is empty (the stream gives it); the reply is `[id, receivers,
 /// epoch]`.
+///
+/// In a Redis Cluster a message kept out of history is `SPUBLISH`ed as is (reply: the
+/// receivers): while its slot migrates, a plain `SPUBLISH` stays with the master whose
+/// subscribers have the channel, where the function's call would follow its keys to
+/// the importing master and reach nobody.
 pub fn publish_args(topic: &str, id: &str, data: &RawValue, history: HistoryBounds) -> Vec<Bytes> {
+    if schema::cluster() && history.off() {
+        return vec![
+            Bytes::from_static(b"SPUBLISH"),
+            Bytes::from(schema::topic_channel(topic)),
+            Bytes::from(schema::topic_envelope(id, data)),
+        ];
+    }
     vec![
         Bytes::from_static(b"FCALL"),
         Bytes::from_static(schema::FN_PUBLISH.as_bytes()),
@@ -230,9 +244,11 @@ pub fn publish_args(topic: &str, id: &str, data: &RawValue, history: HistoryBoun
     ]
 }
 
-/// The message id in `ringway_publish`'s reply.
-pub fn published_id(reply: &BytesFrame) -> Option<String> {
+/// The message id in `ringway_publish`'s reply; `sent`, the id it was given, for a
+/// plain `SPUBLISH` (whose reply is a count).
+pub fn published_id(reply: &BytesFrame, sent: &str) -> Option<String> {
     match reply {
+        BytesFrame::Integer(_) if !sent.is_empty() => Some(sent.to_owned()),
         BytesFrame::Array(parts) => match parts.first() {
             Some(BytesFrame::BulkString(id)) => std::str::from_utf8(id).ok().map(str::to_owned),
             _ => None,
@@ -674,13 +690,14 @@ impl Backplane {
             Reply::Publish {
                 conn,
                 topic,
+                id,
                 reference,
             } => {
                 let Some(conn) = conn.upgrade() else { return };
                 match result {
                     Ok(reply) => {
                         if let Some(r) = reference {
-                            let id = published_id(&reply).unwrap_or_default();
+                            let id = published_id(&reply, &id).unwrap_or_default();
                             self.reply(&conn, protocol::published(&topic, &id, Some(&r)));
                         }
                     }

@@ -17,10 +17,12 @@ use super::url::Addr;
 
 /// Redirects one command may follow before the link gives up on it and reconnects.
 const MAX_REDIRECTS: u8 = 5;
-/// A command answered `TRYAGAIN` is sent again after this, up to `MAX_TRIES` times
-/// (10 s), after which its error is its answer.
+/// A command answered `TRYAGAIN` (or `ASK` to a master the link does not hold yet: a
+/// new one importing its first slot) is sent again from the start after this, up to
+/// `MAX_TRIES` times, after which its error is its answer.
 const TRY_AGAIN_AFTER: Duration = Duration::from_millis(100);
-const MAX_TRIES: u8 = 100;
+/// 5 s of tries: the answer comes before the reply timeout (10 s) breaks the link.
+const MAX_TRIES: u8 = 50;
 
 /// A command written and not yet answered.
 struct Ticket {
@@ -51,8 +53,9 @@ pub struct Order {
     base: u64,
     /// Per connection, what its next replies answer, in order.
     expect: Vec<VecDeque<Expect>>,
-    /// Per connection, what to send again (redirected), taken by `take_resends`.
-    resend: Vec<BytesMut>,
+    /// Per connection, what to write next, in the order its replies are expected:
+    /// commands issued and commands sent again. Taken by `take_writes`.
+    out: Vec<BytesMut>,
     /// Commands (by sequence number) to send again from the start, once due.
     retry: VecDeque<(Instant, u64)>,
 }
@@ -67,7 +70,7 @@ impl Order {
             tickets: VecDeque::new(),
             base: 0,
             expect: vec![VecDeque::new(); n],
-            resend: vec![BytesMut::new(); n],
+            out: vec![BytesMut::new(); n],
             retry: VecDeque::new(),
         }
     }
@@ -85,11 +88,14 @@ impl Order {
         }
     }
 
-    /// A command was written to `targets`.
-    pub fn issue(&mut self, bytes: Bytes, route: Route, targets: &[usize]) {
+    /// A command to write to the master (or masters) of its route, after whatever
+    /// waits to be written there.
+    pub fn issue(&mut self, bytes: Bytes, route: Route) -> Result<(), LinkError> {
+        let targets = self.targets(route)?;
         let seq = self.base + self.tickets.len() as u64;
-        for &t in targets {
+        for &t in &targets {
             self.expect[t].push_back(Expect::Reply(seq));
+            self.out[t].extend_from_slice(&bytes);
         }
         self.tickets.push_back(Ticket {
             bytes,
@@ -102,6 +108,7 @@ impl Order {
             redirects: 0,
             tries: 0,
         });
+        Ok(())
     }
 
     /// A reply from connection `i`: to its command (for `All`, the first error wins,
@@ -122,36 +129,39 @@ impl Order {
             ));
         };
         if let (BytesFrame::Error(e), Some(_)) = (&frame, ticket.slot) {
-            if e.starts_with("TRYAGAIN") && ticket.tries < MAX_TRIES {
+            let redirect = Redirect::parse(e);
+            // Where a redirect points, if this link holds that master.
+            let to = redirect.as_ref().and_then(|r| {
+                let (Redirect::Moved { addr, .. } | Redirect::Ask { addr, .. }) = r;
+                self.addrs.iter().position(|a| a == addr)
+            });
+            let unheld_ask = matches!(redirect, Some(Redirect::Ask { .. })) && to.is_none();
+            if (e.starts_with("TRYAGAIN") || unheld_ask) && ticket.tries < MAX_TRIES {
                 ticket.tries += 1;
                 ticket.redirects = 0;
                 self.retry
                     .push_back((Instant::now() + TRY_AGAIN_AFTER, seq));
                 return Ok(());
             }
-            if let Some(redirect) = Redirect::parse(e) {
+            if let Some(redirect) = redirect {
                 if ticket.redirects >= MAX_REDIRECTS {
                     return Err(LinkError::SlotsMoved(format!(
                         "redirected {MAX_REDIRECTS} times: {e}"
                     )));
                 }
-                ticket.redirects += 1;
-                let bytes = ticket.bytes.clone();
-                let (addr, ask) = match &redirect {
-                    Redirect::Moved { slot, addr } => {
-                        self.map.moved(*slot, addr);
-                        (addr, false)
-                    }
-                    Redirect::Ask { addr, .. } => (addr, true),
-                };
-                let Some(to) = self.addrs.iter().position(|a| a == addr) else {
+                let Some(to) = to else {
                     return Err(LinkError::SlotsMoved(e.to_string()));
                 };
-                if ask {
-                    link::encode(&mut self.resend[to], &[b"ASKING"]);
-                    self.expect[to].push_back(Expect::Asking);
+                ticket.redirects += 1;
+                let bytes = ticket.bytes.clone();
+                match redirect {
+                    Redirect::Moved { slot, addr } => self.map.moved(slot, &addr),
+                    Redirect::Ask { .. } => {
+                        link::encode(&mut self.out[to], &[b"ASKING"]);
+                        self.expect[to].push_back(Expect::Asking);
+                    }
                 }
-                self.resend[to].extend_from_slice(&bytes);
+                self.out[to].extend_from_slice(&bytes);
                 self.expect[to].push_back(Expect::Reply(seq));
                 return Ok(());
             }
@@ -176,9 +186,10 @@ impl Order {
         }
     }
 
-    /// What to write now, per connection: the redirected commands, and the retries due
-    /// at `now` (sent to their slot's master as the map says now).
-    pub fn take_resends(&mut self, now: Instant) -> Result<Vec<BytesMut>, LinkError> {
+    /// What to write now, per connection, in the order the replies are expected:
+    /// commands issued, redirected, and the retries due at `now` (sent to their slot's
+    /// master as the map says now).
+    pub fn take_writes(&mut self, now: Instant) -> Result<Vec<BytesMut>, LinkError> {
         while let Some(&(at, seq)) = self.retry.front() {
             if at > now {
                 break;
@@ -193,20 +204,17 @@ impl Order {
             let route = t.slot.map_or(Route::All, Route::Slot);
             let bytes = t.bytes.clone();
             for to in self.targets(route)? {
-                self.resend[to].extend_from_slice(&bytes);
+                self.out[to].extend_from_slice(&bytes);
                 self.expect[to].push_back(Expect::Reply(seq));
             }
         }
-        let n = self.resend.len();
-        Ok(std::mem::replace(
-            &mut self.resend,
-            vec![BytesMut::new(); n],
-        ))
+        let n = self.out.len();
+        Ok(std::mem::replace(&mut self.out, vec![BytesMut::new(); n]))
     }
 
-    /// Whether redirected commands, or retries due at `now`, wait.
+    /// Whether commands wait to be written, or retries are due at `now`.
     pub fn must_flush(&self, now: Instant) -> bool {
-        self.resend.iter().any(|b| !b.is_empty())
+        self.out.iter().any(|b| !b.is_empty())
             || self.retry.front().is_some_and(|(at, _)| *at <= now)
     }
 
@@ -248,10 +256,12 @@ mod tests {
         BytesFrame::Error(s.into())
     }
 
+    /// Issues a command and takes what is to be written: the connections written to.
     fn send(o: &mut Order, what: &str, route: Route) -> Vec<usize> {
-        let targets = o.targets(route).unwrap();
-        o.issue(Bytes::copy_from_slice(what.as_bytes()), route, &targets);
-        targets
+        o.issue(Bytes::copy_from_slice(what.as_bytes()), route)
+            .unwrap();
+        let out = o.take_writes(Instant::now()).unwrap();
+        (0..out.len()).filter(|&i| !out[i].is_empty()).collect()
     }
 
     #[test]
@@ -303,7 +313,7 @@ mod tests {
             .unwrap();
         assert_eq!(o.next_reply(), None);
         assert!(o.must_flush(Instant::now()));
-        let out = o.take_resends(Instant::now()).unwrap();
+        let out = o.take_writes(Instant::now()).unwrap();
         assert_eq!((&out[0][..], &out[1][..]), (&b""[..], &b"cmd"[..]));
         assert!(!o.must_flush(Instant::now()));
         // The slot is the other master's from now on.
@@ -313,13 +323,48 @@ mod tests {
     }
 
     #[test]
+    fn a_redirected_command_is_written_before_what_was_issued_after_it() {
+        let mut o = two();
+        let b = slot(b"{b}");
+        let a = Route::Slot(slot(b"{a}"));
+        send(&mut o, "first", Route::Slot(b));
+        o.answered(0, err(&format!("MOVED {b} 10.0.0.1:7000")))
+            .unwrap();
+        // Issued before the redirection is written out: it goes after it, as its
+        // reply is expected after it.
+        o.issue(Bytes::from_static(b"second"), a).unwrap();
+        let out = o.take_writes(Instant::now()).unwrap();
+        assert_eq!(&out[1][..], b"firstsecond");
+        o.answered(1, ok("1")).unwrap();
+        o.answered(1, ok("2")).unwrap();
+        assert_eq!(
+            (o.next_reply(), o.next_reply()),
+            (Some(ok("1")), Some(ok("2")))
+        );
+    }
+
+    #[test]
+    fn ask_to_a_master_not_held_yet_is_tried_again_later() {
+        let mut o = two();
+        let a = slot(b"{a}");
+        send(&mut o, "cmd", Route::Slot(a));
+        o.answered(1, err(&format!("ASK {a} 10.0.0.9:7009")))
+            .unwrap();
+        assert!(o.next_retry(Instant::now()).is_some());
+        let out = o
+            .take_writes(Instant::now() + Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(&out[1][..], b"cmd");
+    }
+
+    #[test]
     fn ask_sends_asking_first_and_drops_its_ok() {
         let mut o = two();
         let a = slot(b"{a}");
         send(&mut o, "cmd", Route::Slot(a));
         o.answered(1, err(&format!("ASK {a} 10.0.0.1:7001")))
             .unwrap();
-        let out = o.take_resends(Instant::now()).unwrap();
+        let out = o.take_writes(Instant::now()).unwrap();
         assert_eq!(&out[0][..], b"*1\r\n$6\r\nASKING\r\ncmd");
         // ASK does not move the slot.
         assert_eq!(o.targets(Route::Slot(a)).unwrap(), vec![1]);
@@ -348,7 +393,7 @@ mod tests {
             if last.is_err() {
                 break;
             }
-            o.take_resends(Instant::now()).unwrap();
+            o.take_writes(Instant::now()).unwrap();
             o.answered(1, BytesFrame::SimpleString("OK".into()))
                 .unwrap();
         }
@@ -376,7 +421,7 @@ mod tests {
         assert!(o.next_retry(now).is_some_and(|d| d <= TRY_AGAIN_AFTER));
         let later = now + TRY_AGAIN_AFTER + Duration::from_millis(1);
         assert!(o.must_flush(later));
-        let out = o.take_resends(later).unwrap();
+        let out = o.take_writes(later).unwrap();
         assert_eq!(&out[1][..], b"cmd");
         assert_eq!(o.next_retry(later), None);
         o.answered(1, ok("done")).unwrap();
@@ -385,7 +430,7 @@ mod tests {
         send(&mut o, "cmd", Route::Slot(a));
         for _ in 0..MAX_TRIES {
             o.answered(1, err("TRYAGAIN x")).unwrap();
-            o.take_resends(Instant::now() + Duration::from_secs(20))
+            o.take_writes(Instant::now() + Duration::from_secs(20))
                 .unwrap();
         }
         o.answered(1, err("TRYAGAIN x")).unwrap();

@@ -68,7 +68,7 @@ pub async fn publish(
     let sent_id = if history.off() { id } else { "" };
     let args = super::publish_args(topic, sent_id, data, history);
     let reply = call(node, args).await?;
-    super::published_id(&reply).ok_or(RemoteError::BadReply("ringway_publish"))
+    super::published_id(&reply, sent_id).ok_or(RemoteError::BadReply("ringway_publish"))
 }
 
 /// Up to `limit` messages of `topic` after `since` (from the first kept without),

@@ -79,7 +79,8 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Masters) -> LinkError {
         return e;
     }
     link.keep_alive(PING_EVERY, REPLY_TIMEOUT);
-    let mut pongs = 0;
+    // Which masters have answered the PING after the restoring SUBSCRIBEs.
+    let mut ponged = vec![false; link.count()];
     loop {
         if let Some(to) = bp.moved_from(link.addr()) {
             return LinkError::MasterMoved(to);
@@ -99,11 +100,11 @@ async fn serve(shard: &Shard, bp: &Backplane, mut link: Masters) -> LinkError {
         let mut handled = 0;
         loop {
             match link.next_push() {
-                Ok(Some(frame)) => match on_frame(shard, bp, frame) {
+                Ok(Some((from, frame))) => match on_frame(shard, bp, frame) {
                     Err(e) => return e,
                     Ok(Pushed::Pong) if bp.sub_link.get() == LinkState::Syncing => {
-                        pongs += 1;
-                        if pongs == link.count() {
+                        ponged[from] = true;
+                        if ponged.iter().all(|p| *p) {
                             bp.set_link(Role::Subscriber, LinkState::Up);
                         }
                     }

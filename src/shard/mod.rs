@@ -702,12 +702,17 @@ impl Shard {
         if let Some(bp) = self.fanout.backplane() {
             let id = self.node.next_message_id();
             self.node.published.inc();
+            let history = self.history_bounds();
             let reply = backplane::Reply::Publish {
                 conn: Rc::downgrade(conn),
                 topic: Rc::from(topic),
+                id: if history.off() {
+                    id.clone()
+                } else {
+                    String::new()
+                },
                 reference: reference.map(|r| r.to_owned()),
             };
-            let history = self.history_bounds();
             bp.publish(topic, &id, data, history, reply);
             return;
         }
