@@ -88,6 +88,8 @@ class RedisServer:
             # The bus port is given: port + 10000 (the default) may be taken, or past 65535.
             cmd += ["--cluster-enabled", "yes", "--cluster-config-file", f"{self.dir}/nodes.conf",
                     "--cluster-node-timeout", "1000", "--cluster-port", str(free_port())]
+            if self.tls:
+                cmd += ["--tls-cluster", "yes", "--tls-replication", "yes"]
         # Replicas sync at once (Redis 7 waits 5 s for more replicas by default).
         cmd += ["--repl-diskless-sync-delay", "0"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -146,19 +148,23 @@ class RedisCluster:
     """A Redis Cluster of `masters` masters with one replica each, on free ports, made
     with `redis-cli --cluster create`; a master unreachable for a second fails over."""
 
-    def __init__(self, masters: int = 3):
-        self.servers = [RedisServer(cluster=True) for _ in range(2 * masters)]
+    def __init__(self, masters: int = 3, tls: Any = None, ca_file: str | None = None):
+        # `tls`, `ca_file`: every node speaks TLS only, its bus and replication too.
+        self.servers = [RedisServer(cluster=True, tls=tls, ca_file=ca_file) for _ in range(2 * masters)]
         self.masters = masters
+        self.tls, self.ca_file = tls, ca_file
 
     @property
     def url(self) -> str:
         """The gateway's `redis` option: two of the nodes as seeds."""
-        return "redis+cluster://" + ",".join(f"{HOST}:{s.port}" for s in self.servers[:2])
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"{HOST}:{s.port}" for s in self.servers[:2])
 
     def start(self) -> "RedisCluster":
         for s in self.servers:
             s.start()
-        subprocess.run([_find("redis-cli"), "--cluster", "create",
+        tls = ["--tls", "--cacert", self.ca_file] if self.tls else []
+        subprocess.run([_find("redis-cli"), *tls, "--cluster", "create",
                         *(f"{HOST}:{s.port}" for s in self.servers),
                         "--cluster-replicas", "1", "--cluster-yes"],
                        check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

@@ -12,9 +12,10 @@ import threading
 import time
 
 import pytest
+import trustme
 
 from cluster import SECRET, RedisCluster, auth_headers, cluster_opts, token
-from harness import Client, arun, http_request, run_cli, wait_until
+from harness import HOST, Client, arun, http_request, run_cli, wait_until
 from outage import Polling, Publishing, Received, publish
 
 
@@ -341,3 +342,34 @@ def test_doctor_checks_the_seeds_and_every_master(rcluster):
     line = check_line(down.stdout, "cluster")
     assert f"master 127.0.0.1:{victim.port}" in line or "served by no master" in line, down.stdout
     assert down.returncode == 2, down.stdout
+
+
+def test_a_cluster_over_tls(tmp_path, gateway):
+    """`rediss+cluster://`: every node speaks TLS only; the nodes reach each master at
+    its TLS port and topics cross nodes as over plain connections."""
+    ca = trustme.CA()
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    c = RedisCluster(tls=ca.issue_cert(HOST), ca_file=str(bundle)).start()
+    try:
+        assert c.url.startswith("rediss+cluster://")
+        env = {"SSL_CERT_FILE": str(bundle), "RINGWAY_JWT_SECRET": SECRET}
+        n1, n2 = [gateway(**cluster_opts(c, i, allow_anonymous=True), env=env) for i in (1, 2)]
+        topics = topics_over_every_master(c, per_master=1)
+
+        async def body():
+            async with Client(n1) as a, Client(n2) as b:
+                for t in topics:
+                    await a.subscribe(t)
+                    await b.subscribe(t)
+                for i, t in enumerate(topics):
+                    assert publish((n2, n1)[i % 2], t, i)
+                for cl in (a, b):
+                    got = sorted((m["topic"], m["data"]) for m in [await cl.recv() for _ in topics])
+                    assert got == sorted((t, i) for i, t in enumerate(topics))
+
+        arun(body(), timeout=30)
+        ok = run_cli("doctor", "--redis", c.url, env=env)
+        assert check_line(ok.stdout, "cluster").startswith("PASS"), ok.stdout
+    finally:
+        c.stop()
