@@ -97,7 +97,7 @@ impl Masters {
         let addrs = links.iter().map(|l| l.addr.clone()).collect();
         Ok(Self {
             links,
-            order: Order::new(map, addrs),
+            order: Order::new(map, addrs, url.is_cluster()),
             keepalive: Vec::new(),
             turn: 0,
         })

@@ -58,11 +58,15 @@ pub struct Order {
     out: Vec<BytesMut>,
     /// Commands (by sequence number) to send again from the start, once due.
     retry: VecDeque<(Instant, u64)>,
+    /// A Redis Cluster: redirections are followed (and commands kept until answered
+    /// for that). A single Redis answering `MOVED` is a cluster node named with
+    /// `redis://`: the error is the answer.
+    cluster: bool,
 }
 
 impl Order {
     /// Connection `i` is to the master at `addrs[i]`.
-    pub fn new(map: SlotMap, addrs: Vec<Addr>) -> Self {
+    pub fn new(map: SlotMap, addrs: Vec<Addr>, cluster: bool) -> Self {
         let n = addrs.len();
         Self {
             map,
@@ -72,6 +76,7 @@ impl Order {
             expect: vec![VecDeque::new(); n],
             out: vec![BytesMut::new(); n],
             retry: VecDeque::new(),
+            cluster,
         }
     }
 
@@ -97,12 +102,13 @@ impl Order {
             self.expect[t].push_back(Expect::Reply(seq));
             self.out[t].extend_from_slice(&bytes);
         }
+        let (bytes, slot) = match route {
+            Route::Slot(s) if self.cluster => (bytes, Some(s)),
+            _ => (Bytes::new(), None),
+        };
         self.tickets.push_back(Ticket {
             bytes,
-            slot: match route {
-                Route::Slot(s) => Some(s),
-                Route::All => None,
-            },
+            slot,
             left: targets.len(),
             reply: None,
             redirects: 0,
@@ -245,7 +251,7 @@ mod tests {
         map.moved(a, &addr(7000));
         // Index 0 is 7001 (everything), index 1 is 7000 (slot a).
         assert_eq!(map.master_index(a), Some(1));
-        Order::new(map, vec![addr(7001), addr(7000)])
+        Order::new(map, vec![addr(7001), addr(7000)], true)
     }
 
     fn ok(s: &str) -> BytesFrame {
@@ -403,6 +409,15 @@ mod tests {
         send(&mut o, "cmd", Route::Slot(a));
         o.answered(1, err("ERR wrong")).unwrap();
         assert_eq!(o.next_reply(), Some(err("ERR wrong")));
+    }
+
+    #[test]
+    fn a_single_redis_answering_moved_is_answered_with_the_error() {
+        let mut o = Order::new(SlotMap::single(addr(6379)), vec![addr(6379)], false);
+        send(&mut o, "cmd", Route::Slot(9));
+        o.answered(0, err("MOVED 9 10.0.0.1:7000")).unwrap();
+        assert_eq!(o.next_reply(), Some(err("MOVED 9 10.0.0.1:7000")));
+        assert!(!o.must_flush(Instant::now()));
     }
 
     #[test]

@@ -149,20 +149,38 @@ def test_direct_messages_and_presence_stay_in_one_slot(rcluster, gateway):
     assert "CROSSSLOT" not in n1.stderr() + n2.stderr()
 
 
-def migrate_slot(c: RedisCluster, key: str, to) -> None:
-    """Moves `key`'s slot (and its keys) to master `to`, as `redis-cli --cluster
-    reshard` does: IMPORTING, MIGRATING, MIGRATE, then NODE on every master."""
-    source = c.master_of(key)
-    assert source.port != to.port
-    slot = int(source.client().execute_command("CLUSTER", "KEYSLOT", key))
-    src, dst = source.client(), to.client()
-    dst_id, src_id = dst.execute_command("CLUSTER", "MYID"), src.execute_command("CLUSTER", "MYID")
-    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
-    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
-        src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
-    for m in c.live_masters():
-        m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+class Migration:
+    """Moves `key`'s slot from its master to another, as `redis-cli --cluster reshard`
+    does: `begin` (IMPORTING on the target, MIGRATING on the source), `move_keys`
+    (MIGRATE), `end` (NODE on every master)."""
+
+    def __init__(self, c: RedisCluster, key: str):
+        self.c = c
+        self.source = c.master_of(key)
+        self.target = next(m for m in c.live_masters() if m.port != self.source.port)
+        self.slot = int(self.source.client().execute_command("CLUSTER", "KEYSLOT", key))
+        self.src, self.dst = self.source.client(), self.target.client()
+
+    def begin(self) -> "Migration":
+        self.dst.execute_command("CLUSTER", "SETSLOT", self.slot, "IMPORTING",
+                                 self.src.execute_command("CLUSTER", "MYID"))
+        self.src.execute_command("CLUSTER", "SETSLOT", self.slot, "MIGRATING",
+                                 self.dst.execute_command("CLUSTER", "MYID"))
+        return self
+
+    def move_keys(self) -> None:
+        while keys := self.src.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100):
+            self.src.execute_command("MIGRATE", HOST, self.target.port, "", 0, 5000, "KEYS", *keys)
+
+    def end(self) -> None:
+        target_id = self.dst.execute_command("CLUSTER", "MYID")
+        for m in self.c.live_masters():
+            m.client().execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", target_id)
+
+    def run(self) -> None:
+        self.begin()
+        self.move_keys()
+        self.end()
 
 
 def test_a_topic_whose_slot_moves_to_another_master_loses_nothing(rcluster, gateway):
@@ -181,9 +199,9 @@ def test_a_topic_whose_slot_moves_to_another_master_loses_nothing(rcluster, gate
             with Publishing([n1, n2], t) as pub:
                 await asyncio.sleep(1)
                 moved = time.monotonic()
-                source = rcluster.master_of(key)
-                target = next(m for m in rcluster.live_masters() if m.port != source.port)
-                await asyncio.to_thread(migrate_slot, rcluster, key, target)
+                migration = Migration(rcluster, key)
+                source, target = migration.source, migration.target
+                await asyncio.to_thread(migration.run)
                 await asyncio.to_thread(wait_until, lambda: f"ringway:topic:{key}" in shard_channels(target)
                                         and f"ringway:topic:{key}" not in shard_channels(source),
                                         15, 0.05, "the subscriptions to follow the slot")
@@ -204,21 +222,14 @@ def test_a_publish_to_a_slot_being_migrated_follows_ask(rcluster, gateway):
     t = "cluster/ask"
     key = "{" + t + "}"
     assert publish(n1, t, "before")
-    source = rcluster.master_of(key)
-    target = next(m for m in rcluster.live_masters() if m.port != source.port)
-    slot = int(source.client().execute_command("CLUSTER", "KEYSLOT", key))
-    src, dst = source.client(), target.client()
-    dst_id = dst.execute_command("CLUSTER", "MYID")
-    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER", "MYID"))
-    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
-    keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
-    src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+    migration = Migration(rcluster, key).begin()
+    migration.move_keys()
+    dst = migration.dst
     asks_before = int(dst.info("commandstats").get("cmdstat_asking", {}).get("calls", 0))
 
     def finish():
         time.sleep(0.5)
-        for m in rcluster.live_masters():
-            m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        migration.end()
 
     th = threading.Thread(target=finish)
     th.start()
@@ -245,21 +256,14 @@ def test_a_message_out_of_history_reaches_subscribers_while_its_slot_migrates(rc
     async def body():
         async with Client(n1) as c:
             await c.subscribe(t)
-            source = rcluster.master_of(key)
-            target = next(m for m in rcluster.live_masters() if m.port != source.port)
-            slot = int(source.client().execute_command("CLUSTER", "KEYSLOT", key))
-            src, dst = source.client(), target.client()
-            dst_id = dst.execute_command("CLUSTER", "MYID")
-            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src.execute_command("CLUSTER", "MYID"))
-            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            migration = Migration(rcluster, key).begin()
             try:
                 mid = publish(n2, t, "during")
                 assert mid
                 m = await c.recv()
                 assert (m["id"], m["data"]) == (mid, "during")
             finally:
-                for m in rcluster.live_masters():
-                    m.client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                migration.end()
 
     arun(body(), timeout=30)
 
