@@ -141,12 +141,45 @@ def test_direct_messages_and_presence_stay_in_one_slot(rcluster, gateway):
                 assert m["user"] in users and m["data"] == {"hi": 1}, m
                 await c.silent()
             assert home.client().xlen("{ringway}:inbox:u0") == 1
+            acked = await clients[0].request({"op": "ack", "id": sent["id"], "ref": "a"})
+            assert acked == {"type": "acked", "id": sent["id"], "removed": 1, "ref": "a"}, acked
+            assert home.client().xlen("{ringway}:inbox:u0") == 0
         finally:
             for c in clients:
                 await c.__aexit__(None, None, None)
 
     arun(body(), timeout=30)
     assert "CROSSSLOT" not in n1.stderr() + n2.stderr()
+
+
+def test_a_killed_node_is_forgotten_and_its_entries_reaped(rcluster, gateway):
+    """The heartbeat and the reaper run in the one slot of `{ringway}:`: a killed node
+    holds nobody within 5 s, and the surviving node removes its entries."""
+    n1, n2 = nodes(gateway, rcluster, allow_anonymous=False)
+    home = rcluster.master_of("{ringway}").client()
+
+    async def body():
+        c = await Client(n2, additional_headers=auth_headers(token("dave"))).__aenter__()
+        await asyncio.to_thread(wait_until, lambda: home.zcard("{ringway}:user:dave") == 1, 5, 0.05,
+                                "dave registered")
+        assert sorted(n1.http("GET", "/v1/nodes").json()["nodes"]) == ["node1", "node2"]
+        n2.proc.kill()
+        n2.proc.wait(5)
+        n2.stopped = True
+
+        def online() -> int:
+            r = n1.http("POST", "/v1/send", json.dumps({"user": "dave", "data": 0}),
+                        {"Content-Type": "application/json"})
+            assert r.status == 200, (r.status, r.body)
+            return r.json()["online"]
+
+        await asyncio.to_thread(wait_until, lambda: online() == 0, 7, 0.1, "dave to count as offline")
+        await asyncio.to_thread(wait_until, lambda: home.exists("{ringway}:user:dave") == 0, 10, 0.1,
+                                "dave's entry to be reaped")
+        assert not list(home.scan_iter("{ringway}:conns:node2@*")), "the dead process's index is gone"
+        await c.ws.close()
+
+    arun(body(), timeout=40)
 
 
 class Migration:
