@@ -31,8 +31,9 @@ use super::RedisUrl;
 pub enum Route {
     /// To the master serving this slot.
     Slot(u16),
-    /// To every master, answered once: the first error, else the first master's reply
-    /// (`FUNCTION LOAD`, `PING`).
+    /// To every master, answered once: the first error, else the smallest integer (a
+    /// library version: the oldest master's), else the first master's reply
+    /// (`FUNCTION LOAD`, `PING`, `FCALL ringway_version 0`).
     All,
 }
 

@@ -118,7 +118,7 @@ impl Order {
     }
 
     /// A reply from connection `i`: to its command (for `All`, the first error wins,
-    /// else the first reply), or a redirection to follow. An error when the link
+    /// else the smallest integer, else the first reply), or a redirection to follow. An error when the link
     /// cannot follow it and must read the topology again.
     pub fn answered(&mut self, i: usize, frame: BytesFrame) -> Result<(), LinkError> {
         let seq = match self.expect.get_mut(i).and_then(VecDeque::pop_front) {
@@ -173,8 +173,15 @@ impl Order {
             }
         }
         ticket.left = ticket.left.saturating_sub(1);
-        let kept_error = matches!(ticket.reply, Some(BytesFrame::Error(_)));
-        if ticket.reply.is_none() || (!kept_error && matches!(frame, BytesFrame::Error(_))) {
+        let replace = match (&ticket.reply, &frame) {
+            (None, _) => true,
+            (Some(BytesFrame::Error(_)), _) => false,
+            (Some(_), BytesFrame::Error(_)) => true,
+            // A version asked of every master: the oldest decides.
+            (Some(BytesFrame::Integer(kept)), BytesFrame::Integer(new)) => new < kept,
+            _ => false,
+        };
+        if replace {
             ticket.reply = Some(frame);
         }
         Ok(())
@@ -308,6 +315,11 @@ mod tests {
         o.answered(0, ok("PONG")).unwrap();
         o.answered(1, ok("PONG")).unwrap();
         assert_eq!(o.next_reply(), Some(ok("PONG")));
+        // The public library's version: the oldest master's.
+        send(&mut o, "FCALL ringway_version 0", Route::All);
+        o.answered(0, BytesFrame::Integer(3)).unwrap();
+        o.answered(1, BytesFrame::Integer(2)).unwrap();
+        assert_eq!(o.next_reply(), Some(BytesFrame::Integer(2)));
     }
 
     #[test]

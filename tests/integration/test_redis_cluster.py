@@ -182,6 +182,40 @@ def test_a_killed_node_is_forgotten_and_its_entries_reaped(rcluster, gateway):
     arun(body(), timeout=40)
 
 
+def test_an_older_public_library_on_one_master_is_replaced(rcluster, gateway):
+    """Every master gets this version's libraries; masters that hold an older public
+    `ringway` library get it replaced, though another has none (that one's answer to
+    the version check, this version, is not the one that counts: the oldest is; the
+    unit test of `order` shows that rule whatever order the answers come in)."""
+    from test_cluster import THIS_LIBRARY, THIS_VERSION
+    masters = rcluster.live_masters()
+    # On every master but one (the master of slot 0).
+    first = next(int(nodes[0][1]) for start, _, *nodes in
+                 rcluster.servers[0].client().execute_command("CLUSTER", "SLOTS") if start == 0)
+    for m in masters:
+        if m.port != first:
+            m.client().function_load("#!lua name=ringway\nredis.register_function{function_name = "
+                                     "'ringway_version', callback = function() return 1 end, "
+                                     "flags = {'no-writes'}}\n")
+            assert m.client().fcall("ringway_version", 0) == 1 < THIS_VERSION
+    nodes(gateway, rcluster, n=1)
+
+    def versions() -> list:
+        out = []
+        for m in masters:
+            try:
+                out.append(m.client().fcall("ringway_version", 0))
+            except Exception:
+                out.append(None)
+        return out
+
+    wait_until(lambda: versions() == [THIS_VERSION] * len(masters), 10, 0.1,
+               what="this version's public library on every master")
+    for m in masters:
+        names = {dict(zip(lib[::2], lib[1::2]))["library_name"] for lib in m.client().function_list()}
+        assert names == {"ringway", THIS_LIBRARY}, (m.port, names)
+
+
 class Migration:
     """Moves `key`'s slot from its master to another, as `redis-cli --cluster reshard`
     does: `begin` (IMPORTING on the target, MIGRATING on the source), `move_keys`
