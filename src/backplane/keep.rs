@@ -1,6 +1,7 @@
 //! The connect-and-backoff loop both of a shard's Redis links run: connect (through the
-//! Sentinels when configured, to every master of a cluster: `masters`), serve until the connection fails, then retry with
-//! exponential backoff and jitter, or at once when the master is known to have moved.
+//! Sentinels when configured, to every master of a cluster: `masters`), serve until
+//! the connection fails, then retry with exponential backoff and jitter, or at once
+//! when the master is known to have moved.
 //! The link's state (and so its gauge), the reconnect counter and the outage log lines
 //! are kept here, once for both links.
 

@@ -495,12 +495,13 @@ impl Backplane {
         let Some(req) = self.replays.borrow_mut().start(topic) else {
             return;
         };
+        let args = replay::request_args(topic, &req);
+        let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
         let mut buf = BytesMut::new();
-        replay::encode_request(&mut buf, topic, &req);
-        let route = masters::Route::Slot(cluster::slot(schema::history_key(topic).as_bytes()));
+        link::encode(&mut buf, &args);
         self.queue.borrow_mut().push(
             buf.freeze(),
-            route,
+            masters::Route::of(&args),
             Reply::History {
                 topic: Rc::from(topic),
                 serial: req.serial,

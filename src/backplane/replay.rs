@@ -22,11 +22,11 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use redis_protocol::resp2::types::BytesFrame;
 use serde_json::value::RawValue;
 
-use super::{link, schema};
+use super::schema;
 use crate::protocol::{self, MessageId, NotRecovered};
 use crate::registry::ConnKey;
 
@@ -795,13 +795,6 @@ pub fn request_args(topic: &str, req: &Request) -> Vec<Bytes> {
         Bytes::from(start),
         Bytes::from(req.count.to_string()),
     ]
-}
-
-/// `request_args`, encoded.
-pub fn encode_request(out: &mut BytesMut, topic: &str, req: &Request) {
-    let args = request_args(topic, req);
-    let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
-    link::encode(out, &args);
 }
 
 /// For `GET /v1/history`: the epoch and the frames of `page` (read from after

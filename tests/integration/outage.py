@@ -3,6 +3,7 @@ failovers, slots moved): a publisher thread that records what the gateways accep
 a `/readyz` poller, subscribers that record what arrived, and the check that every
 accepted message arrived once and in order.
 
+    received = await Received.subscribed([c1, c2], "t")
     with Publishing([n1, n2], "t") as pub, Polling(n1) as ready:
         ...break something...
     await received.until_caught_up(pub.ids())
@@ -25,29 +26,24 @@ def publish(gw, topic: str, data) -> str | None:
     return r.json()["id"] if r.status == 200 else None
 
 
-class Publishing:
-    """A thread publishing 0, 1, 2… to `topic` through each node in turn, every 5 ms,
-    recording each accepted id with when it was accepted."""
+class _Loop:
+    """A thread running `step` every `every` seconds until the `with` block ends."""
 
-    def __init__(self, nodes: list, topic: str):
-        self.nodes, self.topic = nodes, topic
-        self.accepted: list[tuple[str, float]] = []
+    every = 0.05
+
+    def __init__(self):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
-        i = 0
         while not self._stop.is_set():
-            mid = publish(self.nodes[i % len(self.nodes)], self.topic, i)
-            if mid:
-                self.accepted.append((mid, time.monotonic()))
-            i += 1
-            time.sleep(0.005)
+            self.step()
+            time.sleep(self.every)
 
-    def ids(self) -> list[str]:
-        return [mid for mid, _ in self.accepted]
+    def step(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> "Publishing":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -56,19 +52,38 @@ class Publishing:
         self._thread.join()
 
 
-class Polling:
+class Publishing(_Loop):
+    """A thread publishing 0, 1, 2… to `topic` through each node in turn, every 5 ms,
+    recording each accepted id with when it was accepted."""
+
+    every = 0.005
+
+    def __init__(self, nodes: list, topic: str):
+        super().__init__()
+        self.nodes, self.topic = nodes, topic
+        self.accepted: list[tuple[str, float]] = []
+        self._i = 0
+
+    def step(self) -> None:
+        mid = publish(self.nodes[self._i % len(self.nodes)], self.topic, self._i)
+        if mid:
+            self.accepted.append((mid, time.monotonic()))
+        self._i += 1
+
+    def ids(self) -> list[str]:
+        return [mid for mid, _ in self.accepted]
+
+
+class Polling(_Loop):
     """A thread asking `gw`'s `/readyz` every 50 ms, recording (when, status)."""
 
     def __init__(self, gw):
+        super().__init__()
         self.gw = gw
         self.seen: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.seen.append((time.monotonic(), self.gw.http("GET", "/readyz").status))
-            time.sleep(0.05)
+    def step(self) -> None:
+        self.seen.append((time.monotonic(), self.gw.http("GET", "/readyz").status))
 
     def went(self, status: int, after: float) -> bool:
         """Answered `status` since `after`."""
@@ -78,17 +93,16 @@ class Polling:
         """The last answer, given since `after`, is `status`."""
         return bool(self.seen) and self.seen[-1][1] == status and self.seen[-1][0] > after
 
-    def __enter__(self) -> "Polling":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 class Received:
     """Subscribed clients' messages as they arrive (id, when), and anything else."""
+
+    @classmethod
+    async def subscribed(cls, clients: list[Client], topic: str) -> "Received":
+        """Subscribes every client to `topic`, then records what they get."""
+        for c in clients:
+            await c.subscribe(topic)
+        return cls(clients)
 
     def __init__(self, clients: list[Client]):
         self.got: dict[int, list[tuple[str, float]]] = {k: [] for k in range(len(clients))}

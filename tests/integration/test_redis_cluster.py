@@ -260,9 +260,7 @@ def test_a_topic_whose_slot_moves_to_another_master_loses_nothing(rcluster, gate
 
     async def body():
         async with Client(n1) as a, Client(n2) as b:
-            await a.subscribe(t)
-            await b.subscribe(t)
-            received = Received([a, b])
+            received = await Received.subscribed([a, b], t)
             with Publishing([n1, n2], t) as pub:
                 await asyncio.sleep(1)
                 moved = time.monotonic()
@@ -347,9 +345,7 @@ def test_killing_a_master_while_publishing_loses_nothing(rcluster, gateway):
 
     async def body():
         async with Client(n1) as a, Client(n2) as b:
-            await a.subscribe(t)
-            await b.subscribe(t)
-            received = Received([a, b])
+            received = await Received.subscribed([a, b], t)
             victim = rcluster.master_of(key)
             with Publishing([n1, n2], t) as pub, Polling(n1) as ready:
                 await asyncio.sleep(1.5)

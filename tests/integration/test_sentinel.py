@@ -50,9 +50,7 @@ def test_killing_the_master_while_publishing_loses_nothing(group, gateway):
 
     async def body():
         async with Client(n1) as s1, Client(n2) as s2:
-            await s1.subscribe(t)
-            await s2.subscribe(t)
-            received = Received([s1, s2])
+            received = await Received.subscribed([s1, s2], t)
             with Publishing([n1, n2], t) as pub, Polling(n1) as ready:
                 # A client that leaves at the kill and comes back after the failover.
                 async with Client(n2) as away:
